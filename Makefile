@@ -1,0 +1,42 @@
+# sft: LoRA fine-tuning of Qwen2.5 on a CPU, in plain C.
+#   make            build ./sft (optimized for this CPU)
+#   make debug      -O0 -g3, reference kernels (step through it in gdb / VSCode)
+#   make test       unit tests, reference comparisons and command-line tests
+#   make test-asan  the same under AddressSanitizer + UndefinedBehaviorSanitizer
+#   make bench      speed and memory figures on models of Qwen2.5-0.5B's shapes (bench.json)
+#   make demo       teach a small model to answer in the "だぬ" style
+CC     ?= cc
+OPT    ?= -O2 -march=native
+CFLAGS += -std=c11 -Wall -Wextra -D_POSIX_C_SOURCE=200809L -pthread
+LDLIBS  = -lm -pthread
+LIB     = $(filter-out sft.c,$(wildcard *.c))
+HDR     = $(wildcard *.h)
+TESTS   = $(wildcard test/*.c)
+
+sft: sft.c $(LIB) $(HDR)
+	$(CC) $(OPT) $(CFLAGS) -o $@ sft.c $(LIB) $(LDLIBS)
+
+test/run: sft $(TESTS) test/test.h
+	$(CC) $(OPT) $(CFLAGS) -o $@ $(TESTS) $(LIB) $(LDLIBS)
+
+debug:
+	$(MAKE) -B sft test/run OPT="-O0 -g3 -DSFT_REF"
+
+test: test/run
+	./test/run
+
+test-asan:
+	$(MAKE) -B sft test/run OPT="-O1 -g -fsanitize=address,undefined -fno-sanitize-recover=all -fno-omit-frame-pointer"
+	ASAN_OPTIONS=detect_leaks=1 ./test/run
+	$(MAKE) -B sft test/run
+
+bench: sft
+	./test/bench.sh
+
+demo: sft
+	./test/demo.sh
+
+clean:
+	rm -rf sft test/run test/tmp bench.json
+
+.PHONY: debug test test-asan bench demo clean

@@ -1,0 +1,37 @@
+// common.h: the few helpers every file shares: error messages and overflow-safe sizes.
+//
+// Library-style code (parsers, loaders) never exits: it fills an Err and returns -1.
+// Only sft.c decides to print the message and exit. Read model.h next.
+#ifndef COMMON_H
+#define COMMON_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+// An error message that names the file, the place and the reason,
+// e.g. "model.gguf: tensor 'blk.3.attn_q.weight': data offset 123456 is past the end of the file".
+typedef struct {
+    char msg[1024];
+} Err;
+
+// Formats msg into e (if e is not NULL) and returns -1, so that callers can write
+//   if (n > limit) return err_set(e, "%s: count %zu is too large", path, n);
+int err_set(Err *e, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+
+// Overflow-safe size arithmetic: return 0 and store the result, or return -1 on overflow.
+int size_mul(size_t *out, size_t a, size_t b);
+int size_add(size_t *out, size_t a, size_t b);
+
+// malloc/calloc that print "out of memory (N bytes)" and exit(1) on failure. Use them only for
+// allocations whose size has already been validated; parsers check sizes before calling them.
+void *xmalloc(size_t n);
+void *xcalloc(size_t count, size_t size);
+char *xstrdup(const char *s);
+
+// Reads a whole file into a NUL-terminated buffer. Returns NULL and fills e on failure.
+char *read_file(const char *path, size_t *len, Err *e);
+
+// Seconds from a monotonic clock, for progress and throughput.
+double now_seconds(void);
+
+#endif

@@ -1,0 +1,81 @@
+// model.h: the Qwen2 transformer (Qwen2ForCausalLM) over frozen, possibly quantized weights.
+//
+// Dimension letters, used in every shape comment of the project:
+//   B  examples in a batch          T   tokens in a sequence       C  hidden size (896)
+//   V  vocabulary rows (151936)     L   layers (24)                NH query heads (14)
+//   NKV key/value heads (2)         HS  head size (64)             FF MLP size (4864)
+//   R  LoRA rank (8)
+// Shapes are row-major: [T, C] means T rows of C floats.
+//
+// Files: modelfile.c reads and writes model files into a Model (GGUF via gguf.c, Hugging Face
+// directories via safetensors.c); model.c computes the forward and backward passes.
+#ifndef MODEL_H
+#define MODEL_H
+
+#include <stdint.h>
+#include "common.h"
+#include "quant.h"
+#include "tokenizer.h"
+
+typedef struct {
+    int C;              // hidden size
+    int L;              // layers
+    int NH;             // query heads
+    int NKV;            // key/value heads (grouped-query attention: NH % NKV == 0)
+    int HS;             // head size, C / NH
+    int FF;             // MLP intermediate size
+    int V;              // vocabulary rows of the embedding / lm_head
+    int max_seq;        // context length (max_position_embeddings)
+    float rope_theta;   // 1e6 for Qwen2.5
+    float rms_eps;      // 1e-6
+    int tied;           // 1 when lm_head is the token embedding
+} Config;
+
+typedef struct {
+    QMatrix wq;          // [NH*HS, C]
+    QMatrix wk;          // [NKV*HS, C]
+    QMatrix wv;          // [NKV*HS, C]
+    QMatrix wo;          // [C, NH*HS]
+    QMatrix wgate;       // [FF, C]
+    QMatrix wup;         // [FF, C]
+    QMatrix wdown;       // [C, FF]
+    float *bq;           // [NH*HS]
+    float *bk;           // [NKV*HS]
+    float *bv;           // [NKV*HS]
+    float *attn_norm;    // [C]
+    float *ffn_norm;     // [C]
+} LayerWeights;
+
+// Frozen weights. Matrices keep their stored (or --quant) type; norms and biases are F32.
+typedef struct {
+    QMatrix embed;        // [V, C] token_embd / model.embed_tokens
+    QMatrix lm_head;      // [V, C] output / lm_head; a copy of embed's descriptor when tied
+    float *out_norm;      // [C]
+    LayerWeights *layers; // [L]
+} Weights;
+
+// Sampling defaults (generation_config.json, else Qwen2.5-Instruct's).
+typedef struct {
+    float temperature, top_p, repetition_penalty;
+    int top_k;
+} GenDefaults;
+
+typedef struct ModelStorage ModelStorage;  // mappings and buffers behind the weights (modelfile.c)
+
+typedef struct {
+    char *path;           // as given on the command line
+    char *arch;           // "qwen2"
+    Config config;
+    Weights w;
+    Tokenizer tok;
+    GenDefaults gen;
+    ModelStorage *storage;
+} Model;
+
+// Loads a GGUF file or a Hugging Face model directory and validates everything: structure,
+// hyperparameters, tensor names, shapes and types, and the tokenizer. quant < 0 keeps the stored
+// types of a GGUF file (and means q4_0 for safetensors); otherwise matrices are converted to it.
+int model_load(Model *m, const char *path, int quant, Err *e);
+void model_free(Model *m);
+
+#endif

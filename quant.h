@@ -1,0 +1,77 @@
+// quant.h: tensor element types (ggml's numbering, as stored in GGUF files), block formats,
+// and the matrix products of the model over frozen, possibly quantized, weights.
+//
+// Every kernel has a plain scalar _ref version, the definition; a fast version with the same
+// signature may exist and is chosen inside quant.c (make debug uses the _ref versions).
+#ifndef QUANT_H
+#define QUANT_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+// ggml's type ids (ggml.h, enum ggml_type). These numbers are what GGUF files store.
+typedef enum {
+    TYPE_F32 = 0,
+    TYPE_F16 = 1,
+    TYPE_Q4_0 = 2,
+    TYPE_Q4_1 = 3,
+    TYPE_Q5_0 = 6,
+    TYPE_Q5_1 = 7,
+    TYPE_Q8_0 = 8,
+    TYPE_Q4_K = 12,
+    TYPE_Q5_K = 13,
+    TYPE_Q6_K = 14,
+    TYPE_BF16 = 30,
+    TYPE_NF4 = 200,  // bitsandbytes' QLoRA 4-bit NormalFloat: in memory only, never in a GGUF file
+} Type;
+
+// Name ("q4_0"), elements per block and bytes per block of a type; NULL for an unknown id.
+typedef struct {
+    const char *name;
+    int block;        // elements per block (1 for F32/F16/BF16)
+    size_t bytes;     // bytes per block
+} TypeInfo;
+const TypeInfo *type_info(int type);
+
+// Type id from a name as used on the command line ("q4_0", "nf4", "f32", ...), or -1.
+int type_from_name(const char *name);
+
+// Bytes of a row of n elements; 0 when n is not a multiple of the block size or on overflow.
+size_t row_bytes(int type, int64_t n);
+
+// Conversions of single halves.
+float fp16_to_fp32(uint16_t h);
+uint16_t fp32_to_fp16(float f);
+float bf16_to_fp32(uint16_t h);
+uint16_t fp32_to_bf16(float f);  // round to nearest even, as PyTorch does
+
+// out[n] = the values of one row in[row_bytes(type, n)], n a multiple of the block size.
+// Bit-exact with ggml's dequantize_row_* for every type in Type.
+void dequantize_row(int type, float *out, const void *in, int64_t n);
+
+// out[row_bytes(type, n)] = in[n] quantized. Supported: F32, F16, BF16, Q4_0, Q4_1, Q8_0, NF4
+// (Q4_0/Q4_1/Q8_0 match ggml's quantize_row_*_ref). Returns -1 for other types.
+int quantize_row(int type, void *out, const float *in, int64_t n);
+
+// A frozen weight matrix W[rows, cols] stored row after row in its own type:
+// row r starts at data + r * row_bytes(type, cols).
+typedef struct {
+    int type;
+    int rows;          // OUT: output features
+    int cols;          // IN: input features, a multiple of the type's block size
+    const void *data;  // rows * row_bytes(type, cols) bytes (mapped from a file or owned elsewhere)
+} QMatrix;
+
+// out[T, OUT] = inp[T, IN] @ W[OUT, IN]^T (+ bias[OUT] when bias is not NULL).
+void matmul(float *out, const float *inp, const QMatrix *W, const float *bias, int T);
+void matmul_ref(float *out, const float *inp, const QMatrix *W, const float *bias, int T);
+
+// dinp[T, IN] += dout[T, OUT] @ W[OUT, IN]: the input gradient through a frozen matrix,
+// dequantizing blocks on the fly, never a whole matrix.
+void matmul_backward_input(float *dinp, const float *dout, const QMatrix *W, int T);
+void matmul_backward_input_ref(float *dinp, const float *dout, const QMatrix *W, int T);
+
+// out[C] = row r of W dequantized (embedding lookup).
+void qmatrix_row(float *out, const QMatrix *W, int r);
+
+#endif

@@ -1,0 +1,20 @@
+// threads.h: the one place where sft runs work on several cores (POSIX threads).
+//
+// A fixed pool of workers started once (--threads N, default: the online cores). parallel_for
+// splits [0, n) into contiguous chunks, one per thread, and waits for all of them.
+// Results never depend on the thread count: callers split work by output element, so each
+// output is computed by one thread, in the same order, whatever the split.
+#ifndef THREADS_H
+#define THREADS_H
+
+// Starts the pool with n threads in all (the caller counts as one); n <= 0 means online cores.
+void threads_init(int n);
+void threads_free(void);
+int threads_count(void);
+
+// Calls fn(ctx, start, end) on disjoint chunks covering [0, n), in parallel; returns when all are
+// done. Chunk bounds are multiples of `align` (except the last end), e.g. a quantization block.
+typedef void (*RangeFn)(void *ctx, int start, int end);
+void parallel_for(RangeFn fn, void *ctx, int n, int align);
+
+#endif
