@@ -31,6 +31,15 @@ char *xstrdup(const char *s);
 // Reads a whole file into a NUL-terminated buffer. Returns NULL and fills e on failure.
 char *read_file(const char *path, size_t *len, Err *e);
 
+// A small deterministic random number generator (SplitMix64), the same on every machine.
+// Used for initialization, dropout masks and the data order; state is one uint64_t seeded by --seed.
+uint64_t rng_next(uint64_t *state);
+float rng_uniform(uint64_t *state);  // in [0, 1), 24 random bits
+float rng_normal(uint64_t *state);   // standard normal (Box-Muller)
+// A counter-based draw: the same (seed, a, b, c) always gives the same value in [0, 1), whatever
+// the order or the thread it is asked from (dropout masks).
+float rng_hash_uniform(uint64_t seed, uint64_t a, uint64_t b, uint64_t c);
+
 // Seconds from a monotonic clock, for progress and throughput.
 double now_seconds(void);
 

@@ -22,7 +22,7 @@ typedef struct {
     int in, out;
 } LoraPair;
 
-typedef struct {
+typedef struct Lora {
     int R;                // rank
     float alpha;          // lora_alpha; the update is scaled by alpha / R
     float dropout;        // lora_dropout, used only while training

@@ -78,4 +78,37 @@ typedef struct {
 int model_load(Model *m, const char *path, int quant, Err *e);
 void model_free(Model *m);
 
+// ---------------------------------------------------------------------------------------------
+// Compute (model.c). Training and evaluation run whole sequences; generation runs with a KV cache.
+struct Lora;
+
+// Everything the forward pass saves for the backward pass, for sequences of up to max_T tokens.
+// Allocated once; no allocation happens inside forward or backward.
+typedef struct Activations Activations;
+Activations *activations_new(const Config *c, const struct Lora *lora, int max_T);
+void activations_free(Activations *a);
+
+// Runs tokens[T] through the model (with the adapter when lora is not NULL) and returns the sum
+// of the negative log-likelihoods of the target tokens: token t (t >= 1) is a target when
+// mask[t] = 1, predicted from position t - 1 (mask[0] is ignored).
+// With backward = 1, also accumulates into lora->grads the gradient of grad_scale * (that sum)
+// (the caller zeroes the grads and sets grad_scale = 1 / target tokens of the optimizer step).
+// dropout_seed = 0 means no dropout; otherwise LoRA dropout masks come from
+// rng_hash_uniform(dropout_seed, ...), so they do not depend on the thread count.
+double model_forward_backward(Model *m, struct Lora *lora, Activations *a, const int *tokens,
+                              const unsigned char *mask, int T, float grad_scale, int backward,
+                              uint64_t dropout_seed);
+
+// Keys and values of the tokens seen so far, for generation.
+typedef struct KVCache KVCache;
+KVCache *kvcache_new(const Config *c, int max_T);
+void kvcache_free(KVCache *kv);
+void kvcache_reset(KVCache *kv);   // forget every token
+int kvcache_len(const KVCache *kv);
+
+// Runs tokens[n] at the positions after those already in the cache (a prompt when n > 1, one new
+// token when n = 1), appends their keys and values, and writes the last token's logits[V].
+// Returns -1 when the cache would overflow its max_T.
+int model_infer(Model *m, const struct Lora *lora, KVCache *kv, const int *tokens, int n, float *logits);
+
 #endif
