@@ -7,7 +7,9 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <time.h>
+#include <unistd.h>
 
 int err_set(Err *e, const char *fmt, ...) {
     if (e) {
@@ -112,4 +114,47 @@ float rng_normal(uint64_t *state) {
 float rng_hash_uniform(uint64_t seed, uint64_t a, uint64_t b, uint64_t c) {
     uint64_t s = seed ^ (a * 0xD1B54A32D192ED03ull) ^ (b * 0xAEF17502108EF2D9ull) ^ (c * 0xF1357AEA2E62A9C5ull);
     return rng_uniform(&s);
+}
+
+int atomic_open(AtomicFile *af, const char *path, Err *e) {
+    memset(af, 0, sizeof *af);
+    if (strlen(path) >= sizeof af->path) return err_set(e, "%s: path too long", path);
+    snprintf(af->path, sizeof af->path, "%s", path);
+    snprintf(af->tmp, sizeof af->tmp, "%s.tmp%ld", path, (long)getpid());
+    af->f = fopen(af->tmp, "wb");
+    if (!af->f) return err_set(e, "%s: cannot write: %s", af->tmp, strerror(errno));
+    return 0;
+}
+
+int atomic_close(AtomicFile *af, Err *e) {
+    int failed = ferror(af->f) || fflush(af->f) != 0 || fsync(fileno(af->f)) != 0;
+    int saved = errno;
+    if (fclose(af->f) != 0 && !failed) failed = 1, saved = errno;
+    af->f = NULL;
+    if (!failed && rename(af->tmp, af->path) == 0) return 0;
+    if (!failed) saved = errno;
+    remove(af->tmp);
+    return err_set(e, "%s: write failed: %s", af->path, strerror(saved));
+}
+
+void atomic_abort(AtomicFile *af) {
+    if (af->f) fclose(af->f);
+    af->f = NULL;
+    remove(af->tmp);
+}
+
+int make_dirs(const char *path, Err *e) {
+    char buf[1024];
+    if (strlen(path) >= sizeof buf) return err_set(e, "%s: path too long", path);
+    snprintf(buf, sizeof buf, "%s", path);
+    for (char *p = buf + 1; *p; p++) {
+        if (*p != '/') continue;
+        *p = 0;
+        if (mkdir(buf, 0755) != 0 && errno != EEXIST) return err_set(e, "%s: cannot create directory: %s", buf, strerror(errno));
+        *p = '/';
+    }
+    if (mkdir(buf, 0755) != 0 && errno != EEXIST) return err_set(e, "%s: cannot create directory: %s", buf, strerror(errno));
+    struct stat st;
+    if (stat(buf, &st) != 0 || !S_ISDIR(st.st_mode)) return err_set(e, "%s: not a directory", buf);
+    return 0;
 }

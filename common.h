@@ -7,6 +7,7 @@
 
 #include <stddef.h>
 #include <stdint.h>
+#include <stdio.h>
 
 // An error message that names the file, the place and the reason,
 // e.g. "model.gguf: tensor 'blk.3.attn_q.weight': data offset 123456 is past the end of the file".
@@ -39,6 +40,21 @@ float rng_normal(uint64_t *state);   // standard normal (Box-Muller)
 // A counter-based draw: the same (seed, a, b, c) always gives the same value in [0, 1), whatever
 // the order or the thread it is asked from (dropout masks).
 float rng_hash_uniform(uint64_t seed, uint64_t a, uint64_t b, uint64_t c);
+
+// Atomic file replacement: write into a temporary file beside `path`, then atomic_close fsyncs
+// it and renames it over `path`, so a reader sees the old file or the new one, never half of one.
+// On any error (disk full included) the temporary file is removed and `path` is untouched.
+typedef struct {
+    FILE *f;
+    char path[1024];
+    char tmp[1040];
+} AtomicFile;
+int atomic_open(AtomicFile *af, const char *path, Err *e);
+int atomic_close(AtomicFile *af, Err *e);   // fflush + fsync + rename; -1 on any write error
+void atomic_abort(AtomicFile *af);          // close and remove the temporary file
+
+// mkdir -p; 0 when the directory exists afterwards.
+int make_dirs(const char *path, Err *e);
 
 // Seconds from a monotonic clock, for progress and throughput.
 double now_seconds(void);
