@@ -29,8 +29,11 @@ typedef enum { LOSS_ON_ASSISTANT, LOSS_ON_ALL } LossOn;
 
 // Reads, renders, tokenizes and masks every example of a JSONL file. Examples longer than max_len
 // tokens are cut on the right (n_truncated counts them; the caller prints one warning). Any bad
-// line (not JSON, wrong fields or types, unknown role, no assistant turn, invalid UTF-8, ...),
-// an empty file or a data set without a single target token is an error "FILE:LINE: reason".
+// line (not JSON, wrong fields or types, unknown role, no assistant turn under LOSS_ON_ASSISTANT,
+// invalid UTF-8, lone surrogate escapes, ...), an empty file or a data set without a single
+// target token is an error "FILE:LINE: reason".
+// Chats are trained on assistant content + its <|im_end|> (LOSS_ON_ASSISTANT) or on every token
+// after the first (LOSS_ON_ALL); {"text"} examples on every token after the first under both.
 int data_load(Dataset *ds, const char *path, const Tokenizer *tok, LossOn loss_on, int max_len, Err *e);
 void data_free(Dataset *ds);
 
@@ -52,6 +55,10 @@ typedef struct {
 // message; {"text"} lines are an error here). For `sft generate --data`.
 int data_load_conversations(Conversation **convs, int *n, const char *path, Err *e);
 void conversations_free(Conversation *convs, int n);
+
+// Index of the last user message of c, or -1: `sft generate --data` renders msgs[0..i] with the
+// generation prompt, i.e. chat_render(c->msgs, i + 1, 1).
+int conversation_last_user(const Conversation *c);
 
 // Renders messages with the Qwen2.5 chat template (the default system message first when
 // msgs[0] is not a system message); add_generation_prompt appends "<|im_start|>assistant\n".

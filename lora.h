@@ -11,6 +11,8 @@
 
 enum { LORA_Q, LORA_K, LORA_V, LORA_O, LORA_GATE, LORA_UP, LORA_DOWN, LORA_NTARGETS };
 
+#define LORA_MAX_R 1024   // the largest rank accepted (generation keeps [R] per token on the side)
+
 // "q_proj", "k_proj", ... indexed by LORA_Q ... LORA_DOWN.
 extern const char *const lora_target_names[LORA_NTARGETS];
 
@@ -34,6 +36,26 @@ typedef struct Lora {
     size_t n_params;
     char *base_model;     // base_model_name_or_path written to adapter_config.json
 } Lora;
+
+// One adapted projection during a pass of model.c: where it keeps its LoRA state.
+typedef struct {
+    const LoraPair *pair;  // NULL: no adapter on this projection
+    float *u;              // [T, R] A dropout(x), saved for the backward pass
+    float *du;             // [T, R] scratch of the backward pass
+    float *xdrop;          // [T, in] scratch for dropout(x) when p > 0
+    float scale;           // alpha / R
+    int R;
+    float p;               // dropout probability; 0 outside training
+    uint64_t seed;         // dropout masks: rng_hash_uniform(seed, site, t, i)
+    uint64_t site;         // l * LORA_NTARGETS + target
+} LoraSite;
+
+// The LoRA kernels (model.c), public for the tests. With s->p > 0, dropout masks come from
+// rng_hash_uniform(s->seed, s->site, t, i).
+// y[T, out] += scale B (u[T, R] = A dropout(x[T, in]))
+void lora_forward(float *y, const LoraSite *s, const float *x, int T, int in, int out);
+// dA, dB of s->pair +=, dx[T, in] += (when not NULL) <- dy[T, out], x[T, in], s->u
+void lora_backward(float *dx, const LoraSite *s, const float *dy, const float *x, int T, int in, int out);
 
 // Parses "q_proj,v_proj" into a target bit set; -1 with e filled for an unknown name.
 int lora_parse_targets(unsigned *targets, const char *list, Err *e);

@@ -78,6 +78,10 @@ typedef struct {
 int model_load(Model *m, const char *path, int quant, Err *e);
 void model_free(Model *m);
 
+// Loads only the tokenizer of a tokenizer.json, a model directory or a GGUF file (sft tokenize,
+// sft init --tokenizer). Validates it as model_load does.
+int model_load_tokenizer(Tokenizer *tok, const char *path, Err *e);
+
 // ---------------------------------------------------------------------------------------------
 // Compute (model.c). Training and evaluation run whole sequences; generation runs with a KV cache.
 struct Lora;
@@ -87,6 +91,9 @@ struct Lora;
 typedef struct Activations Activations;
 Activations *activations_new(const Config *c, const struct Lora *lora, int max_T);
 void activations_free(Activations *a);
+// The same with a memory budget in bytes: layers whose MLP activations do not fit recompute
+// gate_proj and up_proj in the backward pass instead of keeping them (activations_new: 512 MiB).
+Activations *activations_new_budget(const Config *c, const struct Lora *lora, int max_T, size_t budget);
 
 // Runs tokens[T] through the model (with the adapter when lora is not NULL) and returns the sum
 // of the negative log-likelihoods of the target tokens: token t (t >= 1) is a target when
@@ -110,5 +117,28 @@ int kvcache_len(const KVCache *kv);
 // token when n = 1), appends their keys and values, and writes the last token's logits[V].
 // Returns -1 when the cache would overflow its max_T.
 int model_infer(Model *m, const struct Lora *lora, KVCache *kv, const int *tokens, int n, float *logits);
+
+// The kernels of model.c, public for the finite-difference tests (test/test_model.c).
+// Shapes use the letters above; backward kernels accumulate (+=).
+// out[T, C], rstd[T] <- inp[T, C], w[C]:  out = inp / sqrt(mean(inp^2) + eps) * w
+void rmsnorm_forward(float *out, float *rstd, const float *inp, const float *w, int T, int C, float eps);
+void rmsnorm_backward(float *dinp, const float *dout, const float *inp, const float *rstd, const float *w, int T, int C);
+// cos, sin [max_T, HS/2]; x[T, H*HS] rotated in place at positions pos0.. (pairs j, j + HS/2)
+void rope_tables(float *cos_t, float *sin_t, int max_T, int HS, float theta);
+void rope_forward(float *x, const float *cos_t, const float *sin_t, int T, int pos0, int H, int HS);
+void rope_backward(float *dx, const float *cos_t, const float *sin_t, int T, int H, int HS);
+// out[T, NH*HS], lse[NH, T] (or NULL) <- q[T, NH*HS] at positions pos0.., k, v [pos0+T, NKV*HS]
+void attention_forward(float *out, float *lse, const float *q, const float *k, const float *v, int T, int pos0,
+                       int NH, int NKV, int HS);
+// dq[T, NH*HS], dk, dv [T, NKV*HS] +=, dsum[NH, T] scratch <- dout, out, q, k, v, lse (pos0 = 0)
+void attention_backward(float *dq, float *dk, float *dv, float *dsum, const float *dout, const float *out,
+                        const float *q, const float *k, const float *v, const float *lse, int T, int NH, int NKV,
+                        int HS);
+// h[n] = silu(gate) * up;  dgate[n], dup[n] +=
+void swiglu_forward(float *h, const float *gate, const float *up, int n);
+void swiglu_backward(float *dgate, float *dup, const float *dh, const float *gate, const float *up, int n);
+// Returns the sum of row_loss[n] = logsumexp(logits[r]) - logits[r, targets[r]] over logits[n, V];
+// with backward, logits becomes grad_scale * (softmax - onehot(target)) in place.
+double crossentropy(float *logits, double *row_loss, const int *targets, int n, int V, float grad_scale, int backward);
 
 #endif

@@ -1,3 +1,238 @@
+// test_cli.c: sft train / generate / chat end to end, through the binary, on a tiny random model
+// (sft init --config tiny) with the tiny byte-level tokenizer of test/fixtures. Checks what a user
+// relies on: the loss falls and the answer is memorized, resume and --threads give the same
+// bytes, Ctrl-C leaves a usable checkpoint, and bad input gives one clear error.
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
 #include "test.h"
 
-void test_cli(void) {}
+#define DIR "test/tmp/cli"
+#define TOKENIZER "test/fixtures/tied/model/tokenizer.json"
+
+// Runs a command (formatted), returns its exit status; stdout into *out when out is not NULL.
+static int run(char **out, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+#include <stdarg.h>
+static int run(char **out, const char *fmt, ...) {
+    char cmd[4096];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(cmd, sizeof cmd, fmt, ap);
+    va_end(ap);
+    return run_command(cmd, out);
+}
+
+static char *slurp(const char *path, size_t *len) {
+    FILE *f = fopen(path, "rb");
+    if (!f) return NULL;
+    fseek(f, 0, SEEK_END);
+    long n = ftell(f);
+    fseek(f, 0, SEEK_SET);
+    char *buf = malloc((size_t)n + 1);
+    size_t got = fread(buf, 1, (size_t)n, f);
+    fclose(f);
+    buf[got] = 0;
+    if (len) *len = got;
+    return buf;
+}
+
+static char *last_stderr(void) {
+    char *s = slurp("test/tmp/last_stderr.txt", NULL);
+    return s ? s : calloc(1, 1);
+}
+
+// 1 when both files exist and hold the same bytes.
+static int same_bytes(const char *a, const char *b) {
+    size_t na, nb;
+    char *x = slurp(a, &na), *y = slurp(b, &nb);
+    int same = x && y && na == nb && memcmp(x, y, na) == 0;
+    free(x), free(y);
+    return same;
+}
+
+static int count_substr(const char *s, const char *sub) {
+    int n = 0;
+    for (const char *p = s; (p = strstr(p, sub)); p += strlen(sub)) n++;
+    return n;
+}
+
+static void write_text(const char *path, const char *text) {
+    FILE *f = fopen(path, "wb");
+    if (f) fputs(text, f), fclose(f);
+}
+
+// The loss printed on the last "step N/M loss X" line of a training run's stdout, or -1.
+static double last_loss(const char *out) {
+    double loss = -1;
+    for (const char *p = out; (p = strstr(p, "step ")); p++) {
+        long a, b;
+        double l;
+        if ((p == out || p[-1] == '\n') && sscanf(p, "step %ld/%ld loss %lf", &a, &b, &l) == 3) loss = l;
+    }
+    return loss;
+}
+
+static const char *sft;
+static char model[256], other_model[256], data[256], data3[256];
+
+static int setup(void) {
+    sft = sft_binary();
+    scratch_dir("cli");
+    snprintf(model, sizeof model, DIR "/tiny.gguf");
+    snprintf(other_model, sizeof other_model, DIR "/other.gguf");
+    snprintf(data, sizeof data, DIR "/one.jsonl");
+    snprintf(data3, sizeof data3, DIR "/three.jsonl");
+    write_text(data, "{\"prompt\": \"Hi\", \"completion\": \"xyzzy!\"}\n");
+    write_text(data3, "{\"prompt\": \"a\", \"completion\": \"one\"}\n"
+                      "{\"messages\": [{\"role\": \"user\", \"content\": \"b\"}, {\"role\": \"assistant\", \"content\": \"two\"}]}\n"
+                      "\n"
+                      "{\"prompt\": \"c\", \"completion\": \"three\"}\r\n");
+    int r1 = run(NULL, "%s init --config tiny --tokenizer %s --seed 1 --embed-std 1 --out %s", sft, TOKENIZER, model);
+    int r2 = run(NULL, "%s init --config tiny --tokenizer %s --seed 2 --embed-std 1 --out %s", sft, TOKENIZER, other_model);
+    check(r1 == 0 && r2 == 0, "cli: sft init makes two tiny models", "exit %d %d", r1, r2);
+    return r1 == 0 && r2 == 0;
+}
+
+// Trains on one example until the loss is small, then greedy generation answers with it.
+static void test_memorize(void) {
+    char *out = NULL;
+    int r = run(&out, "%s train --model %s --data %s --out " DIR "/mem --lr 1e-2 --dropout 0 --grad-accum 1 "
+                "--max-steps 60 --rank 4 --alpha 8 --threads 1", sft, model, data);
+    char *err = last_stderr();
+    double loss = last_loss(out);
+    check(r == 0 && loss >= 0 && loss < 0.1, "cli: train memorizes one answer", "exit %d, last loss %g; %s", r, loss, err);
+    check(strncmp(out, "step 1/60 loss ", 15) == 0, "cli: one plain 'step N/M loss X lr Y' line per step",
+          "stdout starts '%.40s'", out);
+    check(strstr(err, "trainable parameters") && strstr(err, "60 optimizer steps"), "cli: train prints the plan",
+          "stderr: %s", err);
+    free(out), free(err);
+    size_t n;
+    char *log = slurp(DIR "/mem/train_log.jsonl", &n);
+    check(log && count_substr(log, "\"step\": ") == 60 && strstr(log, "\"elapsed_s\"") && strstr(log, "\"tokens\"") &&
+          strstr(log, "\"grad_norm\""), "cli: train_log.jsonl has one line per step", "%.200s", log ? log : "(missing)");
+    free(log);
+    char *svg = slurp(DIR "/mem/loss.svg", &n);
+    check(svg && strstr(svg, "<svg") && strstr(svg, "</svg>") && strstr(svg, "<polyline") && strstr(svg, "optimizer step"),
+          "cli: loss.svg is drawn", "%.100s", svg ? svg : "(missing)");
+    free(svg);
+    char *cfg = slurp(DIR "/mem/adapter_config.json", &n);
+    check(cfg && strstr(cfg, "\"LORA\"") && strstr(cfg, "\"r\": 4"), "cli: adapter_config.json written", "%.200s",
+          cfg ? cfg : "(missing)");
+    free(cfg);
+    r = run(&out, "%s generate --model %s --lora " DIR "/mem --prompt Hi --temp 0 --max-new 20", sft, model);
+    check(r == 0 && strcmp(out, "xyzzy!\n") == 0, "cli: greedy generate gives the memorized answer", "exit %d, got '%s'", r, out);
+    free(out);
+    r = run(&out, "%s generate --model %s --prompt Hi --temp 0 --max-new 20", sft, model);
+    check(r == 0 && strcmp(out, "xyzzy!\n") != 0, "cli: without the adapter the answer differs", "exit %d, got '%s'", r, out);
+    free(out);
+    // chat through a pipe: two turns, /reset, the same first turn again gives the same answer
+    r = run(&out, "printf 'Hi\\nHi\\n/reset\\nHi\\n' | %s chat --model %s --lora " DIR "/mem --temp 0 --max-new 12", sft, model);
+    check(r == 0 && strncmp(out, "xyzzy!\n", 7) == 0 && count_substr(out, "\n") == 3 && strstr(out + 7, "\nxyzzy!\n"),
+          "cli: chat through a pipe, with /reset", "exit %d, got '%s'", r, out);
+    free(out);
+    r = run(&out, "%s generate --model %s --lora " DIR "/mem --data %s --temp 0 --max-new 12", sft, model, data3);
+    check(r == 0 && count_substr(out, "{\"prompt\": ") == 3 && strstr(out, "{\"prompt\": \"b\", \"response\": \""),
+          "cli: generate --data writes JSONL", "exit %d, got '%s'", r, out);
+    free(out);
+    // sampling is deterministic for a seed
+    char *a = NULL, *b = NULL;
+    run(&a, "%s generate --model %s --prompt Hi --temp 1.5 --top-k 0 --top-p 1 --seed 7 --max-new 10", sft, model);
+    run(&b, "%s generate --model %s --prompt Hi --temp 1.5 --top-k 0 --top-p 1 --seed 7 --max-new 10", sft, model);
+    check(a && b && strcmp(a, b) == 0 && strlen(a) > 1, "cli: sampling with a seed repeats", "'%s' vs '%s'", a, b);
+    free(a), free(b);
+}
+
+// A run stopped at a checkpoint and resumed ends with the same adapter bytes as a straight run;
+// --threads does not change them either. Dropout on, accumulation over a partial last step.
+static void test_resume_and_threads(void) {
+    const char *opts = "--grad-accum 2 --max-steps 6 --save-every 3 --lr 5e-3 --dropout 0.1 --weight-decay 0.01 "
+                       "--warmup-steps 1 --rank 2";
+    int r1 = run(NULL, "%s train --model %s --data %s --out " DIR "/straight %s --threads 1", sft, model, data3, opts);
+    int r2 = run(NULL, "%s train --model %s --data %s --out " DIR "/resumed %s --threads 2 --resume " DIR "/straight/checkpoint-3",
+                 sft, model, data3, opts);
+    char *err = last_stderr();
+    check(r1 == 0 && r2 == 0 && same_bytes(DIR "/straight/adapter_model.safetensors", DIR "/resumed/adapter_model.safetensors"),
+          "cli: resume from checkpoint-3 gives the straight run's adapter bytes", "exit %d %d; %s", r1, r2, err);
+    free(err);
+    check(same_bytes(DIR "/straight/checkpoint-6/adapter_model.safetensors", DIR "/straight/adapter_model.safetensors"),
+          "cli: the final checkpoint holds the final adapter", "checkpoint-6 differs");
+    int r3 = run(NULL, "%s train --model %s --data %s --out " DIR "/threads2 %s --threads 2", sft, model, data3, opts);
+    check(r3 == 0 && same_bytes(DIR "/straight/adapter_model.safetensors", DIR "/threads2/adapter_model.safetensors"),
+          "cli: --threads 1 and 2 give the same adapter bytes", "exit %d", r3);
+    size_t n1, n2;
+    char *l1 = slurp(DIR "/straight/train_log.jsonl", &n1), *l2 = slurp(DIR "/resumed/train_log.jsonl", &n2);
+    check(l1 && l2 && count_substr(l2, "\"loss\"") == 6, "cli: the resumed log holds all 6 steps", "%s", l2 ? l2 : "");
+    free(l1), free(l2);
+    // resuming into its own directory is allowed
+    int r4 = run(NULL, "%s train --model %s --data %s %s --resume " DIR "/threads2/checkpoint-3", sft, model, data3, opts);
+    check(r4 == 0 && same_bytes(DIR "/straight/adapter_model.safetensors", DIR "/threads2/adapter_model.safetensors"),
+          "cli: resume into the checkpoint's own directory", "exit %d", r4);
+    // refusals
+    int r = run(NULL, "%s train --model %s --data %s --out " DIR "/x1 %s --resume " DIR "/straight/checkpoint-3", sft,
+                other_model, data3, opts);
+    err = last_stderr();
+    check(r == 1 && strstr(err, "model weights") && count_substr(err, "\n") == 1,
+          "cli: a checkpoint of another model is refused", "exit %d: %s", r, err);
+    free(err);
+    r = run(NULL, "%s train --model %s --data %s --out " DIR "/x2 %s --lr 1e-3 --resume " DIR "/straight/checkpoint-3", sft,
+            model, data3, opts);
+    err = last_stderr();
+    check(r == 1 && strstr(err, "--lr"), "cli: a checkpoint of other options is refused", "exit %d: %s", r, err);
+    free(err);
+}
+
+// Ctrl-C finishes the step, saves a checkpoint that generate can load, and exits with 130.
+static void test_interrupt(void) {
+    char *out = NULL;
+    int r = run(&out, "%s train --model %s --data %s --out " DIR "/int --max-steps 100000 --grad-accum 1 > " DIR "/int.log & "
+                "pid=$!; i=0; while ! grep -q '^step 3/' " DIR "/int.log 2>/dev/null && [ $i -lt 600 ]; do sleep 0.05; i=$((i+1)); done; "
+                "kill -INT $pid; wait $pid; echo $?", sft, model, data);
+    int status = out ? atoi(out) : -1;
+    char *err = last_stderr();
+    check(r == 0 && status == 130 && strstr(err, "checkpoint saved"), "cli: Ctrl-C saves a checkpoint and exits 130",
+          "status %d: %s", status, err);
+    free(out), free(err);
+    r = run(&out, "ls -d " DIR "/int/checkpoint-* | head -1 | xargs -I{} %s generate --model %s --lora {} --prompt Hi "
+            "--temp 0 --max-new 4", sft, model);
+    check(r == 0 && out && strlen(out) >= 1, "cli: the interrupted checkpoint loads", "exit %d", r);
+    free(out);
+}
+
+static void test_bad_input(void) {
+    char *err;
+    int r = run(NULL, "mkdir -p " DIR "/full && touch " DIR "/full/x && %s train --model %s --data %s --out " DIR "/full", sft, model, data);
+    err = last_stderr();
+    check(r == 1 && strstr(err, "--overwrite") && count_substr(err, "\n") == 1,
+          "cli: a non-empty --out needs --overwrite", "exit %d: %s", r, err);
+    free(err);
+    r = run(NULL, "%s train --model %s --data %s --out " DIR "/full/x/sub --max-steps 1", sft, model, data);
+    err = last_stderr();
+    check(r == 1 && strstr(err, DIR "/full/x") && count_substr(err, "\n") == 1, "cli: an unwritable --out is refused",
+          "exit %d: %s", r, err);
+    free(err);
+    r = run(NULL, "%s train --model %s --data %s --out " DIR "/nan --lr 1e30 --max-steps 5 --grad-accum 1 --save-every 1 "
+            "--max-grad-norm 0", sft, model, data);
+    err = last_stderr();
+    check(r == 1 && strstr(err, "step ") && strstr(err, "training stopped") && strstr(err, "checkpoint-"),
+          "cli: a non-finite loss stops training, naming the step", "exit %d: %s", r, err);
+    free(err);
+    r = run(NULL, "%s train --model %s --data %s --out " DIR "/trunc --max-len 40 --max-steps 1", sft, model, data3);
+    err = last_stderr();
+    check(r == 0 && count_substr(err, "were cut") == 1 && strstr(err, "too few"),
+          "cli: one truncation warning, and the small-plan warning", "exit %d: %s", r, err);
+    free(err);
+    char *out = NULL;
+    r = run(&out, "%s train --help", sft);
+    check(r == 0 && strstr(out, "--grad-accum K       4") && strstr(out, "130") && strstr(out, "--max-grad-norm"),
+          "cli: train --help lists options, defaults and exit status", "exit %d", r);
+    free(out);
+}
+
+void test_cli(void) {
+    if (!setup()) return;
+    test_memorize();
+    test_resume_and_threads();
+    test_interrupt();
+    test_bad_input();
+}

@@ -1,3 +1,567 @@
+// test_model.c: the forward and backward passes against the float64 PyTorch values that
+// test/reference.py wrote into test/fixtures/ (two tiny Qwen2 models with grouped-query attention,
+// one tied and one untied, each with a LoRA adapter on all seven projections), finite differences
+// for every backward kernel, results that do not depend on the thread count or on recomputation,
+// generation with the KV cache, and `sft eval` on the fixtures. Python is never needed here.
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "../data.h"
+#include "../lora.h"
+#include "../model.h"
+#include "../safetensors.h"
+#include "../threads.h"
 #include "test.h"
 
-void test_model(void) {}
+#define FIXTURES "test/fixtures"
+
+// ---------------------------------------------------------------------------------------------
+// Finite differences. Each kernel is checked through L = sum_i wout_i out_i (computed in double)
+// with central differences of step EPS on every input element.
+
+#define EPS 1e-2f
+
+static void fill(float *x, size_t n, uint64_t *rng, float lo, float hi) {
+    for (size_t i = 0; i < n; i++) x[i] = lo + (hi - lo) * rng_uniform(rng);
+}
+
+static double weighted(const float *out, const float *w, size_t n) {
+    double s = 0;
+    for (size_t i = 0; i < n; i++) s += (double)out[i] * w[i];
+    return s;
+}
+
+// A kernel seen as L(inputs): the test perturbs one float of its inputs at a time.
+typedef double (*LossFn)(void *ctx);
+
+// fd[n] = dL/dx[i] by central differences, x being one input array of the context.
+static void finite_diff(float *fd, float *x, size_t n, LossFn f, void *ctx) {
+    for (size_t i = 0; i < n; i++) {
+        float saved = x[i];
+        x[i] = saved + EPS;
+        double lp = f(ctx);
+        x[i] = saved - EPS;
+        double lm = f(ctx);
+        x[i] = saved;
+        fd[i] = (float)((lp - lm) / (2.0 * EPS));
+    }
+}
+
+enum { FT = 5, FC = 8, FNH = 4, FNKV = 2, FHS = 4, FV = 7, FR = 2, FOUT = 6 };
+
+typedef struct {
+    float inp[FT * FC], w[FC], out[FT * FC], rstd[FT], wout[FT * FC];
+} NormCase;
+
+static double norm_loss(void *p) {
+    NormCase *c = p;
+    rmsnorm_forward(c->out, c->rstd, c->inp, c->w, FT, FC, 1e-6f);
+    return weighted(c->out, c->wout, FT * FC);
+}
+
+static void fd_rmsnorm(uint64_t *rng) {
+    NormCase c;
+    fill(c.inp, FT * FC, rng, -2, 2);
+    fill(c.w, FC, rng, 0.5f, 1.5f);
+    fill(c.wout, FT * FC, rng, -1, 1);
+    float dinp[FT * FC] = {0}, fd[FT * FC];
+    norm_loss(&c);
+    rmsnorm_backward(dinp, c.wout, c.inp, c.rstd, c.w, FT, FC);
+    finite_diff(fd, c.inp, FT * FC, norm_loss, &c);
+    check_close("fd rmsnorm dinp", dinp, fd, FT * FC, 1e-3, 1e-3);
+}
+
+typedef struct {
+    float x[FT * FNH * FHS], out[FT * FNH * FHS], wout[FT * FNH * FHS], cos[(FT + 3) * FHS / 2], sin[(FT + 3) * FHS / 2];
+} RopeCase;
+
+static double rope_loss(void *p) {
+    RopeCase *c = p;
+    memcpy(c->out, c->x, sizeof c->x);
+    rope_forward(c->out, c->cos, c->sin, FT, 0, FNH, FHS);
+    return weighted(c->out, c->wout, FT * FNH * FHS);
+}
+
+static void fd_rope(uint64_t *rng) {
+    RopeCase c;
+    rope_tables(c.cos, c.sin, FT + 3, FHS, 10000.0f);
+    fill(c.x, sizeof c.x / 4, rng, -2, 2);
+    fill(c.wout, sizeof c.wout / 4, rng, -1, 1);
+    float dx[FT * FNH * FHS], fd[FT * FNH * FHS];
+    memcpy(dx, c.wout, sizeof dx);
+    rope_backward(dx, c.cos, c.sin, FT, FNH, FHS);
+    finite_diff(fd, c.x, FT * FNH * FHS, rope_loss, &c);
+    check_close("fd rope dx", dx, fd, FT * FNH * FHS, 1e-3, 1e-3);
+    // position 2 of HS 4, theta 1e4: inv_freq (1, 0.01); (1, 0, 0, 0) turns to (cos 2, 0, sin 2, 0)
+    float v[FHS] = {1, 0, 0, 0}, want[FHS] = {cosf(2.0f), 0, sinf(2.0f), 0};
+    rope_forward(v, c.cos, c.sin, 1, 2, 1, FHS);
+    check_close("rope rotate_half convention", v, want, FHS, 1e-6, 0);
+}
+
+typedef struct {
+    float q[FT * FNH * FHS], k[FT * FNKV * FHS], v[FT * FNKV * FHS];
+    float out[FT * FNH * FHS], lse[FNH * FT], wout[FT * FNH * FHS];
+} AttCase;
+
+static double att_loss(void *p) {
+    AttCase *c = p;
+    attention_forward(c->out, c->lse, c->q, c->k, c->v, FT, 0, FNH, FNKV, FHS);
+    return weighted(c->out, c->wout, FT * FNH * FHS);
+}
+
+static void fd_attention(uint64_t *rng) {
+    AttCase c;
+    fill(c.q, sizeof c.q / 4, rng, -1.5f, 1.5f);
+    fill(c.k, sizeof c.k / 4, rng, -1.5f, 1.5f);
+    fill(c.v, sizeof c.v / 4, rng, -1, 1);
+    fill(c.wout, sizeof c.wout / 4, rng, -1, 1);
+    float dq[FT * FNH * FHS] = {0}, dk[FT * FNKV * FHS] = {0}, dv[FT * FNKV * FHS] = {0}, dsum[FNH * FT];
+    float fq[FT * FNH * FHS], fk[FT * FNKV * FHS], fv[FT * FNKV * FHS];
+    att_loss(&c);
+    attention_backward(dq, dk, dv, dsum, c.wout, c.out, c.q, c.k, c.v, c.lse, FT, FNH, FNKV, FHS);
+    finite_diff(fq, c.q, FT * FNH * FHS, att_loss, &c);
+    finite_diff(fk, c.k, FT * FNKV * FHS, att_loss, &c);
+    finite_diff(fv, c.v, FT * FNKV * FHS, att_loss, &c);
+    check_close("fd attention dq", dq, fq, FT * FNH * FHS, 1e-3, 1e-3);
+    check_close("fd attention dk", dk, fk, FT * FNKV * FHS, 1e-3, 1e-3);
+    check_close("fd attention dv", dv, fv, FT * FNKV * FHS, 1e-3, 1e-3);
+    // row 0 sees only key 0: its output is v[0] of its kv head (heads 0, 1 -> kv 0; 2, 3 -> kv 1)
+    float want[FNH * FHS];
+    for (int h = 0; h < FNH; h++) memcpy(want + h * FHS, c.v + (h / 2) * FHS, FHS * sizeof(float));
+    check_close("attention causal row 0 and head groups", c.out, want, FNH * FHS, 1e-6, 0);
+}
+
+typedef struct {
+    float g[FT * FC], u[FT * FC], h[FT * FC], wout[FT * FC];
+} SwigluCase;
+
+static double swiglu_loss(void *p) {
+    SwigluCase *c = p;
+    swiglu_forward(c->h, c->g, c->u, FT * FC);
+    return weighted(c->h, c->wout, FT * FC);
+}
+
+static void fd_swiglu(uint64_t *rng) {
+    SwigluCase c;
+    fill(c.g, FT * FC, rng, -4, 4);
+    fill(c.u, FT * FC, rng, -2, 2);
+    fill(c.wout, FT * FC, rng, -1, 1);
+    float dg[FT * FC] = {0}, du[FT * FC] = {0}, fg[FT * FC], fu[FT * FC];
+    swiglu_backward(dg, du, c.wout, c.g, c.u, FT * FC);
+    finite_diff(fg, c.g, FT * FC, swiglu_loss, &c);
+    finite_diff(fu, c.u, FT * FC, swiglu_loss, &c);
+    check_close("fd swiglu dgate", dg, fg, FT * FC, 1e-3, 1e-3);
+    check_close("fd swiglu dup", du, fu, FT * FC, 1e-3, 1e-3);
+}
+
+typedef struct {
+    float z[FT * FV], work[FT * FV];
+    double row[FT];
+    int targets[FT];
+} XentCase;
+
+static double xent_loss(void *p) {
+    XentCase *c = p;
+    memcpy(c->work, c->z, sizeof c->z);
+    return crossentropy(c->work, c->row, c->targets, FT, FV, 1.0f, 0);
+}
+
+static void fd_crossentropy(uint64_t *rng) {
+    XentCase c;
+    fill(c.z, FT * FV, rng, -3, 3);
+    for (int r = 0; r < FT; r++) c.targets[r] = (r * 3) % FV;
+    float dz[FT * FV], fd[FT * FV];
+    memcpy(dz, c.z, sizeof dz);
+    double loss = crossentropy(dz, c.row, c.targets, FT, FV, 0.5f, 1);
+    for (int i = 0; i < FT * FV; i++) dz[i] *= 2.0f;  // grad_scale 0.5 undone
+    finite_diff(fd, c.z, FT * FV, xent_loss, &c);
+    check_close("fd crossentropy dlogits", dz, fd, FT * FV, 1e-3, 1e-3);
+    double want = 0;  // log-sum-exp written out
+    for (int r = 0; r < FT; r++) {
+        double s = 0;
+        for (int i = 0; i < FV; i++) s += exp(c.z[r * FV + i]);
+        want += log(s) - c.z[r * FV + c.targets[r]];
+    }
+    check(fabs(loss - want) < 1e-5 * want, "crossentropy value", "got %.9g want %.9g", loss, want);
+}
+
+typedef struct {
+    float x[FT * FC], A[FR * FC], B[FOUT * FR], y[FT * FOUT], wout[FT * FOUT];
+    float u[FT * FR], du[FT * FR], xdrop[FT * FC], dA[FR * FC], dB[FOUT * FR];
+    LoraPair pair;
+    LoraSite site;
+} LoraCase;
+
+static double lora_loss(void *p) {
+    LoraCase *c = p;
+    memset(c->y, 0, sizeof c->y);
+    lora_forward(c->y, &c->site, c->x, FT, FC, FOUT);
+    return weighted(c->y, c->wout, FT * FOUT);
+}
+
+static void fd_lora(uint64_t *rng, float p) {
+    LoraCase *c = xcalloc(1, sizeof *c);
+    fill(c->x, FT * FC, rng, -2, 2);
+    fill(c->A, FR * FC, rng, -1, 1);
+    fill(c->B, FOUT * FR, rng, -1, 1);
+    fill(c->wout, FT * FOUT, rng, -1, 1);
+    c->pair = (LoraPair){c->A, c->B, c->dA, c->dB, FC, FOUT};
+    c->site = (LoraSite){&c->pair, c->u, c->du, c->xdrop, 1.5f, FR, p, 1234, 17};
+    float dx[FT * FC] = {0}, fx[FT * FC], fA[FR * FC], fB[FOUT * FR];
+    lora_loss(c);
+    lora_backward(dx, &c->site, c->wout, c->x, FT, FC, FOUT);
+    finite_diff(fx, c->x, FT * FC, lora_loss, c);
+    finite_diff(fA, c->A, FR * FC, lora_loss, c);
+    finite_diff(fB, c->B, FOUT * FR, lora_loss, c);
+    char name[64];
+    snprintf(name, sizeof name, "fd lora dx (dropout %g)", p);
+    check_close(name, dx, fx, FT * FC, 1e-3, 1e-3);
+    snprintf(name, sizeof name, "fd lora dA (dropout %g)", p);
+    check_close(name, c->dA, fA, FR * FC, 1e-3, 1e-3);
+    snprintf(name, sizeof name, "fd lora dB (dropout %g)", p);
+    check_close(name, c->dB, fB, FOUT * FR, 1e-3, 1e-3);
+    if (p > 0) {  // the masks drop about p of the inputs and scale the rest by 1 / (1 - p)
+        int dropped = 0, scaled = 0;
+        for (int i = 0; i < FT * FC; i++) {
+            dropped += c->xdrop[i] == 0;
+            scaled += fabsf(c->xdrop[i] - c->x[i] / (1 - p)) < 1e-6f;
+        }
+        check(dropped > 0 && dropped < FT * FC / 2 && dropped + scaled == FT * FC, "lora dropout masks",
+              "%d dropped, %d scaled of %d", dropped, scaled, FT * FC);
+    }
+    free(c);
+}
+
+// ---------------------------------------------------------------------------------------------
+// The fixtures.
+
+// A malloc'ed copy of an F32 tensor of the expected file (NULL when absent); *n its elements.
+static float *load_tensor(const StFile *f, const char *name, size_t *n) {
+    const StTensor *t = safetensors_find(f, name);
+    if (!t || t->type != TYPE_F32) return NULL;
+    float *x = xmalloc(t->nbytes ? t->nbytes : 4);
+    memcpy(x, t->data, t->nbytes);
+    if (n) *n = t->nbytes / 4;
+    return x;
+}
+
+static double load_scalar(const StFile *f, const char *name) {
+    float *x = load_tensor(f, name, NULL);
+    double v = x ? x[0] : NAN;
+    free(x);
+    return v;
+}
+
+typedef struct {
+    const char *name;  // "tied", "untied"
+    int quant;         // TYPE_F32, TYPE_Q8_0, TYPE_Q4_0
+    Model m;
+    Lora lora;
+    Dataset ds;
+    StFile want;
+} Fixture;
+
+static int fixture_open(Fixture *fx, const char *name, int quant) {
+    char path[256];
+    Err e;
+    memset(fx, 0, sizeof *fx);
+    fx->name = name;
+    fx->quant = quant;
+    snprintf(path, sizeof path, FIXTURES "/%s/model", name);
+    int ok = model_load(&fx->m, path, quant, &e) == 0;
+    check(ok, "fixture model loads", "%s", e.msg);
+    if (!ok) return -1;
+    snprintf(path, sizeof path, FIXTURES "/%s/adapter", name);
+    ok = lora_load(&fx->lora, path, &fx->m.config, &e) == 0;
+    check(ok, "fixture PEFT adapter loads", "%s", e.msg);
+    if (ok) ok = data_load(&fx->ds, FIXTURES "/data.jsonl", &fx->m.tok, LOSS_ON_ASSISTANT, 4096, &e) == 0;
+    if (!ok) {
+        check(0, "fixture data loads", "%s", e.msg);
+    } else {
+        snprintf(path, sizeof path, FIXTURES "/%s/expected_%s.safetensors", name, type_info(quant)->name);
+        ok = safetensors_open(&fx->want, path, &e) == 0;
+        check(ok, "fixture expected values load", "%s", e.msg);
+    }
+    return ok ? 0 : -1;
+}
+
+static void fixture_close(Fixture *fx) {
+    safetensors_close(&fx->want);
+    data_free(&fx->ds);
+    lora_free(&fx->lora);
+    model_free(&fx->m);
+}
+
+static int max_len(const Dataset *ds) {
+    int T = 1;
+    for (int i = 0; i < ds->n; i++) T = ds->ex[i].T > T ? ds->ex[i].T : T;
+    return T;
+}
+
+// Mean NLL of the data set; with grads, lora->grads holds the gradient of that mean.
+static double mean_loss(Model *m, Lora *lora, const Dataset *ds, Activations *a, int grads, uint64_t seed) {
+    if (lora) lora_zero_grad(lora);
+    double sum = 0;
+    for (int i = 0; i < ds->n; i++)
+        sum += model_forward_backward(m, lora, a, ds->ex[i].tokens, ds->ex[i].mask, ds->ex[i].T,
+                                      (float)(1.0 / ds->n_targets), grads, seed);
+    return sum / ds->n_targets;
+}
+
+static void label(char *buf, size_t cap, const Fixture *fx, const char *what) {
+    snprintf(buf, cap, "%s %s: %s", fx->name, type_info(fx->quant)->name, what);
+}
+
+// Token ids and masks from data.c / tokenizer.c against Python's byte-level rendering.
+static void check_tokens(const Fixture *fx) {
+    int ok = 1;
+    char msg[200] = "";
+    for (int i = 0; i < fx->ds.n && ok; i++) {
+        char key[64];
+        size_t n = 0, nm = 0;
+        snprintf(key, sizeof key, "ex%d.tokens", i);
+        float *tok = load_tensor(&fx->want, key, &n);
+        snprintf(key, sizeof key, "ex%d.mask", i);
+        float *mask = load_tensor(&fx->want, key, &nm);
+        const Example *ex = &fx->ds.ex[i];
+        if (!tok || !mask || (size_t)ex->T != n || nm != n) {
+            ok = 0;
+            snprintf(msg, sizeof msg, "example %d: %d tokens, want %zu", i, ex->T, n);
+        }
+        for (size_t t = 0; ok && t < n; t++)
+            if (ex->tokens[t] != (int)tok[t] || ex->mask[t] != (int)mask[t]) {
+                ok = 0;
+                snprintf(msg, sizeof msg, "example %d, token %zu: id %d mask %d, want %d %d", i, t, ex->tokens[t],
+                         ex->mask[t], (int)tok[t], (int)mask[t]);
+            }
+        free(tok);
+        free(mask);
+    }
+    char name[128];
+    label(name, sizeof name, fx, "token ids and assistant masks");
+    check(ok, name, "%s", msg);
+}
+
+static void check_rel(const Fixture *fx, const char *what, double got, double want, double tol) {
+    char name[160], text[128];
+    double rel = fabs(got - want) / fabs(want);
+    snprintf(text, sizeof text, "%s (rel err %.2g)", what, rel);
+    label(name, sizeof name, fx, text);
+    check(rel <= tol, name, "got %.9g want %.9g (tolerance %.1g)", got, want, tol);
+}
+
+// Every LoRA gradient against the reference (relative norm error of each tensor).
+static void check_grads(const Fixture *fx, double tol) {
+    double worst = 0;
+    const char *worst_name = "";
+    int missing = 0;
+    for (int i = 0; i < fx->want.n; i++) {
+        const char *name = fx->want.tensors[i].name;
+        if (strncmp(name, "base_model.", 11) != 0) continue;
+        int l, ab;
+        char proj[32];
+        if (sscanf(name, "base_model.model.model.layers.%d.%*[a-z_].%31[a-z_].lora_%n", &l, proj, &ab) < 2) continue;
+        int k = 0;
+        while (k < LORA_NTARGETS && strcmp(lora_target_names[k], proj) != 0) k++;
+        const LoraPair *p = k < LORA_NTARGETS && l < fx->lora.L ? &fx->lora.pairs[l * LORA_NTARGETS + k] : NULL;
+        size_t n;
+        float *want = load_tensor(&fx->want, name, &n);
+        int is_B = strstr(name, ".lora_B.") != NULL;
+        if (!p || !p->A || !want || n != (size_t)fx->lora.R * (is_B ? p->out : p->in)) {
+            missing++;
+        } else {
+            double err = rel_norm_error(is_B ? p->dB : p->dA, want, n);
+            if (!(err <= worst)) worst = err, worst_name = name;
+        }
+        free(want);
+    }
+    char name[160], text[128];
+    snprintf(text, sizeof text, "every LoRA gradient (max rel norm err %.2g)", worst);
+    label(name, sizeof name, fx, text);
+    check(missing == 0 && worst <= tol, name, "%d missing; worst at %s (tolerance %.1g)", missing, worst_name, tol);
+}
+
+// Logits of example 0 at the reference's positions through the KV cache: a prefill of the whole
+// prefix (several chunks for the long ones) and, for the same positions, one token at a time.
+static void check_logits(Fixture *fx, double atol) {
+    size_t np, nl;
+    float *pos = load_tensor(&fx->want, "logits_pos", &np), *want = load_tensor(&fx->want, "logits", &nl);
+    int V = fx->m.config.V, T = fx->ds.ex[0].T;
+    const int *tokens = fx->ds.ex[0].tokens;
+    float *got = xmalloc(nl * sizeof(float)), *step = xmalloc(nl * sizeof(float)), *tmp = xmalloc((size_t)V * sizeof(float));
+    KVCache *kv = kvcache_new(&fx->m.config, T);
+    int ok = pos && want && nl == np * (size_t)V;
+    for (size_t i = 0; ok && i < np; i++) {
+        kvcache_reset(kv);
+        ok = model_infer(&fx->m, &fx->lora, kv, tokens, (int)pos[i] + 1, got + i * V) == 0;
+    }
+    kvcache_reset(kv);
+    for (int t = 0, i = 0; ok && i < (int)np; t++) {
+        ok = model_infer(&fx->m, &fx->lora, kv, tokens + t, 1, tmp) == 0 && kvcache_len(kv) == t + 1;
+        if (ok && t == (int)pos[i]) memcpy(step + (size_t)i++ * V, tmp, (size_t)V * sizeof(float));
+    }
+    char name[128];
+    label(name, sizeof name, fx, "logits, prompt through the KV cache");
+    if (ok) check_close(name, got, want, nl, atol, 0);
+    else check(0, name, "model_infer failed");
+    label(name, sizeof name, fx, "logits, one token at a time");
+    if (ok) check_close(name, step, want, nl, atol, 0);
+    label(name, sizeof name, fx, "KV cache refuses to overflow");
+    check(model_infer(&fx->m, &fx->lora, kv, tokens, 1, tmp) == -1, name, "accepted a token past max_T");
+    kvcache_free(kv);
+    free(pos), free(want), free(got), free(step), free(tmp);
+}
+
+typedef struct {
+    double loss, grads, logits;
+} Tolerance;
+
+// The float64 reference computed on dequantized weights. The _ref kernels sum dequantized
+// weights in float and meet the F32 tolerances; the fast kernels round activations to 8 bits
+// for integer dot products (llama.cpp's approach), which costs ~1e-3 relative error.
+static Tolerance tolerance(int quant) {
+#ifdef SFT_REF
+    (void)quant;
+    return (Tolerance){1e-5, 1e-4, 1e-4};
+#else
+    if (quant == TYPE_F32) return (Tolerance){1e-5, 1e-4, 1e-4};
+    return (Tolerance){2e-3, 3e-2, 2e-2};
+#endif
+}
+
+static void reference_case(const char *name, int quant) {
+    Fixture fx;
+    if (fixture_open(&fx, name, quant) != 0) return;
+    Tolerance tol = tolerance(quant);
+    Activations *a = activations_new(&fx.m.config, &fx.lora, max_len(&fx.ds));
+    check_tokens(&fx);
+    double loss = mean_loss(&fx.m, &fx.lora, &fx.ds, a, 1, 0);
+    check_rel(&fx, "loss", loss, load_scalar(&fx.want, "loss"), tol.loss);
+    check_grads(&fx, tol.grads);
+    double base = mean_loss(&fx.m, NULL, &fx.ds, a, 0, 0);
+    check_rel(&fx, "loss without the adapter", base, load_scalar(&fx.want, "loss_base"), tol.loss);
+    check_logits(&fx, tol.logits * 10);
+    if (quant == TYPE_F32) {
+        Dataset all;
+        Err e;
+        if (data_load(&all, FIXTURES "/data.jsonl", &fx.m.tok, LOSS_ON_ALL, 4096, &e) == 0) {
+            check_rel(&fx, "loss on all tokens", mean_loss(&fx.m, &fx.lora, &all, a, 0, 0),
+                      load_scalar(&fx.want, "loss_all"), tol.loss);
+            data_free(&all);
+        } else {
+            check(0, "data_load --loss-on all", "%s", e.msg);
+        }
+    }
+    activations_free(a);
+    fixture_close(&fx);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Invariances: thread count, recomputing the MLP, dropout.
+
+static int same_grads(const Lora *lora, const float *g) {
+    return memcmp(lora->grads, g, lora->n_params * sizeof(float)) == 0;
+}
+
+static void invariance_checks(void) {
+    Fixture fx;
+    if (fixture_open(&fx, "tied", TYPE_F32) != 0) return;
+    int T = max_len(&fx.ds);
+    fx.lora.dropout = 0.25f;
+    Activations *a = activations_new(&fx.m.config, &fx.lora, T);
+    float *g1 = xmalloc(fx.lora.n_params * sizeof(float)), *g0 = xmalloc(fx.lora.n_params * sizeof(float));
+
+    threads_init(1);
+    double l1 = mean_loss(&fx.m, &fx.lora, &fx.ds, a, 1, 0);
+    memcpy(g1, fx.lora.grads, fx.lora.n_params * sizeof(float));
+    threads_init(3);
+    double l3 = mean_loss(&fx.m, &fx.lora, &fx.ds, a, 1, 0);
+    check(l1 == l3 && same_grads(&fx.lora, g1), "loss and gradients bit-identical with 1 and 3 threads",
+          "loss %.9g vs %.9g", l1, l3);
+    check(fabs(l1 - load_scalar(&fx.want, "loss")) < 1e-5 * l1, "dropout seed 0: no dropout", "loss %.9g", l1);
+
+    Activations *r = activations_new_budget(&fx.m.config, &fx.lora, T, 1);
+    double lr = mean_loss(&fx.m, &fx.lora, &fx.ds, r, 1, 0);
+    check(lr == l1 && same_grads(&fx.lora, g1), "recomputing gate/up in the backward pass changes nothing",
+          "loss %.9g vs %.9g", lr, l1);
+
+    double d3 = mean_loss(&fx.m, &fx.lora, &fx.ds, a, 1, 99);
+    memcpy(g0, fx.lora.grads, fx.lora.n_params * sizeof(float));
+    threads_init(1);
+    double d1 = mean_loss(&fx.m, &fx.lora, &fx.ds, a, 1, 99);
+    check(d1 == d3 && same_grads(&fx.lora, g0), "dropout masks the same with 1 and 3 threads", "%.9g vs %.9g", d1, d3);
+    double dr = mean_loss(&fx.m, &fx.lora, &fx.ds, r, 1, 99);
+    check(dr == d1 && same_grads(&fx.lora, g0), "dropout masks the same when gate/up are recomputed", "%.9g vs %.9g",
+          dr, d1);
+    double d2 = mean_loss(&fx.m, &fx.lora, &fx.ds, a, 1, 100);
+    check(d1 != l1 && d2 != d1 && isfinite(d2), "dropout changes with the seed", "%.9g %.9g %.9g", l1, d1, d2);
+
+    int bad[3] = {0, 5, fx.m.config.V};  // id V is out of range
+    unsigned char mask[3] = {0, 1, 1};
+    check(isnan(model_forward_backward(&fx.m, &fx.lora, a, bad, mask, 3, 1, 1, 0)), "token id out of range refused",
+          "accepted");
+    check(isnan(model_forward_backward(&fx.m, &fx.lora, a, bad, mask, T + 1, 1, 1, 0)), "sequence past max_T refused",
+          "accepted");
+    threads_free();
+    activations_free(a);
+    activations_free(r);
+    free(g0), free(g1);
+    fixture_close(&fx);
+}
+
+// ---------------------------------------------------------------------------------------------
+// sft eval
+
+static void eval_cli(void) {
+    char cmd[1024], *out = NULL;
+    StFile want;
+    Err e;
+    if (safetensors_open(&want, FIXTURES "/untied/expected_f32.safetensors", &e) != 0) {
+        check(0, "sft eval", "%s", e.msg);
+        return;
+    }
+    snprintf(cmd, sizeof cmd, "%s eval --model " FIXTURES "/untied/model --lora " FIXTURES "/untied/adapter --data "
+             FIXTURES "/data.jsonl --quant f32 --threads 2", sft_binary());
+    int rc = run_command(cmd, &out);
+    double loss = 0, ppl = 0;
+    long tokens = 0;
+    int n = out ? sscanf(out, "loss %lf ppl %lf tokens %ld", &loss, &ppl, &tokens) : 0;
+    double wl = load_scalar(&want, "loss");
+    check(rc == 0 && n == 3 && fabs(loss - wl) < 1e-5 * wl && fabs(ppl - exp(wl)) < 1e-4 * exp(wl) &&
+              tokens == (long)load_scalar(&want, "n_targets"),
+          "sft eval: fixture loss, ppl, tokens", "exit %d, output '%s', want loss %.9g", rc, out ? out : "", wl);
+    free(out);
+    snprintf(cmd, sizeof cmd, "%s eval --model " FIXTURES "/untied/model --data " FIXTURES "/data.jsonl --quant f32",
+             sft_binary());
+    rc = run_command(cmd, &out);
+    n = out ? sscanf(out, "loss %lf", &loss) : 0;
+    wl = load_scalar(&want, "loss_base");
+    check(rc == 0 && n == 1 && fabs(loss - wl) < 1e-5 * wl, "sft eval without an adapter", "exit %d, output '%s'", rc,
+          out ? out : "");
+    free(out);
+    snprintf(cmd, sizeof cmd, "%s eval --model " FIXTURES "/untied/model --lora " FIXTURES "/tied/adapter --data "
+             FIXTURES "/data.jsonl", sft_binary());
+    rc = run_command(cmd, &out);
+    check(rc == 1 && out && out[0] == 0, "sft eval: adapter of another model refused (exit 1)", "exit %d", rc);
+    free(out);
+    safetensors_close(&want);
+}
+
+void test_model(void) {
+    uint64_t rng = 42;
+    fd_rmsnorm(&rng);
+    fd_rope(&rng);
+    fd_attention(&rng);
+    fd_swiglu(&rng);
+    fd_crossentropy(&rng);
+    fd_lora(&rng, 0.0f);
+    fd_lora(&rng, 0.3f);
+    const char *models[] = {"tied", "untied"};
+    const int quants[] = {TYPE_F32, TYPE_Q8_0, TYPE_Q4_0};
+    for (int i = 0; i < 2; i++)
+        for (int q = 0; q < 3; q++) reference_case(models[i], quants[q]);
+    invariance_checks();
+    eval_cli();
+}

@@ -1,3 +1,585 @@
+// test_quant.c: block formats, half conversions, the matrix products and the thread pool.
+//
+// Expectations come from outside our code: blocks whose bytes are written by hand from each
+// format's definition (ggml-common.h / ggml-quants.c, bitsandbytes for NF4) with the values they
+// must decode to; quantized blocks computed by hand following ggml's quantize_row_*_ref; float64
+// products of the dequantized matrix; and error bounds derived from the formats.
+//
+// Tolerances of the products:
+// - matmul_ref vs a float64 product of the dequantized matrix: |err| <= 1e-5 * sum_j |w_j x_j|
+//   + 1e-30 (float accumulation over at most ~1000 terms: n * 2^-24 ~ 6e-5 worst case, ~1e-6 typical).
+// - fast vs ref: the fast products may round the activations (int8 blocks of 32 with an fp32
+//   scale, |x - x'| <= amax_block / 254, i.e. a relative error ~ 4e-3 per element) and, for the
+//   bf16 route, round both factors to bf16 (relative 2^-9 each). So per output we allow
+//   sum_j |w_j| * (amax_block(x)/254 + |x_j| * 2^-7) + 2e-5 * sum_j |w_j x_j|: an exact bound of
+//   the rounding of each factor, not a fitted number. A wrong block, scale or offset is off by far
+//   more than this (the tests print the max error).
+#include <math.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include "../common.h"
+#include "../quant.h"
+#include "../threads.h"
 #include "test.h"
 
-void test_quant(void) {}
+// ---------------------------------------------------------------------------------------------
+// Half conversions: hand-picked values around every rounding edge.
+
+static void test_halves(void) {
+    struct { float f; uint16_t h; } f16[] = {
+        {1.0f, 0x3c00}, {-2.0f, 0xc000}, {65504.0f, 0x7bff}, {65519.0f, 0x7bff}, {65520.0f, 0x7c00},
+        {1.0f / 3.0f, 0x3555}, {0x1p-24f, 0x0001}, {0x1p-25f, 0x0000}, {0x1.8p-25f, 0x0001},
+        {0x1.8p-24f, 0x0002}, {0x1p-14f, 0x0400}, {1.0f + 0x1p-11f, 0x3c00}, {1.0f + 0x1.8p-10f, 0x3c02},
+        {-0.0f, 0x8000}, {0x1.ffcp-15f, 0x0400}, {0x1p-15f, 0x0200}, {1e10f, 0x7c00}, {-1e-10f, 0x8000},
+    };
+    int bad = 0;
+    for (size_t i = 0; i < sizeof f16 / sizeof f16[0]; i++) {
+        uint16_t h = fp32_to_fp16(f16[i].f);
+        if (h != f16[i].h) {
+            if (bad++ < 5) printf("    fp32_to_fp16(%a) = 0x%04x, want 0x%04x\n", f16[i].f, h, f16[i].h);
+        }
+    }
+    check(bad == 0, "fp32_to_fp16 rounds to nearest even", "%d wrong", bad);
+    check(fp32_to_fp16(NAN) == 0x7e00 && fp32_to_fp16(INFINITY) == 0x7c00, "fp32_to_fp16 nan inf", "0x%04x", fp32_to_fp16(NAN));
+
+    struct { uint16_t h; float f; } h16[] = {
+        {0x3c00, 1.0f}, {0xc000, -2.0f}, {0x7bff, 65504.0f}, {0x0001, 0x1p-24f}, {0x03ff, 0x1.ff8p-15f},
+        {0x0400, 0x1p-14f}, {0x3555, 0.333251953125f}, {0x8000, -0.0f}, {0x7c00, INFINITY}, {0xfc00, -INFINITY},
+    };
+    bad = 0;
+    for (size_t i = 0; i < sizeof h16 / sizeof h16[0]; i++) {
+        float f = fp16_to_fp32(h16[i].h);
+        if (memcmp(&f, &h16[i].f, 4) != 0 && bad++ < 5) printf("    fp16_to_fp32(0x%04x) = %a\n", h16[i].h, f);
+    }
+    check(bad == 0 && isnan(fp16_to_fp32(0x7e00)), "fp16_to_fp32", "%d wrong", bad);
+    // Every half survives the round trip (NaNs excepted).
+    bad = 0;
+    for (uint32_t h = 0; h < 65536; h++) {
+        if ((h & 0x7c00) == 0x7c00 && (h & 0x3ff)) continue;
+        if (fp32_to_fp16(fp16_to_fp32((uint16_t)h)) != h) bad++;
+    }
+    check(bad == 0, "fp16 round trip of all 63488 halves", "%d wrong", bad);
+
+    struct { float f; uint16_t h; } b16[] = {
+        {1.0f, 0x3f80}, {-2.5f, 0xc020}, {1.0f + 0x1p-8f, 0x3f80}, {1.0f + 0x1.8p-7f, 0x3f82},
+        {1.0f + 0x1.2p-8f, 0x3f81}, {3.14159265f, 0x4049}, {-0.0f, 0x8000}, {3.4e38f, 0x7f80},
+    };
+    bad = 0;
+    for (size_t i = 0; i < sizeof b16 / sizeof b16[0]; i++) {
+        uint16_t h = fp32_to_bf16(b16[i].f);
+        if (h != b16[i].h && bad++ < 5) printf("    fp32_to_bf16(%a) = 0x%04x, want 0x%04x\n", b16[i].f, h, b16[i].h);
+    }
+    check(bad == 0, "fp32_to_bf16 rounds to nearest even", "%d wrong", bad);
+    check(bf16_to_fp32(0x4049) == 3.140625f && bf16_to_fp32(0xc020) == -2.5f, "bf16_to_fp32", "%g", bf16_to_fp32(0x4049));
+    check((fp32_to_bf16(NAN) & 0x7fc0) == 0x7fc0, "fp32_to_bf16 keeps NaN a NaN", "0x%04x", fp32_to_bf16(NAN));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Types.
+
+static void test_types(void) {
+    struct { int type; const char *name; int block; size_t bytes; } t[] = {
+        {TYPE_F32, "f32", 1, 4}, {TYPE_F16, "f16", 1, 2}, {TYPE_BF16, "bf16", 1, 2},
+        {TYPE_Q4_0, "q4_0", 32, 18}, {TYPE_Q4_1, "q4_1", 32, 20}, {TYPE_Q5_0, "q5_0", 32, 22},
+        {TYPE_Q5_1, "q5_1", 32, 24}, {TYPE_Q8_0, "q8_0", 32, 34}, {TYPE_Q4_K, "q4_k", 256, 144},
+        {TYPE_Q5_K, "q5_k", 256, 176}, {TYPE_Q6_K, "q6_k", 256, 210}, {TYPE_NF4, "nf4", 64, 36},
+    };
+    int bad = 0;
+    for (size_t i = 0; i < sizeof t / sizeof t[0]; i++) {
+        const TypeInfo *ti = type_info(t[i].type);
+        if (!ti || strcmp(ti->name, t[i].name) || ti->block != t[i].block || ti->bytes != t[i].bytes ||
+            type_from_name(t[i].name) != t[i].type) {
+            bad++;
+            printf("    type %d (%s) wrong\n", t[i].type, t[i].name);
+        }
+    }
+    check(bad == 0, "type_info, type_from_name", "%d wrong", bad);
+    check(type_info(4) == NULL && type_info(99) == NULL && type_from_name("q3_k") == -1 &&
+          type_from_name("Q4_0") == TYPE_Q4_0, "unknown types", "accepted");
+    check(row_bytes(TYPE_Q4_0, 896) == 504 && row_bytes(TYPE_Q6_K, 4864) == 19 * 210 &&
+          row_bytes(TYPE_F16, 7) == 14 && row_bytes(TYPE_NF4, 896) == 14 * 36, "row_bytes", "%zu", row_bytes(TYPE_Q4_0, 896));
+    check(row_bytes(TYPE_Q4_0, 33) == 0 && row_bytes(TYPE_Q4_K, 896) == 0 && row_bytes(TYPE_F32, -4) == 0 &&
+          row_bytes(TYPE_F32, INT64_MAX) == 0 && row_bytes(77, 32) == 0, "row_bytes rejects", "accepted");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Hand-written blocks. Each test lists the bytes of one block and the values it must decode to;
+// `want` starts as `fill` and the listed (index, value) pairs override it.
+
+typedef struct { int i; float v; } Val;
+
+static void check_block(const char *name, int type, const uint8_t *bytes, int n, float fill,
+                        const Val *vals, int nvals) {
+    float want[256], got[256];
+    for (int i = 0; i < n; i++) want[i] = fill;
+    for (int k = 0; k < nvals; k++) want[vals[k].i] = vals[k].v;
+    for (int i = 0; i < n; i++) got[i] = NAN;
+    dequantize_row(type, got, bytes, n);
+    check_close(name, got, want, (size_t)n, 0, 0);
+}
+
+static void test_blocks_simple(void) {
+    // F32: 1.5, -2.0 (little-endian IEEE).
+    const uint8_t f32[] = {0x00, 0x00, 0xc0, 0x3f, 0x00, 0x00, 0x00, 0xc0};
+    check_block("dequantize f32", TYPE_F32, f32, 2, 0, (Val[]){{0, 1.5f}, {1, -2.0f}}, 2);
+    // F16: 1.0, -2.0, 2^-24, 65504.
+    const uint8_t f16[] = {0x00, 0x3c, 0x00, 0xc0, 0x01, 0x00, 0xff, 0x7b};
+    check_block("dequantize f16", TYPE_F16, f16, 4, 0, (Val[]){{0, 1}, {1, -2}, {2, 0x1p-24f}, {3, 65504}}, 4);
+    // BF16: 1.0, -2.5, 3.140625.
+    const uint8_t bf16[] = {0x80, 0x3f, 0x20, 0xc0, 0x49, 0x40};
+    check_block("dequantize bf16", TYPE_BF16, bf16, 3, 0, (Val[]){{0, 1}, {1, -2.5f}, {2, 3.140625f}}, 3);
+
+    // Q4_0: d = 0.5; qs[0] = 0x0f: x0 = (15-8)/2, x16 = (0-8)/2; qs[1] = 0x8a: x1 = 1, x17 = 0;
+    // other bytes 0x88: zeros.
+    uint8_t q4_0[18] = {0x00, 0x38, 0x0f, 0x8a};
+    memset(q4_0 + 4, 0x88, 14);
+    check_block("dequantize q4_0", TYPE_Q4_0, q4_0, 32, 0, (Val[]){{0, 3.5f}, {16, -4}, {1, 1}, {17, 0}}, 4);
+
+    // Q4_1: d = 1, m = -1; qs[0] = 0x21: x0 = 0, x16 = 1; qs[15] = 0xf0: x15 = -1, x31 = 14;
+    // other bytes 0x00: -1.
+    uint8_t q4_1[20] = {0x00, 0x3c, 0x00, 0xbc, 0x21};
+    q4_1[4 + 15] = 0xf0;
+    check_block("dequantize q4_1", TYPE_Q4_1, q4_1, 32, -1, (Val[]){{0, 0}, {16, 1}, {15, -1}, {31, 14}}, 4);
+
+    // Q5_0: d = 2; qh = bits 0, 16, 31; qs[0] = 0x3f: x0 = (0x1f-16)*2 = 30, x16 = (0x13-16)*2 = 6;
+    // element 31 has its high bit and a zero nibble: (16-16)*2 = 0; the rest (0-16)*2 = -32.
+    uint8_t q5_0[22] = {0x00, 0x40, 0x01, 0x00, 0x01, 0x80, 0x3f};
+    check_block("dequantize q5_0", TYPE_Q5_0, q5_0, 32, -32, (Val[]){{0, 30}, {16, 6}, {31, 0}}, 3);
+
+    // Q5_1: d = 0.5, m = 1; qh = bit 31; qs[0] = 0x01: x0 = 1.5, x16 = 1;
+    // qs[15] = 0xf0: x15 = 1, x31 = (0x1f)*0.5 + 1 = 16.5; the rest 1.
+    uint8_t q5_1[24] = {0x00, 0x38, 0x00, 0x3c, 0x00, 0x00, 0x00, 0x80, 0x01};
+    q5_1[8 + 15] = 0xf0;
+    check_block("dequantize q5_1", TYPE_Q5_1, q5_1, 32, 1, (Val[]){{0, 1.5f}, {16, 1}, {15, 1}, {31, 16.5f}}, 4);
+
+    // Q8_0: d = 0.25; qs = 127, -128, -1, zeros.
+    uint8_t q8_0[34] = {0x00, 0x34, 0x7f, 0x80, 0xff};
+    check_block("dequantize q8_0", TYPE_Q8_0, q8_0, 32, 0, (Val[]){{0, 31.75f}, {1, -32}, {2, -0.25f}}, 3);
+
+    // NF4: absmax = 2.0 (f32); qs[0] = 0x0f: x0 = -1*2, x1 = 1*2; qs[1] = 0x78: x2 = 0, x3 = 0.0795...*2.
+    uint8_t nf4[36] = {0x00, 0x00, 0x00, 0x40, 0x0f, 0x78};
+    memset(nf4 + 6, 0x77, 30);
+    check_block("dequantize nf4", TYPE_NF4, nf4, 64, 0, (Val[]){{0, -2}, {1, 2}, {2, 0}, {3, 0.07958029955625534f * 2}}, 4);
+}
+
+static void test_blocks_k(void) {
+    // Q4_K: d = 1, dmin = 0.5. scales[0] = 0x41: group 0 scale 1 (and top bits 01 -> group 4 scale
+    // += 16); scales[4] = 0x82: group 0 min 2 (top bits 10 -> group 4 min += 32); scales[8] = 0x53:
+    // group 4 scale 3 | 16 = 19, min 5 | 32 = 37. Other groups: scale 0, min 0 -> zeros.
+    // qs[0] = 0xf7: x0 = 1*7 - 0.5*2 = 6 (x32, group 1, is 0 whatever its nibble);
+    // other group-0 values -1. qs[64] = 0x0a (chunk 2, low nibble = group 4): x128 = 19*10 - 18.5.
+    uint8_t q4k[144] = {0x00, 0x3c, 0x00, 0x38, 0x41, 0, 0, 0, 0x82, 0, 0, 0, 0x53};
+    q4k[16 + 0] = 0xf7;
+    q4k[16 + 64] = 0x0a;
+    Val v4[64 + 32];
+    int nv = 0;
+    for (int i = 0; i < 32; i++) v4[nv++] = (Val){i, i == 0 ? 6.0f : -1.0f};
+    for (int i = 128; i < 160; i++) v4[nv++] = (Val){i, i == 128 ? 171.5f : -18.5f};
+    check_block("dequantize q4_K", TYPE_Q4_K, q4k, 256, 0, v4, nv);
+
+    // Q5_K: the same header and nibbles, plus qh[0] = 0x11 (fifth bit of element 0 of groups 0
+    // and 4) and qh[1] = 0x01 (element 1 of group 0): x0 = 23 - 1, x1 = 16 - 1, x128 = 19*26 - 18.5.
+    uint8_t q5k[176] = {0x00, 0x3c, 0x00, 0x38, 0x41, 0, 0, 0, 0x82, 0, 0, 0, 0x53};
+    q5k[16] = 0x11;
+    q5k[17] = 0x01;
+    q5k[48 + 0] = 0xf7;
+    q5k[48 + 64] = 0x0a;
+    nv = 0;
+    for (int i = 0; i < 32; i++) v4[nv++] = (Val){i, i == 0 ? 22.0f : i == 1 ? 15.0f : -1.0f};
+    for (int i = 128; i < 160; i++) v4[nv++] = (Val){i, i == 128 ? 475.5f : -18.5f};
+    check_block("dequantize q5_K", TYPE_Q5_K, q5k, 256, 0, v4, nv);
+
+    // Q6_K: d = 0.5, scales {2,1,-1,1,1,1,1,1, 3,1,...}. All ql = 0 and qh = 0xaa (every 2-bit
+    // field 2: q = 32 - 32 = 0) except: ql[0] = 0x35, qh[0] = 0xe4 (fields 0,1,2,3):
+    //   x0  = 0.5*2*((5 | 0<<4) - 32) = -27      x32 = 0.5*-1*((0 | 1<<4) - 32) = 8
+    //   x64 = 0.5*1*((3 | 2<<4) - 32) = 1.5      x96 = 0.5*1*((0 | 3<<4) - 32) = 8
+    // ql[17] = 0x01: x17 = 0.5*1*1 = 0.5; second half: ql[64] = 0x0f, qh[32] = 0xab:
+    //   x128 = 0.5*3*((15 | 3<<4) - 32) = 46.5.
+    uint8_t q6k[210] = {0};
+    memset(q6k + 128, 0xaa, 64);
+    q6k[0] = 0x35;
+    q6k[128] = 0xe4;
+    q6k[17] = 0x01;
+    q6k[64] = 0x0f;
+    q6k[128 + 32] = 0xab;
+    const int8_t sc[16] = {2, 1, -1, 1, 1, 1, 1, 1, 3, 1, 1, 1, 1, 1, 1, 1};
+    memcpy(q6k + 192, sc, 16);
+    q6k[208] = 0x00;
+    q6k[209] = 0x38;
+    check_block("dequantize q6_K", TYPE_Q6_K, q6k, 256, 0,
+                (Val[]){{0, -27}, {32, 8}, {64, 1.5f}, {96, 8}, {17, 0.5f}, {128, 46.5f}}, 6);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Quantization: blocks computed by hand with ggml's quantize_row_*_ref rules.
+
+static void check_bytes(const char *name, const uint8_t *got, const uint8_t *want, size_t n) {
+    size_t i = 0;
+    while (i < n && got[i] == want[i]) i++;
+    check(i == n, name, "byte %zu is 0x%02x, want 0x%02x", i, i < n ? got[i] : 0, i < n ? want[i] : 0);
+}
+
+static void test_quantize_hand(void) {
+    // Q8_0: amax 127 -> d = 1 (0x3c00), q = roundf(x): ties away from zero.
+    float x[64] = {127, 2.5f, -2.5f, 0.49f, -15, 15};
+    uint8_t got[64], want[64] = {0x00, 0x3c, 127, 3, (uint8_t)-3, 0, (uint8_t)-15, 15};
+    quantize_row(TYPE_Q8_0, got, x, 32);
+    check_bytes("quantize q8_0 (d = 1)", got, want, 34);
+    // amax 1 -> d = 1/127 -> 0x2008 (2^-7 * (1 + 8/1024)); x1 = -0.25 -> round(-31.75) = -32.
+    float x2[32] = {1.0f, -0.25f};
+    uint8_t want2[34] = {0x08, 0x20, 127, (uint8_t)-32};
+    quantize_row(TYPE_Q8_0, got, x2, 32);
+    check_bytes("quantize q8_0 (d = 1/127)", got, want2, 34);
+
+    // Q4_0: max magnitude -8 -> d = -8/-8 = 1, q = min(15, (int)(x + 8.5)):
+    // -8 -> 0, 7 -> 15, 7.9 -> 16 -> 15, 0.4 -> 8, 0.5 -> 9, -0.6 -> 7; x16 = 3 -> 11; zeros -> 8.
+    float x3[32] = {-8, 7, 7.9f, 0.4f, 0.5f, -0.6f};
+    x3[16] = 3;
+    uint8_t want3[18] = {0x00, 0x3c, 0x00 | 11 << 4, 0x8f, 0x8f, 0x88, 0x89, 0x87};
+    memset(want3 + 8, 0x88, 10);
+    quantize_row(TYPE_Q4_0, got, x3, 32);
+    check_bytes("quantize q4_0 (negative max)", got, want3, 18);
+    // Positive max 4 -> d = -0.5 (0xb800), id = -2: 4 -> 0, -4 -> 16 -> 15, 1 -> 6.5 -> 6.
+    float x4[32] = {4, -4, 1};
+    uint8_t want4[18] = {0x00, 0xb8, 0x80, 0x8f, 0x86};
+    memset(want4 + 5, 0x88, 13);
+    quantize_row(TYPE_Q4_0, got, x4, 32);
+    check_bytes("quantize q4_0 (positive max)", got, want4, 18);
+
+    // Q4_1: min -1, max 14 -> d = 1 (0x3c00), m = -1 (0xbc00), q = min(15, (int)(x + 1 + 0.5)):
+    // -1 -> 0, 14 -> 15, 0.4 -> 1, 0.6 -> 2; zeros -> 1.
+    float x5[32] = {-1, 14, 0.4f, 0.6f};
+    uint8_t want5[20] = {0x00, 0x3c, 0x00, 0xbc, 0x10, 0x1f, 0x11, 0x12};
+    memset(want5 + 8, 0x11, 12);
+    quantize_row(TYPE_Q4_1, got, x5, 32);
+    check_bytes("quantize q4_1", got, want5, 20);
+
+    // NF4: absmax 2; 2 -> 1.0 (15), -2 -> -1.0 (0), 0.1 -> 0.05 (8: above the midpoint 0.0398),
+    // 0.07 -> 0.035 (7), -0.7 -> -0.35 (3: below the midpoint -0.3397), zeros -> 7.
+    float x6[64] = {2, -2, 0.1f, 0.07f, -0.7f};
+    uint8_t want6[36] = {0x00, 0x00, 0x00, 0x40, 0xf0, 0x87, 0x37};
+    memset(want6 + 7, 0x77, 29);
+    quantize_row(TYPE_NF4, got, x6, 64);
+    check_bytes("quantize nf4", got, want6, 36);
+
+    float x7[3] = {1.0f, 65520.0f, 1.0f / 3.0f};
+    uint8_t want7[6] = {0x00, 0x3c, 0x00, 0x7c, 0x55, 0x35};
+    quantize_row(TYPE_F16, got, x7, 3);
+    check_bytes("quantize f16", got, want7, 6);
+    float x8[2] = {1.0f, 1.0f + 0x1.8p-7f};
+    uint8_t want8[4] = {0x80, 0x3f, 0x82, 0x3f};
+    quantize_row(TYPE_BF16, got, x8, 2);
+    check_bytes("quantize bf16", got, want8, 4);
+    check(quantize_row(TYPE_Q4_0, got, x, 31) == -1 && quantize_row(77, got, x, 32) == -1,
+          "quantize_row rejects", "accepted");
+}
+
+// Round trips on random data: the error of each element stays within what the format allows.
+static void test_quantize_error(void) {
+    enum { N = 4096 };
+    uint64_t rng = 42;
+    float *x = xmalloc(N * sizeof(float)), *y = xmalloc(N * sizeof(float));
+    uint8_t *q = xmalloc(N * 2);
+    for (int i = 0; i < N; i++) x[i] = rng_normal(&rng) * (i % 97 == 0 ? 10.0f : 1.0f);
+    struct { int type; int block; double bound; const char *name; } t[] = {
+        // Q8_0: |e| <= d/2 (+ d's fp16 rounding: 2^-11 of amax); Q4_0: |e| <= |d| (the value
+        // opposite the max can clamp from 8 to 7); Q4_1: d/2 + fp16 rounding of d and m;
+        // NF4: half the widest gap between codes (-1 .. -0.696) of absmax.
+        {TYPE_Q8_0, 32, 0.5 / 127 + 1.0 / 2048, "q8_0 error <= d/2"},
+        {TYPE_Q4_0, 32, 1.0 / 8 + 1.0 / 2048, "q4_0 error <= |d|"},
+        {TYPE_Q4_1, 32, 0.5 / 15 + 3.0 / 2048, "q4_1 error <= d/2"},
+        {TYPE_NF4, 64, (1.0 - 0.6961928009986877) / 2 + 1e-6, "nf4 error <= half gap"},
+    };
+    for (size_t k = 0; k < sizeof t / sizeof t[0]; k++) {
+        quantize_row(t[k].type, q, x, N);
+        dequantize_row(t[k].type, y, q, N);
+        double worst = 0, sq = 0, sqx = 0;  // error / (amax of its block, or range for Q4_1)
+        for (int b = 0; b < N / t[k].block; b++) {
+            float amax = 0, mn = x[b * t[k].block], mx = mn;
+            for (int j = 0; j < t[k].block; j++) {
+                float v = x[b * t[k].block + j];
+                amax = fmaxf(amax, fabsf(v));
+                mn = fminf(mn, v);
+                mx = fmaxf(mx, v);
+            }
+            double ref = t[k].type == TYPE_Q4_1 ? (double)mx - mn : amax;
+            for (int j = 0; j < t[k].block; j++) {
+                int i = b * t[k].block + j;
+                double e = fabs((double)y[i] - x[i]) / ref;
+                worst = e > worst ? e : worst;
+                sq += ((double)y[i] - x[i]) * ((double)y[i] - x[i]);
+                sqx += (double)x[i] * x[i];
+            }
+        }
+        check(worst <= t[k].bound, t[k].name, "max error %.4g of the block's scale, bound %.4g", worst, t[k].bound);
+        printf("    %s: max error %.4g of the block scale, relative rms %.4g\n", type_info(t[k].type)->name, worst, sqrt(sq / sqx));
+    }
+    free(x);
+    free(y);
+    free(q);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Products.
+
+// A random matrix [rows, cols] in `type`: quantized from normal floats where quantize_row can,
+// else random bytes with sane scales written over the scale fields (offsets from the formats).
+static uint8_t *random_matrix(int type, int rows, int cols, uint64_t seed) {
+    size_t rb = row_bytes(type, cols), n = rb * (size_t)rows;
+    uint8_t *m = xmalloc(n);
+    float *row = xmalloc((size_t)cols * sizeof(float));
+    if (quantize_row(type, m, row, 0) == 0 || type == TYPE_F32) {
+        for (int r = 0; r < rows; r++) {
+            for (int c = 0; c < cols; c++) row[c] = rng_normal(&seed) * 0.1f;
+            quantize_row(type, m + (size_t)r * rb, row, cols);
+        }
+        free(row);
+        return m;
+    }
+    for (size_t i = 0; i < n; i++) m[i] = (uint8_t)rng_next(&seed);
+    const TypeInfo *ti = type_info(type);
+    size_t half_at[2] = {0, 2};
+    int halves = type == TYPE_Q4_1 || type == TYPE_Q5_1 || type == TYPE_Q4_K || type == TYPE_Q5_K ? 2 : 1;
+    if (type == TYPE_Q6_K) half_at[0] = 208;
+    for (size_t b = 0; b < n / ti->bytes; b++) {
+        for (int h = 0; h < halves; h++) {
+            uint16_t v = fp32_to_fp16((rng_uniform(&seed) + 0.5f) * (type >= TYPE_Q4_K ? 0.002f : 0.01f));
+            memcpy(m + b * ti->bytes + half_at[h], &v, 2);
+        }
+    }
+    free(row);
+    return m;
+}
+
+static float *random_floats(size_t n, uint64_t seed, float scale) {
+    float *x = xmalloc(n * sizeof(float));
+    for (size_t i = 0; i < n; i++) x[i] = rng_normal(&seed) * scale * (i % 61 == 7 ? 20.0f : 1.0f);
+    return x;
+}
+
+// The dequantized matrix, in float64.
+static double *dequantized(const QMatrix *W) {
+    double *w = xmalloc((size_t)W->rows * W->cols * sizeof(double));
+    float *row = xmalloc((size_t)W->cols * sizeof(float));
+    for (int r = 0; r < W->rows; r++) {
+        qmatrix_row(row, W, r);
+        for (int c = 0; c < W->cols; c++) w[(size_t)r * W->cols + c] = row[c];
+    }
+    free(row);
+    return w;
+}
+
+// Compares got with want, elementwise, against per-element bounds; prints the worst case.
+static void check_bounded(const char *name, const float *got, const float *want, const double *bound, size_t n) {
+    size_t bad = 0, first = 0;
+    double worst = 0;
+    for (size_t i = 0; i < n; i++) {
+        double e = fabs((double)got[i] - want[i]);
+        if (!(e <= bound[i])) {
+            if (!bad) first = i;
+            bad++;
+        }
+        if (bound[i] > 0 && e / bound[i] > worst) worst = e / bound[i];
+    }
+    check(bad == 0, name, "%zu of %zu outside the bound; first [%zu] got %.9g want %.9g bound %.3g",
+          bad, n, first, got[first], want[first], bound[first]);
+    if (bad == 0 && getenv("QUANT_VERBOSE")) printf("    worst error / bound = %.3g\n", worst);
+}
+
+static const int ALL_TYPES[] = {TYPE_F32, TYPE_F16, TYPE_BF16, TYPE_Q4_0, TYPE_Q4_1, TYPE_Q5_0,
+                                TYPE_Q5_1, TYPE_Q8_0, TYPE_Q4_K, TYPE_Q5_K, TYPE_Q6_K, TYPE_NF4};
+
+// matmul_ref and matmul_backward_input_ref against float64 products of the dequantized matrix.
+static void test_ref_vs_f64(void) {
+    for (size_t k = 0; k < sizeof ALL_TYPES / sizeof ALL_TYPES[0]; k++) {
+        int type = ALL_TYPES[k], T = 3, OUT = 5, IN = type_info(type)->block >= 64 ? 512 : 96;
+        uint8_t *data = random_matrix(type, OUT, IN, 100 + k);
+        QMatrix W = {type, OUT, IN, data};
+        double *w = dequantized(&W);
+        float *x = random_floats((size_t)T * IN, 7, 1.0f), *dy = random_floats((size_t)T * OUT, 8, 1.0f);
+        float *bias = random_floats(OUT, 9, 1.0f);
+        float *out = xmalloc((size_t)T * OUT * 4), *want = xmalloc((size_t)T * OUT * 4);
+        double *bound = xmalloc((size_t)T * (IN > OUT ? IN : OUT) * 8);
+        matmul_ref(out, x, &W, bias, T);
+        for (int t = 0; t < T; t++) {
+            for (int o = 0; o < OUT; o++) {
+                double s = bias[o], a = fabs(bias[o]);
+                for (int i = 0; i < IN; i++) {
+                    s += w[(size_t)o * IN + i] * x[(size_t)t * IN + i];
+                    a += fabs(w[(size_t)o * IN + i] * x[(size_t)t * IN + i]);
+                }
+                want[t * OUT + o] = (float)s;
+                bound[t * OUT + o] = 1e-5 * a + 1e-30;
+            }
+        }
+        char name[96];
+        snprintf(name, sizeof name, "matmul_ref %s = float64 product", type_info(type)->name);
+        check_bounded(name, out, want, bound, (size_t)T * OUT);
+
+        float *dx = random_floats((size_t)T * IN, 10, 1.0f), *dxw = xmalloc((size_t)T * IN * 4);
+        for (int t = 0; t < T; t++) {
+            for (int i = 0; i < IN; i++) {
+                double s = dx[(size_t)t * IN + i], a = fabs(s);
+                for (int o = 0; o < OUT; o++) {
+                    s += dy[t * OUT + o] * w[(size_t)o * IN + i];
+                    a += fabs(dy[t * OUT + o] * w[(size_t)o * IN + i]);
+                }
+                dxw[(size_t)t * IN + i] = (float)s;
+                bound[(size_t)t * IN + i] = 1e-5 * a + 1e-30;
+            }
+        }
+        matmul_backward_input_ref(dx, dy, &W, T);
+        snprintf(name, sizeof name, "matmul_backward_input_ref %s = float64 product", type_info(type)->name);
+        check_bounded(name, dx, dxw, bound, (size_t)T * IN);
+
+        float *row = xmalloc((size_t)IN * 4), *want_row = xmalloc((size_t)IN * 4);
+        qmatrix_row(row, &W, 3);
+        dequantize_row(type, want_row, data + 3 * row_bytes(type, IN), IN);
+        snprintf(name, sizeof name, "qmatrix_row %s", type_info(type)->name);
+        check_close(name, row, want_row, (size_t)IN, 0, 0);
+        free(row), free(want_row), free(dx), free(dxw), free(data), free(w), free(x), free(dy);
+        free(bias), free(out), free(want), free(bound);
+    }
+}
+
+// The fast products against the references, on sizes with remainders, with the bound of the
+// header comment; then the same outputs for 1 and 2 threads, bit for bit.
+static void fast_vs_ref(int type, int T, int OUT, int IN, uint64_t seed) {
+    uint8_t *data = random_matrix(type, OUT, IN, seed);
+    QMatrix W = {type, OUT, IN, data};
+    double *w = dequantized(&W);
+    float *x = random_floats((size_t)T * IN, seed + 1, 1.0f), *bias = random_floats(OUT, seed + 2, 1.0f);
+    float *dy = random_floats((size_t)T * OUT, seed + 3, 1.0f);
+    size_t nmax = (size_t)T * (IN > OUT ? IN : OUT);
+    float *got = xmalloc(nmax * 4), *want = xmalloc(nmax * 4), *got2 = xmalloc(nmax * 4);
+    double *bound = xmalloc(nmax * 8);
+    char name[128];
+
+    matmul_ref(want, x, &W, bias, T);
+    threads_init(2);
+    matmul(got, x, &W, bias, T);
+    threads_init(1);
+    matmul(got2, x, &W, bias, T);
+    for (int t = 0; t < T; t++) {
+        for (int o = 0; o < OUT; o++) {
+            double b = 0;
+            for (int i0 = 0; i0 < IN; i0 += 32) {
+                double amax = 0;
+                for (int i = i0; i < i0 + 32; i++) amax = fmax(amax, fabs(x[(size_t)t * IN + i]));
+                for (int i = i0; i < i0 + 32; i++) {
+                    double wi = fabs(w[(size_t)o * IN + i]), xi = fabs(x[(size_t)t * IN + i]);
+                    b += wi * (amax / 254 + xi * 0x1p-7) + 2e-5 * wi * xi;
+                }
+            }
+            bound[t * OUT + o] = b + 2e-5 * fabs(bias[o]) + 1e-30;
+        }
+    }
+    snprintf(name, sizeof name, "matmul %s T=%d OUT=%d IN=%d vs ref", type_info(type)->name, T, OUT, IN);
+    check_bounded(name, got, want, bound, (size_t)T * OUT);
+    snprintf(name, sizeof name, "matmul %s T=%d OUT=%d IN=%d 1 thread = 2 threads", type_info(type)->name, T, OUT, IN);
+    check(memcmp(got, got2, (size_t)T * OUT * 4) == 0, name, "results differ");
+
+    float *dx0 = random_floats((size_t)T * IN, seed + 4, 1.0f);
+    memcpy(want, dx0, (size_t)T * IN * 4);
+    memcpy(got, dx0, (size_t)T * IN * 4);
+    memcpy(got2, dx0, (size_t)T * IN * 4);
+    matmul_backward_input_ref(want, dy, &W, T);
+    threads_init(2);
+    matmul_backward_input(got, dy, &W, T);
+    threads_init(1);
+    matmul_backward_input(got2, dy, &W, T);
+    for (int t = 0; t < T; t++) {
+        for (int i = 0; i < IN; i++) {
+            double b = 2e-5 * fabs(dx0[(size_t)t * IN + i]);
+            for (int o0 = 0; o0 < OUT; o0 += 32) {
+                double amax = 0;
+                int o1 = o0 + 32 < OUT ? o0 + 32 : OUT;
+                for (int o = o0; o < o1; o++) amax = fmax(amax, fabs(dy[(size_t)t * OUT + o]));
+                for (int o = o0; o < o1; o++) {
+                    double wi = fabs(w[(size_t)o * IN + i]), di = fabs(dy[(size_t)t * OUT + o]);
+                    b += wi * (amax / 254 + di * 0x1p-7) + 2e-5 * wi * di;
+                }
+            }
+            bound[(size_t)t * IN + i] = b + 1e-30;
+        }
+    }
+    snprintf(name, sizeof name, "matmul_backward_input %s T=%d OUT=%d IN=%d vs ref", type_info(type)->name, T, OUT, IN);
+    check_bounded(name, got, want, bound, (size_t)T * IN);
+    snprintf(name, sizeof name, "matmul_backward_input %s T=%d OUT=%d IN=%d 1 thread = 2 threads", type_info(type)->name, T, OUT, IN);
+    check(memcmp(got, got2, (size_t)T * IN * 4) == 0, name, "results differ");
+    free(data), free(w), free(x), free(bias), free(dy), free(got), free(want), free(got2), free(bound), free(dx0);
+}
+
+static void test_fast_vs_ref(void) {
+    int saved = threads_count();
+    for (size_t k = 0; k < sizeof ALL_TYPES / sizeof ALL_TYPES[0]; k++) {
+        int type = ALL_TYPES[k], bs = type_info(type)->block;
+        int ins[3] = {32, 96, 896};
+        if (bs == 64) ins[0] = 64, ins[1] = 128;
+        if (bs == 256) ins[0] = 256, ins[1] = 768, ins[2] = 1280;
+        const int Ts[3] = {1, 3, 17}, outs[3] = {1, 7, 33};
+        for (int a = 0; a < 3; a++) fast_vs_ref(type, Ts[a], outs[(a + 1) % 3], ins[a], 1000 + 10 * k + a);
+    }
+    fast_vs_ref(TYPE_Q4_0, 64, 67, 256, 77);  // full tiles of tokens and rows
+    if (saved > 1) threads_init(saved); else threads_free();
+}
+
+// ---------------------------------------------------------------------------------------------
+// The thread pool.
+
+typedef struct {
+    int *hits;
+    int align;
+    int bad_align;
+} CoverCtx;
+
+static void cover(void *ctx, int start, int end) {
+    CoverCtx *c = ctx;
+    if (start % c->align) c->bad_align = 1;
+    for (int i = start; i < end; i++) c->hits[i]++;
+}
+
+static void test_threads(void) {
+    int saved = threads_count();
+    int hits[1000];
+    int ok = 1;
+    for (int nt = 0; nt <= 3; nt++) {
+        if (nt == 0) threads_free(); else threads_init(nt);  // 0: before threads_init
+        const int ns[4] = {1, 31, 32, 1000}, aligns[3] = {1, 32, 7};
+        for (int a = 0; a < 4; a++) {
+            for (int b = 0; b < 3; b++) {
+                memset(hits, 0, sizeof hits);
+                CoverCtx c = {hits, aligns[b], 0};
+                parallel_for(cover, &c, ns[a], aligns[b]);
+                for (int i = 0; i < ns[a]; i++) ok &= hits[i] == 1;
+                ok &= !c.bad_align;
+            }
+        }
+        // Many small jobs in a row (generation makes ~170 per token).
+        for (int r = 0; r < 2000; r++) {
+            memset(hits, 0, 64 * sizeof(int));
+            CoverCtx c = {hits, 8, 0};
+            parallel_for(cover, &c, 64, 8);
+            for (int i = 0; i < 64; i++) ok &= hits[i] == 1;
+        }
+    }
+    check(ok, "parallel_for covers [0, n) once, aligned, for 0-3 threads", "a chunk was missed or repeated");
+    threads_init(0);
+    check(threads_count() >= 1, "threads_init(0) uses the online cores", "%d", threads_count());
+    if (saved > 1) threads_init(saved); else threads_free();
+    check(threads_count() == saved, "thread count restored", "%d", threads_count());
+}
+
+void test_quant(void) {
+    test_halves();
+    test_types();
+    test_blocks_simple();
+    test_blocks_k();
+    test_quantize_hand();
+    test_quantize_error();
+    test_ref_vs_f64();
+    test_threads();
+    test_fast_vs_ref();
+}

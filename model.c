@@ -1,0 +1,861 @@
+// model.c: the Qwen2 forward and backward passes with LoRA adapters, and inference with a KV cache.
+//
+// Training runs one sequence of T tokens at a time (model_forward_backward): the forward pass
+// saves what the backward pass needs in one Activations struct; logits and the loss are computed
+// only at positions whose next token is a target, a few positions at a time; the backward pass
+// runs back to the LoRA matrices only (frozen weights get neither gradient nor storage).
+// Generation (model_infer) runs the same block_forward against a KVCache.
+// Left out: the products over quantized weights (quant.c), loading (modelfile.c), the adapter's
+// storage and files (lora.c). Read model_forward_backward, then block_forward / block_backward.
+#include "model.h"
+
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "lora.h"
+#include "threads.h"
+
+#define LOSS_CHUNK 16          // target positions whose logits [LOSS_CHUNK, V] exist at one time
+#define INFER_CHUNK 32         // prompt tokens run through the model at one time in model_infer
+#define ACT_BUDGET ((size_t)512 << 20)  // bytes of Activations above which layers recompute gate/up
+#define ATT_BLOCK 64           // keys scored at one time by the attention kernels
+
+// ---------------------------------------------------------------------------------------------
+// Small helpers.
+
+static float dot(const float *a, const float *b, int n) {
+    float s[8] = {0};
+    int i = 0;
+    for (; i + 8 <= n; i += 8)
+        for (int k = 0; k < 8; k++) s[k] += a[i + k] * b[i + k];
+    for (; i < n; i++) s[0] += a[i] * b[i];
+    return ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));
+}
+
+static void axpy(float *y, float a, const float *x, int n) {
+    for (int i = 0; i < n; i++) y[i] += a * x[i];
+}
+
+static int min_int(int a, int b) { return a < b ? a : b; }
+
+// Work item k of NH * T -> (head, query row), interleaving short and long causal rows
+// (0, T-1, 1, T-2, ...) so that contiguous chunks of items cost about the same.
+static void balanced_item(int k, int H, int T, int *h, int *i) {
+    int p = k / H, half = p >> 1;
+    *h = k % H;
+    *i = (p & 1) ? T - 1 - half : half;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Kernels. Each opens with its shapes; outputs first, then inputs, then dimensions.
+// Backward kernels accumulate (+=) into buffers the caller has zeroed.
+
+// x[T, C] = rows tokens[t] of the embedding
+static void embed_forward(float *x, const int *tokens, const QMatrix *embed, int T) {
+    for (int t = 0; t < T; t++) qmatrix_row(x + (size_t)t * embed->cols, embed, tokens[t]);
+}
+
+// out[T, C] = inp[T, C] * rstd[T] * w[C]
+static void rmsnorm_apply(float *out, const float *inp, const float *rstd, const float *w, int T, int C) {
+    for (int t = 0; t < T; t++) {
+        const float *x = inp + (size_t)t * C;
+        float *o = out + (size_t)t * C;
+        for (int c = 0; c < C; c++) o[c] = (x[c] * rstd[t]) * w[c];
+    }
+}
+
+// out[T, C], rstd[T] = 1 / sqrt(mean(inp^2) + eps) <- inp[T, C], w[C]
+void rmsnorm_forward(float *out, float *rstd, const float *inp, const float *w, int T, int C, float eps) {
+    for (int t = 0; t < T; t++) {
+        const float *x = inp + (size_t)t * C;
+        double ss = 0;
+        for (int c = 0; c < C; c++) ss += (double)x[c] * x[c];
+        rstd[t] = (float)(1.0 / sqrt(ss / C + eps));
+    }
+    rmsnorm_apply(out, inp, rstd, w, T, C);
+}
+
+// dinp[T, C] += <- dout[T, C], inp[T, C], rstd[T], w[C]
+// y = x r w with r = (mean(x^2) + eps)^-1/2:  dx = r w dy - x r^3 / C * sum(dy w x)
+void rmsnorm_backward(float *dinp, const float *dout, const float *inp, const float *rstd, const float *w, int T,
+                             int C) {
+    for (int t = 0; t < T; t++) {
+        const float *x = inp + (size_t)t * C, *dy = dout + (size_t)t * C;
+        float *dx = dinp + (size_t)t * C;
+        double sum = 0;
+        for (int c = 0; c < C; c++) sum += (double)dy[c] * w[c] * x[c];
+        float r = rstd[t], k = (float)(sum * r * r * r / C);
+        for (int c = 0; c < C; c++) dx[c] += r * w[c] * dy[c] - x[c] * k;
+    }
+}
+
+// cos, sin [max_T, HS/2] as Hugging Face computes them: inv_freq_j = theta^(-2j/HS) and the angle
+// t * inv_freq_j rounded to float, as its float32 arithmetic does.
+void rope_tables(float *cos_t, float *sin_t, int max_T, int HS, float theta) {
+    for (int j = 0; j < HS / 2; j++) {
+        float inv = (float)(1.0 / pow(theta, 2.0 * j / HS));
+        for (int t = 0; t < max_T; t++) {
+            float angle = (float)t * inv;
+            cos_t[(size_t)t * (HS / 2) + j] = (float)cos((double)angle);
+            sin_t[(size_t)t * (HS / 2) + j] = (float)sin((double)angle);
+        }
+    }
+}
+
+// x[T, H*HS] rotated in place at positions pos0..pos0+T-1 <- cos, sin [max_T, HS/2]
+// rotate_half convention: pairs (j, j + HS/2).
+void rope_forward(float *x, const float *cos_t, const float *sin_t, int T, int pos0, int H, int HS) {
+    int h2 = HS / 2;
+    for (int t = 0; t < T; t++) {
+        const float *cs = cos_t + (size_t)(pos0 + t) * h2, *sn = sin_t + (size_t)(pos0 + t) * h2;
+        for (int h = 0; h < H; h++) {
+            float *v = x + ((size_t)t * H + h) * HS;
+            for (int j = 0; j < h2; j++) {
+                float a = v[j], b = v[j + h2];
+                v[j] = a * cs[j] - b * sn[j];
+                v[j + h2] = b * cs[j] + a * sn[j];
+            }
+        }
+    }
+}
+
+// dx[T, H*HS] in place: the transposed rotation (positions 0..T-1)
+void rope_backward(float *dx, const float *cos_t, const float *sin_t, int T, int H, int HS) {
+    int h2 = HS / 2;
+    for (int t = 0; t < T; t++) {
+        const float *cs = cos_t + (size_t)t * h2, *sn = sin_t + (size_t)t * h2;
+        for (int h = 0; h < H; h++) {
+            float *d = dx + ((size_t)t * H + h) * HS;
+            for (int j = 0; j < h2; j++) {
+                float a = d[j], b = d[j + h2];
+                d[j] = a * cs[j] + b * sn[j];
+                d[j + h2] = b * cs[j] - a * sn[j];
+            }
+        }
+    }
+}
+
+typedef struct {
+    float *out, *lse;
+    const float *q, *k, *v;
+    int T, pos0, NH, NKV, HS;
+} AttentionArgs;
+
+// One query row against keys 0..n_keys-1, softmax computed online, ATT_BLOCK keys at a time.
+// out[HS], *lse <- q[HS], k, v [n_keys rows of `stride` floats]
+static void attention_row(float *out, float *lse, const float *q, const float *k, const float *v, int n_keys,
+                          int stride, int HS) {
+    float scale = 1.0f / sqrtf((float)HS), m = -INFINITY, s[ATT_BLOCK];
+    double sum = 0;
+    for (int d = 0; d < HS; d++) out[d] = 0;
+    for (int j0 = 0; j0 < n_keys; j0 += ATT_BLOCK) {
+        int nb = min_int(ATT_BLOCK, n_keys - j0);
+        float bm = -INFINITY;
+        for (int j = 0; j < nb; j++) {
+            s[j] = dot(q, k + (size_t)(j0 + j) * stride, HS) * scale;
+            if (s[j] > bm) bm = s[j];
+        }
+        if (bm > m) {  // rescale what was summed under the old maximum
+            float c = expf(m - bm);
+            sum *= c;
+            for (int d = 0; d < HS; d++) out[d] *= c;
+            m = bm;
+        }
+        for (int j = 0; j < nb; j++) {
+            float p = expf(s[j] - m);
+            sum += p;
+            axpy(out, p, v + (size_t)(j0 + j) * stride, HS);
+        }
+    }
+    float inv = (float)(1.0 / sum);
+    for (int d = 0; d < HS; d++) out[d] *= inv;
+    if (lse) *lse = m + (float)log(sum);
+}
+
+static void attention_forward_items(void *ctx, int start, int end) {
+    const AttentionArgs *a = ctx;
+    int QD = a->NH * a->HS, KD = a->NKV * a->HS, group = a->NH / a->NKV;
+    for (int item = start; item < end; item++) {
+        int h, i;
+        balanced_item(item, a->NH, a->T, &h, &i);
+        size_t kv = (size_t)(h / group) * a->HS;
+        attention_row(a->out + (size_t)i * QD + (size_t)h * a->HS, a->lse ? a->lse + (size_t)h * a->T + i : NULL,
+                      a->q + (size_t)i * QD + (size_t)h * a->HS, a->k + kv, a->v + kv, a->pos0 + i + 1, KD, a->HS);
+    }
+}
+
+// Causal grouped-query attention: query head h uses key/value head h / (NH / NKV), scale 1/sqrt(HS).
+// out[T, NH*HS], lse[NH, T] (or NULL) <- q[T, NH*HS] at positions pos0..pos0+T-1,
+// k, v [pos0+T, NKV*HS]: query i sees keys 0..pos0+i.
+void attention_forward(float *out, float *lse, const float *q, const float *k, const float *v, int T, int pos0,
+                              int NH, int NKV, int HS) {
+    AttentionArgs a = {out, lse, q, k, v, T, pos0, NH, NKV, HS};
+    parallel_for(attention_forward_items, &a, NH * T, 1);
+}
+
+typedef struct {
+    float *dq, *dk, *dv, *dsum;
+    const float *dout, *out, *q, *k, *v, *lse;
+    int T, NH, NKV, HS;
+} AttentionBackArgs;
+
+// dq of one (head, query row): P_ij = exp(s_ij - lse_i), dS_ij = P_ij (dy_i.v_j - dy_i.y_i)
+static void attention_backward_q_items(void *ctx, int start, int end) {
+    const AttentionBackArgs *a = ctx;
+    int QD = a->NH * a->HS, KD = a->NKV * a->HS, HS = a->HS, group = a->NH / a->NKV;
+    float scale = 1.0f / sqrtf((float)HS);
+    for (int item = start; item < end; item++) {
+        int h, i;
+        balanced_item(item, a->NH, a->T, &h, &i);
+        size_t qi = (size_t)i * QD + (size_t)h * HS, kv = (size_t)(h / group) * HS;
+        const float *q = a->q + qi, *dy = a->dout + qi;
+        float lse = a->lse[(size_t)h * a->T + i], D = dot(dy, a->out + qi, HS);
+        a->dsum[(size_t)h * a->T + i] = D;
+        for (int j = 0; j <= i; j++) {
+            const float *kj = a->k + (size_t)j * KD + kv;
+            float p = expf(dot(q, kj, HS) * scale - lse);
+            float ds = p * (dot(dy, a->v + (size_t)j * KD + kv, HS) - D);
+            axpy(a->dq + qi, ds * scale, kj, HS);
+        }
+    }
+}
+
+// dk, dv of one (kv head, key row j): sums over the query heads of its group and rows i >= j
+static void attention_backward_kv_items(void *ctx, int start, int end) {
+    const AttentionBackArgs *a = ctx;
+    int QD = a->NH * a->HS, KD = a->NKV * a->HS, HS = a->HS, group = a->NH / a->NKV;
+    float scale = 1.0f / sqrtf((float)HS);
+    for (int item = start; item < end; item++) {
+        int g, j;
+        balanced_item(item, a->NKV, a->T, &g, &j);
+        j = a->T - 1 - j;  // balanced_item's rows are query rows; key row j has T - j of them
+        size_t kj = (size_t)j * KD + (size_t)g * HS;
+        const float *k = a->k + kj, *v = a->v + kj;
+        for (int h = g * group; h < (g + 1) * group; h++) {
+            for (int i = j; i < a->T; i++) {
+                size_t qi = (size_t)i * QD + (size_t)h * HS;
+                const float *dy = a->dout + qi;
+                float p = expf(dot(a->q + qi, k, HS) * scale - a->lse[(size_t)h * a->T + i]);
+                float ds = p * (dot(dy, v, HS) - a->dsum[(size_t)h * a->T + i]);
+                axpy(a->dk + kj, ds * scale, a->q + qi, HS);
+                axpy(a->dv + kj, p, dy, HS);
+            }
+        }
+    }
+}
+
+// dq[T, NH*HS], dk, dv [T, NKV*HS] += ; dsum[NH, T] scratch <- dout, out [T, NH*HS], q, k, v, lse[NH, T]
+// The softmax is recomputed from q, k and lse. Each output row is summed by one thread.
+void attention_backward(float *dq, float *dk, float *dv, float *dsum, const float *dout, const float *out,
+                               const float *q, const float *k, const float *v, const float *lse, int T, int NH, int NKV,
+                               int HS) {
+    AttentionBackArgs a = {dq, dk, dv, dsum, dout, out, q, k, v, lse, T, NH, NKV, HS};
+    parallel_for(attention_backward_q_items, &a, NH * T, 1);
+    parallel_for(attention_backward_kv_items, &a, NKV * T, 1);
+}
+
+typedef struct {
+    float *a, *b;
+    const float *c, *d, *e;
+} Elementwise;
+
+static float sigmoid(float x) { return 1.0f / (1.0f + expf(-x)); }
+
+static void swiglu_forward_range(void *ctx, int start, int end) {
+    const Elementwise *p = ctx;
+    for (int i = start; i < end; i++) p->a[i] = p->c[i] * sigmoid(p->c[i]) * p->d[i];
+}
+
+// h[n] = silu(gate[n]) * up[n]
+void swiglu_forward(float *h, const float *gate, const float *up, int n) {
+    Elementwise p = {h, NULL, gate, up, NULL};
+    parallel_for(swiglu_forward_range, &p, n, 1);
+}
+
+static void swiglu_backward_range(void *ctx, int start, int end) {
+    const Elementwise *p = ctx;
+    for (int i = start; i < end; i++) {
+        float g = p->d[i], s = sigmoid(g), dh = p->c[i];
+        p->a[i] += dh * p->e[i] * s * (1.0f + g * (1.0f - s));
+        p->b[i] += dh * g * s;
+    }
+}
+
+// dgate[n], dup[n] += <- dh[n], gate[n], up[n]
+void swiglu_backward(float *dgate, float *dup, const float *dh, const float *gate, const float *up, int n) {
+    Elementwise p = {dgate, dup, dh, gate, up};
+    parallel_for(swiglu_backward_range, &p, n, 1);
+}
+
+// out[n] += inp[n]
+static void residual_add(float *out, const float *inp, size_t n) {
+    for (size_t i = 0; i < n; i++) out[i] += inp[i];
+}
+
+// ---------------------------------------------------------------------------------------------
+// LoRA: y = W x + b + s B (A dropout(x)), s = alpha / R.
+
+
+// Inverted dropout: the value x gets, keep with probability 1 - p, scaled by 1 / (1 - p).
+static float dropout_factor(const LoraSite *s, int t, int i) {
+    return rng_hash_uniform(s->seed, s->site, (uint64_t)t, (uint64_t)i) < s->p ? 0.0f : 1.0f / (1.0f - s->p);
+}
+
+typedef struct {
+    const LoraSite *s;
+    float *y;
+    const float *x, *dy;
+    float *dx;
+    int T, in, out;
+} LoraArgs;
+
+static void dropout_range(void *ctx, int start, int end) {
+    const LoraArgs *a = ctx;
+    for (int t = start; t < end; t++)
+        for (int i = 0; i < a->in; i++)
+            a->s->xdrop[(size_t)t * a->in + i] = a->x[(size_t)t * a->in + i] * dropout_factor(a->s, t, i);
+}
+
+// The input of A: x itself, or dropout(x) written into s->xdrop[T, in].
+static const float *lora_input(const LoraSite *s, const float *x, int T, int in) {
+    if (s->p <= 0) return x;
+    LoraArgs a = {s, NULL, x, NULL, NULL, T, in, 0};
+    parallel_for(dropout_range, &a, T, 1);
+    return s->xdrop;
+}
+
+static void lora_forward_rows(void *ctx, int start, int end) {
+    const LoraArgs *a = ctx;
+    const LoraSite *s = a->s;
+    int R = s->R;
+    for (int t = start; t < end; t++) {
+        float *u = s->u + (size_t)t * R, *y = a->y + (size_t)t * a->out;
+        for (int r = 0; r < R; r++) u[r] = dot(s->pair->A + (size_t)r * a->in, a->x + (size_t)t * a->in, a->in);
+        for (int o = 0; o < a->out; o++) y[o] += s->scale * dot(s->pair->B + (size_t)o * R, u, R);
+    }
+}
+
+// y[T, out] += s B[out, R] u, with u[T, R] = A[R, in] xd   (xd[T, in] = dropout(x))
+void lora_forward(float *y, const LoraSite *s, const float *x, int T, int in, int out) {
+    LoraArgs a = {s, y, lora_input(s, x, T, in), NULL, NULL, T, in, out};
+    parallel_for(lora_forward_rows, &a, T, 1);
+}
+
+// du[t, r] = s sum_o dy[t, o] B[o, r]
+static void lora_du_rows(void *ctx, int start, int end) {
+    const LoraArgs *a = ctx;
+    const LoraSite *s = a->s;
+    for (int t = start; t < end; t++) {
+        float *du = s->du + (size_t)t * s->R;
+        for (int r = 0; r < s->R; r++) du[r] = 0;
+        for (int o = 0; o < a->out; o++) axpy(du, s->scale * a->dy[(size_t)t * a->out + o], s->pair->B + (size_t)o * s->R, s->R);
+    }
+}
+
+// dB[o, r] += s sum_t dy[t, o] u[t, r]
+static void lora_dB_rows(void *ctx, int start, int end) {
+    const LoraArgs *a = ctx;
+    const LoraSite *s = a->s;
+    for (int t = 0; t < a->T; t++)
+        for (int o = start; o < end; o++)
+            axpy(s->pair->dB + (size_t)o * s->R, s->scale * a->dy[(size_t)t * a->out + o], s->u + (size_t)t * s->R, s->R);
+}
+
+// dA[r, i] += sum_t du[t, r] xd[t, i]
+static void lora_dA_cols(void *ctx, int start, int end) {
+    const LoraArgs *a = ctx;
+    const LoraSite *s = a->s;
+    for (int r = 0; r < s->R; r++)
+        for (int t = 0; t < a->T; t++)
+            axpy(s->pair->dA + (size_t)r * a->in + start, s->du[(size_t)t * s->R + r], a->x + (size_t)t * a->in + start,
+                 end - start);
+}
+
+// dx[t, i] += dropout'(t, i) sum_r du[t, r] A[r, i]
+static void lora_dx_rows(void *ctx, int start, int end) {
+    const LoraArgs *a = ctx;
+    const LoraSite *s = a->s;
+    for (int t = start; t < end; t++) {
+        float *dx = a->dx + (size_t)t * a->in;
+        for (int r = 0; r < s->R; r++) {
+            float d = s->du[(size_t)t * s->R + r];
+            const float *A = s->pair->A + (size_t)r * a->in;
+            if (s->p <= 0) {
+                axpy(dx, d, A, a->in);
+            } else {
+                for (int i = 0; i < a->in; i++) dx[i] += d * A[i] * dropout_factor(s, t, i);
+            }
+        }
+    }
+}
+
+// dA[R, in], dB[out, R] (in s->pair) +=, dx[T, in] += (when not NULL) <- dy[T, out], x[T, in], s->u
+void lora_backward(float *dx, const LoraSite *s, const float *dy, const float *x, int T, int in, int out) {
+    LoraArgs a = {s, NULL, lora_input(s, x, T, in), dy, dx, T, in, out};
+    parallel_for(lora_du_rows, &a, T, 1);
+    parallel_for(lora_dB_rows, &a, out, 1);
+    parallel_for(lora_dA_cols, &a, in, 1);
+    if (dx) parallel_for(lora_dx_rows, &a, T, 1);
+}
+
+// out[T, OUT] = inp[T, IN] W^T + bias (+ the adapter's update)
+static void linear_forward(float *out, const float *inp, const QMatrix *W, const float *bias, const LoraSite *s, int T) {
+    matmul(out, inp, W, bias, T);
+    if (s->pair) lora_forward(out, s, inp, T, W->cols, W->rows);
+}
+
+// dinp[T, IN] += (when not NULL), adapter gradients += <- dout[T, OUT], inp[T, IN]
+static void linear_backward(float *dinp, const float *dout, const float *inp, const QMatrix *W, const LoraSite *s,
+                            int T) {
+    if (dinp) matmul_backward_input(dinp, dout, W, T);
+    if (s->pair) lora_backward(dinp, s, dout, inp, T, W->cols, W->rows);
+}
+
+// ---------------------------------------------------------------------------------------------
+// One transformer block. LayerBufs names the arrays of one layer: slices of Activations in
+// training, the KV cache and its scratch in generation.
+
+typedef struct {
+    float *x;        // [T, C] block input (residual stream)
+    float *rstd1;    // [T]
+    float *q;        // [T, NH*HS] queries after RoPE
+    float *k, *v;    // [pos0+T, NKV*HS] keys (after RoPE) and values of every position so far
+    float *lse;      // [NH, T] or NULL
+    float *att;      // [T, NH*HS] attention output, o_proj's input
+    float *xmid;     // [T, C] residual stream after attention
+    float *rstd2;    // [T]
+    float *gate;     // [T, FF] gate_proj output, before SiLU
+    float *up;       // [T, FF]
+    float *xout;     // [T, C] block output (may be x itself in generation)
+    float *lora_u;   // [LORA_NTARGETS, T, R]
+    float *ln;       // [T, C] scratch: an RMSNorm output
+    float *h;        // [T, FF] scratch: silu(gate) * up
+} LayerBufs;
+
+// What every kernel call of a pass shares.
+typedef struct {
+    const Config *c;
+    const Weights *w;
+    const Lora *lora;          // NULL: no adapter
+    float p;                   // LoRA dropout, 0 unless training with a seed
+    uint64_t seed;
+    float *xdrop;              // [T, max(C, FF)] scratch for dropout(x), NULL when p = 0
+    float *lora_du;            // [T, R] scratch of the backward pass
+    const float *cos, *sin;    // [max_T, HS/2]
+} Pass;
+
+static LoraSite lora_site(const Pass *ps, int l, int target, float *lora_u, int T) {
+    LoraSite s = {0};
+    if (!ps->lora || !ps->lora->pairs[l * LORA_NTARGETS + target].A) return s;
+    s.pair = &ps->lora->pairs[l * LORA_NTARGETS + target];
+    s.R = ps->lora->R;
+    s.u = lora_u + (size_t)target * T * s.R;
+    s.du = ps->lora_du;
+    s.xdrop = ps->xdrop;
+    s.scale = ps->lora->alpha / (float)ps->lora->R;
+    s.p = ps->p;
+    s.seed = ps->seed;
+    s.site = (uint64_t)l * LORA_NTARGETS + (uint64_t)target;
+    return s;
+}
+
+static void mlp_gate_up(const Pass *ps, int l, const LayerBufs *b, int T) {
+    const LayerWeights *lw = &ps->w->layers[l];
+    LoraSite sg = lora_site(ps, l, LORA_GATE, b->lora_u, T), su = lora_site(ps, l, LORA_UP, b->lora_u, T);
+    linear_forward(b->gate, b->ln, &lw->wgate, NULL, &sg, T);
+    linear_forward(b->up, b->ln, &lw->wup, NULL, &su, T);
+}
+
+static void block_forward(const Pass *ps, int l, const LayerBufs *b, int T, int pos0) {
+    const Config *c = ps->c;
+    const LayerWeights *lw = &ps->w->layers[l];
+    int C = c->C, KD = c->NKV * c->HS;
+    LoraSite sq = lora_site(ps, l, LORA_Q, b->lora_u, T), sk = lora_site(ps, l, LORA_K, b->lora_u, T);
+    LoraSite sv = lora_site(ps, l, LORA_V, b->lora_u, T), so = lora_site(ps, l, LORA_O, b->lora_u, T);
+    LoraSite sd = lora_site(ps, l, LORA_DOWN, b->lora_u, T);
+    float *k = b->k + (size_t)pos0 * KD, *v = b->v + (size_t)pos0 * KD;
+
+    rmsnorm_forward(b->ln, b->rstd1, b->x, lw->attn_norm, T, C, c->rms_eps);
+    linear_forward(b->q, b->ln, &lw->wq, lw->bq, &sq, T);
+    linear_forward(k, b->ln, &lw->wk, lw->bk, &sk, T);
+    linear_forward(v, b->ln, &lw->wv, lw->bv, &sv, T);
+    rope_forward(b->q, ps->cos, ps->sin, T, pos0, c->NH, c->HS);
+    rope_forward(k, ps->cos, ps->sin, T, pos0, c->NKV, c->HS);
+    attention_forward(b->att, b->lse, b->q, b->k, b->v, T, pos0, c->NH, c->NKV, c->HS);
+    linear_forward(b->xmid, b->att, &lw->wo, NULL, &so, T);
+    residual_add(b->xmid, b->x, (size_t)T * C);
+
+    rmsnorm_forward(b->ln, b->rstd2, b->xmid, lw->ffn_norm, T, C, c->rms_eps);
+    mlp_gate_up(ps, l, b, T);
+    swiglu_forward(b->h, b->gate, b->up, T * c->FF);
+    linear_forward(b->xout, b->h, &lw->wdown, NULL, &sd, T);
+    residual_add(b->xout, b->xmid, (size_t)T * C);
+}
+
+// Gradient buffers of one layer's backward pass (scratch, reused by every layer).
+typedef struct {
+    float *dres;     // [T, C] in: d loss / d block output; out: d loss / d block input
+    float *dln;      // [T, C]
+    float *datt;     // [T, NH*HS]
+    float *dq;       // [T, NH*HS]
+    float *dk, *dv;  // [T, NKV*HS]
+    float *dsum;     // [NH, T]
+    float *dh;       // [T, FF]
+    float *dgate;    // [T, FF]
+    float *dup;      // [T, FF]
+} GradBufs;
+
+// recompute_ff: gate and up were not saved; run gate_proj and up_proj again (same dropout masks).
+static void block_backward(const Pass *ps, int l, const LayerBufs *b, const GradBufs *g, int T, int recompute_ff) {
+    const Config *c = ps->c;
+    const LayerWeights *lw = &ps->w->layers[l];
+    int C = c->C, FF = c->FF, QD = c->NH * c->HS, KD = c->NKV * c->HS;
+    LoraSite sq = lora_site(ps, l, LORA_Q, b->lora_u, T), sk = lora_site(ps, l, LORA_K, b->lora_u, T);
+    LoraSite sv = lora_site(ps, l, LORA_V, b->lora_u, T), so = lora_site(ps, l, LORA_O, b->lora_u, T);
+    LoraSite sg = lora_site(ps, l, LORA_GATE, b->lora_u, T), su = lora_site(ps, l, LORA_UP, b->lora_u, T);
+    LoraSite sd = lora_site(ps, l, LORA_DOWN, b->lora_u, T);
+    float *dln_or_null = l > 0 ? g->dln : NULL;  // layer 0's input gradient would only reach the frozen embedding
+
+    // MLP: xout = xmid + down(silu(gate(ln)) * up(ln)), ln = rmsnorm(xmid)
+    rmsnorm_apply(b->ln, b->xmid, b->rstd2, lw->ffn_norm, T, C);
+    if (recompute_ff) mlp_gate_up(ps, l, b, T);
+    swiglu_forward(b->h, b->gate, b->up, T * FF);
+    memset(g->dh, 0, (size_t)T * FF * sizeof(float));
+    linear_backward(g->dh, g->dres, b->h, &lw->wdown, &sd, T);
+    memset(g->dgate, 0, (size_t)T * FF * sizeof(float));
+    memset(g->dup, 0, (size_t)T * FF * sizeof(float));
+    swiglu_backward(g->dgate, g->dup, g->dh, b->gate, b->up, T * FF);
+    memset(g->dln, 0, (size_t)T * C * sizeof(float));
+    linear_backward(g->dln, g->dgate, b->ln, &lw->wgate, &sg, T);
+    linear_backward(g->dln, g->dup, b->ln, &lw->wup, &su, T);
+    rmsnorm_backward(g->dres, g->dln, b->xmid, b->rstd2, lw->ffn_norm, T, C);
+
+    // attention: xmid = x + o(attention(rope(q(ln)), rope(k(ln)), v(ln))), ln = rmsnorm(x)
+    memset(g->datt, 0, (size_t)T * QD * sizeof(float));
+    linear_backward(g->datt, g->dres, b->att, &lw->wo, &so, T);
+    memset(g->dq, 0, (size_t)T * QD * sizeof(float));
+    memset(g->dk, 0, (size_t)T * KD * sizeof(float));
+    memset(g->dv, 0, (size_t)T * KD * sizeof(float));
+    attention_backward(g->dq, g->dk, g->dv, g->dsum, g->datt, b->att, b->q, b->k, b->v, b->lse, T, c->NH, c->NKV, c->HS);
+    rope_backward(g->dq, ps->cos, ps->sin, T, c->NH, c->HS);
+    rope_backward(g->dk, ps->cos, ps->sin, T, c->NKV, c->HS);
+    rmsnorm_apply(b->ln, b->x, b->rstd1, lw->attn_norm, T, C);
+    memset(g->dln, 0, (size_t)T * C * sizeof(float));
+    linear_backward(dln_or_null, g->dq, b->ln, &lw->wq, &sq, T);
+    linear_backward(dln_or_null, g->dk, b->ln, &lw->wk, &sk, T);
+    linear_backward(dln_or_null, g->dv, b->ln, &lw->wv, &sv, T);
+    if (l > 0) rmsnorm_backward(g->dres, g->dln, b->x, b->rstd1, lw->attn_norm, T, C);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Activations: everything the forward pass saves for the backward pass, and the scratch of both.
+
+struct Activations {
+    int max_T;
+    int R;            // LoRA rank the arrays were sized for (0: no adapter)
+    int L_ff;         // layers 0..L_ff-1 save gate/up; the others recompute them in the backward pass
+    // saved by the forward pass
+    float *x;         // [L+1, max_T, C] residual stream entering each layer (x[L]: leaving the last)
+    float *rstd1;     // [L, max_T] attention RMSNorm
+    float *q;         // [L, max_T, NH*HS] queries after RoPE
+    float *k;         // [L, max_T, NKV*HS] keys after RoPE
+    float *v;         // [L, max_T, NKV*HS]
+    float *lse;       // [L, NH, max_T] log-sum-exp of each attention row
+    float *att;       // [L, max_T, NH*HS] attention output
+    float *xmid;      // [L, max_T, C] residual stream after attention
+    float *rstd2;     // [L, max_T] MLP RMSNorm
+    float *gate;      // [L_ff, max_T, FF] gate_proj output
+    float *up;        // [L_ff, max_T, FF] up_proj output
+    float *lora_u;    // [L, LORA_NTARGETS, max_T, R] A dropout(x) of each adapted projection (R = 0: none)
+    // scratch
+    float *ln;        // [max_T, C]
+    float *h;         // [max_T, FF]
+    float *ff_gate;   // [max_T, FF] gate of a layer that recomputes it (L_ff < L)
+    float *ff_up;     // [max_T, FF]
+    float *xdrop;     // [max_T, max(C, FF)] dropout(x) (only when the adapter has dropout)
+    float *lora_du;   // [max_T, R]
+    float *dres, *dln, *datt, *dq, *dk, *dv, *dsum, *dh, *dgate, *dup;  // GradBufs, for max_T
+    // the loss at target positions, LOSS_CHUNK at a time
+    int *pos;         // [max_T] positions t - 1 of the targets t
+    float *head_x;    // [LOSS_CHUNK, C] residual rows at those positions
+    float *head_rstd; // [LOSS_CHUNK] final RMSNorm
+    float *head_ln;   // [LOSS_CHUNK, C] final RMSNorm output
+    float *dhead;     // [LOSS_CHUNK, C] gradient of head_ln, then of head_x
+    float *logits;    // [LOSS_CHUNK, V] logits, then their gradient
+    double *row_loss; // [LOSS_CHUNK]
+    float *cos, *sin; // [max_T, HS/2] RoPE tables
+    float *mem;       // the one allocation behind every float array above
+};
+
+// Carves n floats from *p.
+static float *take(float **p, size_t n) {
+    float *r = *p;
+    *p += n;
+    return r;
+}
+
+// Floats in Activations when L_ff layers keep their gate/up; also points the fields into a->mem
+// when it is allocated.
+static size_t activation_floats(const Config *c, int R, int dropout, int max_T, int L_ff, Activations *a) {
+    size_t T = (size_t)max_T, C = c->C, L = c->L, FF = c->FF, QD = (size_t)c->NH * c->HS, KD = (size_t)c->NKV * c->HS;
+    size_t recompute = L_ff < c->L ? 1 : 0, MX = C > FF ? C : FF;
+    size_t sizes[] = {
+        (L + 1) * T * C, L * T, L * T * QD, L * T * KD, L * T * KD, L * c->NH * T, L * T * QD, L * T * C, L * T,
+        L_ff * T * FF, L_ff * T * FF, L * LORA_NTARGETS * T * R,
+        T * C, T * FF, recompute * T * FF, recompute * T * FF, dropout ? T * MX : 0, T * R,
+        T * C, T * C, T * QD, T * QD, T * KD, T * KD, c->NH * T, T * FF, T * FF, T * FF,
+        LOSS_CHUNK * C, LOSS_CHUNK, LOSS_CHUNK * C, LOSS_CHUNK * C, LOSS_CHUNK * (size_t)c->V,
+        T * (c->HS / 2), T * (c->HS / 2),
+    };
+    float **fields[] = {
+        &a->x, &a->rstd1, &a->q, &a->k, &a->v, &a->lse, &a->att, &a->xmid, &a->rstd2, &a->gate, &a->up, &a->lora_u,
+        &a->ln, &a->h, &a->ff_gate, &a->ff_up, &a->xdrop, &a->lora_du,
+        &a->dres, &a->dln, &a->datt, &a->dq, &a->dk, &a->dv, &a->dsum, &a->dh, &a->dgate, &a->dup,
+        &a->head_x, &a->head_rstd, &a->head_ln, &a->dhead, &a->logits, &a->cos, &a->sin,
+    };
+    size_t total = 0;
+    float *p = a->mem;
+    for (size_t i = 0; i < sizeof sizes / sizeof sizes[0]; i++) {
+        total += sizes[i];
+        if (p) *fields[i] = sizes[i] ? take(&p, sizes[i]) : NULL;
+    }
+    return total;
+}
+
+Activations *activations_new(const Config *c, const struct Lora *lora, int max_T) {
+    return activations_new_budget(c, lora, max_T, ACT_BUDGET);
+}
+
+Activations *activations_new_budget(const Config *c, const struct Lora *lora, int max_T, size_t budget) {
+    Activations *a = xcalloc(1, sizeof *a);
+    int R = lora ? lora->R : 0, dropout = lora && lora->dropout > 0;
+    a->max_T = max_T;
+    a->R = R;
+    a->L_ff = c->L;  // keep the gate/up of as many layers as the budget allows
+    while (a->L_ff > 0 && activation_floats(c, R, dropout, max_T, a->L_ff, a) * sizeof(float) > budget) a->L_ff--;
+    a->mem = xmalloc(activation_floats(c, R, dropout, max_T, a->L_ff, a) * sizeof(float));
+    activation_floats(c, R, dropout, max_T, a->L_ff, a);
+    a->pos = xmalloc((size_t)max_T * sizeof(int));
+    a->row_loss = xmalloc(LOSS_CHUNK * sizeof(double));
+    rope_tables(a->cos, a->sin, max_T, c->HS, c->rope_theta);
+    return a;
+}
+
+void activations_free(Activations *a) {
+    if (!a) return;
+    free(a->mem);
+    free(a->pos);
+    free(a->row_loss);
+    free(a);
+}
+
+// The arrays of layer l in Activations, for a sequence of T tokens.
+static LayerBufs layer_bufs(const Activations *a, const Config *c, const Lora *lora, int l) {
+    size_t T = (size_t)a->max_T, C = c->C, QD = (size_t)c->NH * c->HS, KD = (size_t)c->NKV * c->HS;
+    int R = lora ? lora->R : 0, keep = l < a->L_ff;
+    LayerBufs b = {
+        .x = a->x + l * T * C, .rstd1 = a->rstd1 + l * T, .q = a->q + l * T * QD, .k = a->k + l * T * KD,
+        .v = a->v + l * T * KD, .lse = a->lse + l * c->NH * T, .att = a->att + l * T * QD, .xmid = a->xmid + l * T * C,
+        .rstd2 = a->rstd2 + l * T, .gate = keep ? a->gate + l * T * c->FF : a->ff_gate,
+        .up = keep ? a->up + l * T * c->FF : a->ff_up, .xout = a->x + (l + 1) * T * C,
+        .lora_u = R ? a->lora_u + (size_t)l * LORA_NTARGETS * T * R : NULL, .ln = a->ln, .h = a->h,
+    };
+    return b;
+}
+
+// ---------------------------------------------------------------------------------------------
+// The loss at target positions: logits exist for LOSS_CHUNK positions at a time.
+
+typedef struct {
+    float *logits;
+    double *row_loss;
+    const int *targets;
+    int V;
+    float grad_scale;
+    int backward;
+} XentArgs;
+
+static void crossentropy_rows(void *ctx, int start, int end) {
+    const XentArgs *a = ctx;
+    for (int r = start; r < end; r++) {
+        float *z = a->logits + (size_t)r * a->V;
+        float m = -INFINITY;
+        for (int i = 0; i < a->V; i++) m = z[i] > m ? z[i] : m;
+        double sum = 0;
+        for (int i = 0; i < a->V; i++) sum += exp((double)z[i] - m);
+        double lse = m + log(sum);
+        a->row_loss[r] = lse - z[a->targets[r]];
+        if (!a->backward) continue;
+        for (int i = 0; i < a->V; i++) z[i] = a->grad_scale * (float)exp((double)z[i] - lse);
+        z[a->targets[r]] -= a->grad_scale;
+    }
+}
+
+double crossentropy(float *logits, double *row_loss, const int *targets, int n, int V, float grad_scale, int backward) {
+    XentArgs a = {logits, row_loss, targets, V, grad_scale, backward};
+    parallel_for(crossentropy_rows, &a, n, 1);
+    double loss = 0;
+    for (int r = 0; r < n; r++) loss += row_loss[r];
+    return loss;
+}
+
+// Sum of the NLLs of the n targets whose previous positions are pos[n]; with backward, adds the
+// gradient into dres[T, C] (rows pos). x[T, C] is the residual stream after the last layer.
+static double head_loss_chunk(Model *m, Activations *a, float *dres, const float *x, const int *pos, const int *targets,
+                              int n, float grad_scale, int backward) {
+    const Config *c = &m->config;
+    size_t C = c->C;
+    for (int r = 0; r < n; r++) memcpy(a->head_x + r * C, x + (size_t)pos[r] * C, C * sizeof(float));
+    rmsnorm_forward(a->head_ln, a->head_rstd, a->head_x, m->w.out_norm, n, c->C, c->rms_eps);
+    matmul(a->logits, a->head_ln, &m->w.lm_head, NULL, n);
+    double loss = crossentropy(a->logits, a->row_loss, targets, n, c->V, grad_scale, backward);
+    if (backward) {
+        memset(a->dhead, 0, (size_t)n * C * sizeof(float));
+        matmul_backward_input(a->dhead, a->logits, &m->w.lm_head, n);
+        for (int r = 0; r < n; r++)  // positions are distinct: each row lands in its own row of dres
+            rmsnorm_backward(dres + (size_t)pos[r] * C, a->dhead + r * C, a->head_x + r * C, a->head_rstd + r,
+                             m->w.out_norm, 1, c->C);
+    }
+    return loss;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Training and evaluation.
+
+// Checks tokens and mask; returns the number of positions the loss depends on (the last target
+// index: later positions influence nothing), 0 when there is no target, -1 on bad input.
+static int positions_needed(const Config *c, const int *tokens, const unsigned char *mask, int T, int max_T) {
+    if (T < 0 || T > max_T) return -1;
+    int last = 0;
+    for (int t = 0; t < T; t++) {
+        if (tokens[t] < 0 || tokens[t] >= c->V) return -1;
+        if (t > 0 && mask[t]) last = t;
+    }
+    return last;
+}
+
+double model_forward_backward(Model *m, struct Lora *lora, Activations *a, const int *tokens,
+                              const unsigned char *mask, int T_in, float grad_scale, int backward,
+                              uint64_t dropout_seed) {
+    const Config *c = &m->config;
+    int T = positions_needed(c, tokens, mask, T_in, a->max_T);
+    if (T < 0 || (lora && (lora->R != a->R || lora->L != c->L))) return NAN;
+    if (T == 0) return 0;
+    Pass ps = {c, &m->w, lora, 0, dropout_seed, a->xdrop, a->lora_du, a->cos, a->sin};
+    if (lora && dropout_seed != 0 && lora->dropout > 0 && a->xdrop) ps.p = lora->dropout;
+    backward = backward && lora;
+
+    embed_forward(a->x, tokens, &m->w.embed, T);
+    for (int l = 0; l < c->L; l++) {
+        LayerBufs b = layer_bufs(a, c, lora, l);
+        block_forward(&ps, l, &b, T, 0);
+    }
+
+    const float *xL = a->x + (size_t)c->L * a->max_T * c->C;
+    if (backward) memset(a->dres, 0, (size_t)T * c->C * sizeof(float));
+    int n = 0, targets[LOSS_CHUNK];
+    double loss = 0;
+    for (int t = 1; t <= T; t++) {
+        if (mask[t]) a->pos[n] = t - 1, targets[n++] = tokens[t];
+        if (n == LOSS_CHUNK || (t == T && n > 0)) {
+            loss += head_loss_chunk(m, a, a->dres, xL, a->pos, targets, n, grad_scale, backward);
+            n = 0;
+        }
+    }
+    if (!backward) return loss;
+
+    GradBufs g = {a->dres, a->dln, a->datt, a->dq, a->dk, a->dv, a->dsum, a->dh, a->dgate, a->dup};
+    for (int l = c->L - 1; l >= 0; l--) {
+        LayerBufs b = layer_bufs(a, c, lora, l);
+        block_backward(&ps, l, &b, &g, T, l >= a->L_ff);
+    }
+    return loss;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Generation: keys and values of past tokens, and the scratch for INFER_CHUNK new tokens.
+
+struct KVCache {
+    int max_T;         // capacity in tokens
+    int n;             // tokens in the cache
+    float *k, *v;      // [L, max_T, NKV*HS] keys after RoPE, values
+    float *cos, *sin;  // [max_T, HS/2]
+    float *x;          // [INFER_CHUNK, C] residual stream (block input and output)
+    float *xmid;       // [INFER_CHUNK, C]
+    float *ln;         // [INFER_CHUNK, C]
+    float *q, *att;    // [INFER_CHUNK, NH*HS]
+    float *gate, *up;  // [INFER_CHUNK, FF]
+    float *h;          // [INFER_CHUNK, FF]
+    float *rstd1, *rstd2;  // [INFER_CHUNK]
+    float *lora_u;     // [LORA_NTARGETS, INFER_CHUNK, LORA_MAX_R]
+};
+
+KVCache *kvcache_new(const Config *c, int max_T) {
+    KVCache *kv = xcalloc(1, sizeof *kv);
+    size_t T = max_T > 0 ? (size_t)max_T : 1, N = INFER_CHUNK, KD = (size_t)c->NKV * c->HS, QD = (size_t)c->NH * c->HS;
+    kv->max_T = (int)T;
+    kv->k = xmalloc((size_t)c->L * T * KD * sizeof(float));
+    kv->v = xmalloc((size_t)c->L * T * KD * sizeof(float));
+    kv->cos = xmalloc(T * (c->HS / 2) * sizeof(float));
+    kv->sin = xmalloc(T * (c->HS / 2) * sizeof(float));
+    rope_tables(kv->cos, kv->sin, (int)T, c->HS, c->rope_theta);
+    kv->x = xmalloc(N * c->C * sizeof(float));
+    kv->xmid = xmalloc(N * c->C * sizeof(float));
+    kv->ln = xmalloc(N * c->C * sizeof(float));
+    kv->q = xmalloc(N * QD * sizeof(float));
+    kv->att = xmalloc(N * QD * sizeof(float));
+    kv->gate = xmalloc(N * c->FF * sizeof(float));
+    kv->up = xmalloc(N * c->FF * sizeof(float));
+    kv->h = xmalloc(N * c->FF * sizeof(float));
+    kv->rstd1 = xmalloc(N * sizeof(float));
+    kv->rstd2 = xmalloc(N * sizeof(float));
+    kv->lora_u = xmalloc(LORA_NTARGETS * N * LORA_MAX_R * sizeof(float));
+    return kv;
+}
+
+void kvcache_free(KVCache *kv) {
+    if (!kv) return;
+    float *arrays[] = {kv->k, kv->v, kv->cos, kv->sin, kv->x, kv->xmid, kv->ln, kv->q, kv->att,
+                       kv->gate, kv->up, kv->h, kv->rstd1, kv->rstd2, kv->lora_u};
+    for (size_t i = 0; i < sizeof arrays / sizeof arrays[0]; i++) free(arrays[i]);
+    free(kv);
+}
+
+void kvcache_reset(KVCache *kv) { kv->n = 0; }
+int kvcache_len(const KVCache *kv) { return kv->n; }
+
+// Runs tokens[n] (n <= INFER_CHUNK) at positions kv->n ...; logits[V] of the last one when not NULL.
+static void infer_chunk(Model *m, const Lora *lora, KVCache *kv, const int *tokens, int n, float *logits) {
+    const Config *c = &m->config;
+    size_t KD = (size_t)c->NKV * c->HS;
+    Pass ps = {c, &m->w, lora, 0, 0, NULL, NULL, kv->cos, kv->sin};
+    embed_forward(kv->x, tokens, &m->w.embed, n);
+    for (int l = 0; l < c->L; l++) {
+        LayerBufs b = {
+            .x = kv->x, .rstd1 = kv->rstd1, .q = kv->q, .k = kv->k + (size_t)l * kv->max_T * KD,
+            .v = kv->v + (size_t)l * kv->max_T * KD, .lse = NULL, .att = kv->att, .xmid = kv->xmid,
+            .rstd2 = kv->rstd2, .gate = kv->gate, .up = kv->up, .xout = kv->x, .lora_u = kv->lora_u,
+            .ln = kv->ln, .h = kv->h,
+        };
+        block_forward(&ps, l, &b, n, kv->n);
+    }
+    kv->n += n;
+    if (!logits) return;
+    float rstd;
+    rmsnorm_forward(kv->ln, &rstd, kv->x + (size_t)(n - 1) * c->C, m->w.out_norm, 1, c->C, c->rms_eps);
+    matmul(logits, kv->ln, &m->w.lm_head, NULL, 1);
+}
+
+int model_infer(Model *m, const struct Lora *lora, KVCache *kv, const int *tokens, int n, float *logits) {
+    const Config *c = &m->config;
+    if (n <= 0 || n > kv->max_T - kv->n) return -1;
+    if (lora && lora->R > LORA_MAX_R) return -1;
+    for (int i = 0; i < n; i++)
+        if (tokens[i] < 0 || tokens[i] >= c->V) return -1;
+    for (int i = 0; i < n; i += INFER_CHUNK) {
+        int len = min_int(INFER_CHUNK, n - i);
+        infer_chunk(m, lora, kv, tokens + i, len, i + len == n ? logits : NULL);
+    }
+    return 0;
+}

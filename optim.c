@@ -1,0 +1,99 @@
+// optim.c: AdamW, learning-rate schedules and global gradient-norm clipping (see optim.h).
+//
+// Plain sequential loops: the adapter has a few million parameters at most, so the step costs
+// next to nothing beside the forward and backward passes, and a fixed order keeps every result
+// independent of --threads. Read sft.c's training loop next.
+#include "optim.h"
+
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "common.h"
+
+void adamw_init(AdamW *opt, size_t n, double beta1, double beta2, double eps, double weight_decay) {
+    opt->beta1 = beta1;
+    opt->beta2 = beta2;
+    opt->eps = eps;
+    opt->weight_decay = weight_decay;
+    opt->m = xcalloc(n, sizeof(float));
+    opt->v = xcalloc(n, sizeof(float));
+    opt->n = n;
+    opt->t = 0;
+}
+
+void adamw_free(AdamW *opt) {
+    free(opt->m);
+    free(opt->v);
+    memset(opt, 0, sizeof *opt);
+}
+
+// params[n] are updated in place from grads[n]; the scalars follow PyTorch (Python floats, i.e.
+// double), the per-element arithmetic is float as in a float32 tensor.
+void adamw_step(AdamW *opt, float *params, const float *grads, float lr) {
+    opt->t += 1;
+    double bc1 = 1.0 - pow(opt->beta1, (double)opt->t);
+    double bc2 = 1.0 - pow(opt->beta2, (double)opt->t);
+    float decay = (float)(1.0 - (double)lr * opt->weight_decay);
+    float step_size = (float)((double)lr / bc1);
+    float bc2_sqrt = (float)sqrt(bc2);
+    float b2 = (float)opt->beta2, eps = (float)opt->eps;
+    float one_b1 = (float)(1.0 - opt->beta1), one_b2 = (float)(1.0 - opt->beta2);
+    for (size_t i = 0; i < opt->n; i++) {
+        float g = grads[i];
+        float p = params[i] * decay;
+        float m = opt->m[i] + one_b1 * (g - opt->m[i]);
+        float v = opt->v[i] * b2 + one_b2 * g * g;
+        float denom = sqrtf(v) / bc2_sqrt + eps;
+        params[i] = p - step_size * (m / denom);
+        opt->m[i] = m;
+        opt->v[i] = v;
+    }
+}
+
+int schedule_from_name(const char *name) {
+    if (strcmp(name, "linear") == 0) return SCHEDULE_LINEAR;
+    if (strcmp(name, "cosine") == 0) return SCHEDULE_COSINE;
+    if (strcmp(name, "constant") == 0) return SCHEDULE_CONSTANT;
+    return -1;
+}
+
+const char *schedule_name(Schedule s) {
+    return s == SCHEDULE_LINEAR ? "linear" : s == SCHEDULE_COSINE ? "cosine" : "constant";
+}
+
+// The factor transformers' lr_lambda returns; the lr is peak times it.
+static double schedule_factor(Schedule s, long step, long warmup, long total) {
+    if (step < warmup) return (double)step / (double)(warmup > 1 ? warmup : 1);
+    if (s == SCHEDULE_CONSTANT) return 1.0;
+    long span = total - warmup > 1 ? total - warmup : 1;
+    if (s == SCHEDULE_LINEAR) {
+        double f = (double)(total - step) / (double)span;
+        return f > 0 ? f : 0;
+    }
+    double progress = (double)(step - warmup) / (double)span;
+    double f = 0.5 * (1.0 + cos(3.14159265358979323846 * progress));
+    return f > 0 ? f : 0;
+}
+
+float lr_at(Schedule s, float peak, long step, long warmup, long total) {
+    return (float)((double)peak * schedule_factor(s, step, warmup, total));
+}
+
+long warmup_from_ratio(double ratio, long total) {
+    return (long)ceil(ratio * (double)total);
+}
+
+double grad_norm(const float *g, size_t n) {
+    double sum = 0;
+    for (size_t i = 0; i < n; i++) sum += (double)g[i] * (double)g[i];
+    return sqrt(sum);
+}
+
+void clip_grad_norm(float *g, size_t n, double norm, float max_norm) {
+    if (max_norm <= 0) return;
+    double coef = (double)max_norm / (norm + 1e-6);
+    if (!(coef < 1.0)) return;
+    float c = (float)coef;
+    for (size_t i = 0; i < n; i++) g[i] *= c;
+}

@@ -1,0 +1,1195 @@
+// quant.c: element types and block formats (bit-exact with ggml's), their conversions to and from
+// float, and the matrix products over a frozen, possibly quantized, weight matrix.
+//
+// Reading order: the half conversions, one struct per block format (with its bytes drawn), the
+// scalar dequantizers and quantizers, then the _ref products (the definitions), and last the fast
+// products, which are the only place in sft with CPU intrinsics (behind #if, scalar code always
+// compiled). Left out: ggml's importance-matrix searches for the K-quants (ours are simpler, see
+// quantize_q4_K), and the other ggml types (IQ*, Q2_K, Q3_K, ...). Tests: test/test_quant.c.
+#include "quant.h"
+
+#include <assert.h>
+#include <float.h>
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+
+#include "threads.h"
+
+#if defined(__AVX512F__) || defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
+// Products and conversions are rounded as written (no fused multiply-add unless spelled out by an
+// intrinsic), so results do not depend on the compiler; gcc's -std=c11 already means that.
+#if defined(__clang__)
+#pragma STDC FP_CONTRACT OFF
+#endif
+
+// ---------------------------------------------------------------------------------------------
+// Halves.
+
+static uint32_t f32_bits(float f) {
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    return u;
+}
+
+static float f32_from_bits(uint32_t u) {
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+// IEEE half: |sign 1|exponent 5 (bias 15)|mantissa 10|.
+float fp16_to_fp32(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000) << 16;
+    uint32_t exp = (h >> 10) & 0x1f;
+    uint32_t mant = h & 0x3ff;
+    if (exp == 0x1f) return f32_from_bits(sign | 0x7f800000 | (mant << 13));  // inf, NaN
+    if (exp == 0) {
+        float v = (float)mant * (1.0f / 16777216.0f);  // subnormal: mant * 2^-24, exact
+        return sign ? -v : v;
+    }
+    return f32_from_bits(sign | ((exp + 112) << 23) | (mant << 13));
+}
+
+// Round to nearest, ties to even (what F16C's vcvtps2ph with mode 0 and ggml's fallback do).
+uint16_t fp32_to_fp16(float f) {
+    uint32_t x = f32_bits(f);
+    uint16_t sign = (uint16_t)((x >> 16) & 0x8000);
+    uint32_t a = x & 0x7fffffff;
+    if (a > 0x7f800000) return sign | 0x7e00;            // NaN
+    if (a >= 0x477ff000) return sign | 0x7c00;           // >= 65520 rounds to infinity
+    if (a >= 0x38800000) {                               // a normal half (>= 2^-14)
+        uint32_t r = a + 0xfff + ((a >> 13) & 1);
+        return sign | (uint16_t)((r - 0x38000000) >> 13);
+    }
+    if (a < 0x33000000) return sign;                     // <= 2^-25 rounds to zero
+    uint32_t e = a >> 23;                                // 102..112: a subnormal half
+    uint32_t m = (a & 0x7fffff) | 0x800000;
+    uint32_t s = 126 - e;                                // value / 2^-24 = m >> s
+    uint32_t q = m >> s, rem = m & ((1u << s) - 1), half = 1u << (s - 1);
+    if (rem > half || (rem == half && (q & 1))) q++;
+    return sign | (uint16_t)q;
+}
+
+float bf16_to_fp32(uint16_t h) { return f32_from_bits((uint32_t)h << 16); }
+
+uint16_t fp32_to_bf16(float f) {
+    uint32_t x = f32_bits(f);
+    if ((x & 0x7fffffff) > 0x7f800000) return (uint16_t)((x >> 16) | 0x40);  // quiet NaN
+    return (uint16_t)((x + 0x7fff + ((x >> 16) & 1)) >> 16);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Block formats. Halves are little-endian IEEE fp16 ("d"), as in ggml-common.h.
+
+#define QK 32      // elements per block of the simple formats
+#define QK_K 256   // elements per super-block of the K-quants
+#define QK_NF4 64  // elements per NF4 block (bitsandbytes' QLoRA default blocksize)
+
+// Q4_0: |d: f16|qs: 16 bytes| = 18 bytes; value j = d * (q_j - 8), q_j in 0..15,
+// q_j = low nibble of qs[j] for j < 16, high nibble of qs[j - 16] for j >= 16.
+typedef struct {
+    uint16_t d;
+    uint8_t qs[QK / 2];
+} BlockQ4_0;
+static_assert(sizeof(BlockQ4_0) == 18, "Q4_0 block");
+
+// Q4_1: |d: f16|m: f16|qs: 16 bytes| = 20 bytes; value j = d * q_j + m (nibbles as in Q4_0).
+typedef struct {
+    uint16_t d, m;
+    uint8_t qs[QK / 2];
+} BlockQ4_1;
+static_assert(sizeof(BlockQ4_1) == 20, "Q4_1 block");
+
+// Q5_0: |d: f16|qh: 4 bytes (u32 LE)|qs: 16 bytes| = 22 bytes; value j = d * (q_j - 16), where
+// q_j = nibble j as in Q4_0 | (bit j of qh) << 4.
+typedef struct {
+    uint16_t d;
+    uint8_t qh[4];
+    uint8_t qs[QK / 2];
+} BlockQ5_0;
+static_assert(sizeof(BlockQ5_0) == 22, "Q5_0 block");
+
+// Q5_1: |d: f16|m: f16|qh: 4 bytes|qs: 16 bytes| = 24 bytes; value j = d * q_j + m.
+typedef struct {
+    uint16_t d, m;
+    uint8_t qh[4];
+    uint8_t qs[QK / 2];
+} BlockQ5_1;
+static_assert(sizeof(BlockQ5_1) == 24, "Q5_1 block");
+
+// Q8_0: |d: f16|qs: 32 x int8| = 34 bytes; value j = d * qs[j].
+typedef struct {
+    uint16_t d;
+    int8_t qs[QK];
+} BlockQ8_0;
+static_assert(sizeof(BlockQ8_0) == 34, "Q8_0 block");
+
+// Q4_K: |d: f16|dmin: f16|scales: 12 bytes|qs: 128 bytes| = 144 bytes for 256 values in 8 groups
+// of 32. Group g has a 6-bit scale sc_g and a 6-bit min m_g packed in `scales` (see
+// scale_min_k4); value = d * sc_g * q - dmin * m_g. qs holds 4 chunks of 32 bytes: chunk c has
+// group 2c in its low nibbles and group 2c+1 in its high nibbles.
+typedef struct {
+    uint16_t d, dmin;
+    uint8_t scales[12];
+    uint8_t qs[QK_K / 2];
+} BlockQ4_K;
+static_assert(sizeof(BlockQ4_K) == 144, "Q4_K block");
+
+// Q5_K: |d: f16|dmin: f16|scales: 12 bytes|qh: 32 bytes|qs: 128 bytes| = 176 bytes. As Q4_K,
+// plus a fifth bit: bit g of qh[l] is the high bit of element l of group g.
+typedef struct {
+    uint16_t d, dmin;
+    uint8_t scales[12];
+    uint8_t qh[QK_K / 8];
+    uint8_t qs[QK_K / 2];
+} BlockQ5_K;
+static_assert(sizeof(BlockQ5_K) == 176, "Q5_K block");
+
+// Q6_K: |ql: 128 bytes|qh: 64 bytes|scales: 16 x int8|d: f16| = 210 bytes for 256 values in 16
+// groups of 16; value = d * scales[g] * (q - 32), q 6 bits: 4 from ql, 2 from qh (see
+// dequantize_q6_K for the order).
+typedef struct {
+    uint8_t ql[QK_K / 2];
+    uint8_t qh[QK_K / 4];
+    int8_t scales[QK_K / 16];
+    uint16_t d;
+} BlockQ6_K;
+static_assert(sizeof(BlockQ6_K) == 210, "Q6_K block");
+
+// NF4 (ours, in memory only): |absmax: f32|qs: 32 bytes| = 36 bytes for 64 values;
+// value j = NF4_CODE[q_j] * absmax, q_j = high nibble of qs[j/2] for even j, low nibble for odd j
+// (the packing order of bitsandbytes).
+typedef struct {
+    float absmax;
+    uint8_t qs[QK_NF4 / 2];
+} BlockNF4;
+static_assert(sizeof(BlockNF4) == 36, "NF4 block");
+
+// The 16 NormalFloat-4 values of bitsandbytes (functional.py, get_4bit_type("nf4")).
+static const float NF4_CODE[16] = {
+    -1.0f, -0.6961928009986877f, -0.5250730514526367f, -0.39491748809814453f,
+    -0.28444138169288635f, -0.18477343022823334f, -0.09105003625154495f, 0.0f,
+    0.07958029955625534f, 0.16093020141124725f, 0.24611230194568634f, 0.33791524171829224f,
+    0.44070982933044434f, 0.5626170039176941f, 0.7229568362236023f, 1.0f,
+};
+
+// ---------------------------------------------------------------------------------------------
+// Types.
+
+static const TypeInfo TYPE_F32_INFO = {"f32", 1, 4};
+static const TypeInfo TYPE_F16_INFO = {"f16", 1, 2};
+static const TypeInfo TYPE_BF16_INFO = {"bf16", 1, 2};
+static const TypeInfo TYPE_Q4_0_INFO = {"q4_0", QK, sizeof(BlockQ4_0)};
+static const TypeInfo TYPE_Q4_1_INFO = {"q4_1", QK, sizeof(BlockQ4_1)};
+static const TypeInfo TYPE_Q5_0_INFO = {"q5_0", QK, sizeof(BlockQ5_0)};
+static const TypeInfo TYPE_Q5_1_INFO = {"q5_1", QK, sizeof(BlockQ5_1)};
+static const TypeInfo TYPE_Q8_0_INFO = {"q8_0", QK, sizeof(BlockQ8_0)};
+static const TypeInfo TYPE_Q4_K_INFO = {"q4_k", QK_K, sizeof(BlockQ4_K)};
+static const TypeInfo TYPE_Q5_K_INFO = {"q5_k", QK_K, sizeof(BlockQ5_K)};
+static const TypeInfo TYPE_Q6_K_INFO = {"q6_k", QK_K, sizeof(BlockQ6_K)};
+static const TypeInfo TYPE_NF4_INFO = {"nf4", QK_NF4, sizeof(BlockNF4)};
+
+const TypeInfo *type_info(int type) {
+    switch (type) {
+    case TYPE_F32: return &TYPE_F32_INFO;
+    case TYPE_F16: return &TYPE_F16_INFO;
+    case TYPE_BF16: return &TYPE_BF16_INFO;
+    case TYPE_Q4_0: return &TYPE_Q4_0_INFO;
+    case TYPE_Q4_1: return &TYPE_Q4_1_INFO;
+    case TYPE_Q5_0: return &TYPE_Q5_0_INFO;
+    case TYPE_Q5_1: return &TYPE_Q5_1_INFO;
+    case TYPE_Q8_0: return &TYPE_Q8_0_INFO;
+    case TYPE_Q4_K: return &TYPE_Q4_K_INFO;
+    case TYPE_Q5_K: return &TYPE_Q5_K_INFO;
+    case TYPE_Q6_K: return &TYPE_Q6_K_INFO;
+    case TYPE_NF4: return &TYPE_NF4_INFO;
+    default: return NULL;
+    }
+}
+
+int type_from_name(const char *name) {
+    static const int all[] = {TYPE_F32, TYPE_F16, TYPE_BF16, TYPE_Q4_0, TYPE_Q4_1, TYPE_Q5_0,
+                              TYPE_Q5_1, TYPE_Q8_0, TYPE_Q4_K, TYPE_Q5_K, TYPE_Q6_K, TYPE_NF4};
+    if (!name) return -1;
+    for (size_t i = 0; i < sizeof all / sizeof all[0]; i++)
+        if (strcasecmp(name, type_info(all[i])->name) == 0) return all[i];
+    return -1;
+}
+
+size_t row_bytes(int type, int64_t n) {
+    const TypeInfo *ti = type_info(type);
+    if (!ti || n < 0 || n % ti->block != 0) return 0;
+    uint64_t blocks = (uint64_t)(n / ti->block);
+    if (blocks > SIZE_MAX / ti->bytes) return 0;
+    return (size_t)blocks * ti->bytes;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Dequantization, one block at a time (the expressions are ggml's, so results are bit-exact).
+
+static void dequantize_q4_0(float *y, const BlockQ4_0 *x) {
+    float d = fp16_to_fp32(x->d);
+    for (int j = 0; j < QK / 2; j++) {
+        y[j] = ((x->qs[j] & 0x0f) - 8) * d;
+        y[j + QK / 2] = ((x->qs[j] >> 4) - 8) * d;
+    }
+}
+
+static void dequantize_q4_1(float *y, const BlockQ4_1 *x) {
+    float d = fp16_to_fp32(x->d), m = fp16_to_fp32(x->m);
+    for (int j = 0; j < QK / 2; j++) {
+        y[j] = (x->qs[j] & 0x0f) * d + m;
+        y[j + QK / 2] = (x->qs[j] >> 4) * d + m;
+    }
+}
+
+static uint32_t load_u32le(const uint8_t *p) {
+    return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
+}
+
+static void dequantize_q5_0(float *y, const BlockQ5_0 *x) {
+    float d = fp16_to_fp32(x->d);
+    uint32_t qh = load_u32le(x->qh);
+    for (int j = 0; j < QK / 2; j++) {
+        int h0 = ((qh >> j) << 4) & 0x10, h1 = (qh >> (j + 12)) & 0x10;
+        y[j] = (((x->qs[j] & 0x0f) | h0) - 16) * d;
+        y[j + QK / 2] = (((x->qs[j] >> 4) | h1) - 16) * d;
+    }
+}
+
+static void dequantize_q5_1(float *y, const BlockQ5_1 *x) {
+    float d = fp16_to_fp32(x->d), m = fp16_to_fp32(x->m);
+    uint32_t qh = load_u32le(x->qh);
+    for (int j = 0; j < QK / 2; j++) {
+        int h0 = ((qh >> j) << 4) & 0x10, h1 = (qh >> (j + 12)) & 0x10;
+        y[j] = ((x->qs[j] & 0x0f) | h0) * d + m;
+        y[j + QK / 2] = ((x->qs[j] >> 4) | h1) * d + m;
+    }
+}
+
+static void dequantize_q8_0(float *y, const BlockQ8_0 *x) {
+    float d = fp16_to_fp32(x->d);
+    for (int j = 0; j < QK; j++) y[j] = x->qs[j] * d;
+}
+
+// Scale and min of group j (0..7) of a Q4_K/Q5_K block: groups 0-3 take the low 6 bits of
+// bytes j and j+4; groups 4-7 take a nibble of byte j+4 and the top 2 bits of bytes j-4 and j.
+static void scale_min_k4(int j, const uint8_t *q, uint8_t *sc, uint8_t *m) {
+    if (j < 4) {
+        *sc = q[j] & 63;
+        *m = q[j + 4] & 63;
+    } else {
+        *sc = (uint8_t)((q[j + 4] & 0x0f) | ((q[j - 4] >> 6) << 4));
+        *m = (uint8_t)((q[j + 4] >> 4) | ((q[j] >> 6) << 4));
+    }
+}
+
+static void dequantize_q4_K(float *y, const BlockQ4_K *x) {
+    float d = fp16_to_fp32(x->d), min = fp16_to_fp32(x->dmin);
+    const uint8_t *q = x->qs;
+    for (int g = 0; g < 8; g += 2, q += 32) {
+        uint8_t sc, m;
+        scale_min_k4(g, x->scales, &sc, &m);
+        float d1 = d * sc, m1 = min * m;
+        scale_min_k4(g + 1, x->scales, &sc, &m);
+        float d2 = d * sc, m2 = min * m;
+        for (int l = 0; l < 32; l++) *y++ = d1 * (q[l] & 0x0f) - m1;
+        for (int l = 0; l < 32; l++) *y++ = d2 * (q[l] >> 4) - m2;
+    }
+}
+
+static void dequantize_q5_K(float *y, const BlockQ5_K *x) {
+    float d = fp16_to_fp32(x->d), min = fp16_to_fp32(x->dmin);
+    const uint8_t *ql = x->qs, *qh = x->qh;
+    uint8_t u1 = 1, u2 = 2;
+    for (int g = 0; g < 8; g += 2, ql += 32, u1 <<= 2, u2 <<= 2) {
+        uint8_t sc, m;
+        scale_min_k4(g, x->scales, &sc, &m);
+        float d1 = d * sc, m1 = min * m;
+        scale_min_k4(g + 1, x->scales, &sc, &m);
+        float d2 = d * sc, m2 = min * m;
+        for (int l = 0; l < 32; l++) *y++ = d1 * ((ql[l] & 0x0f) + (qh[l] & u1 ? 16 : 0)) - m1;
+        for (int l = 0; l < 32; l++) *y++ = d2 * ((ql[l] >> 4) + (qh[l] & u2 ? 16 : 0)) - m2;
+    }
+}
+
+// Each half (128 values) of a Q6_K block: value l + 32k (k = 0..3, l = 0..31) takes its low
+// 4 bits from ql[l] (k = 0, 2: low/high nibble) or ql[l + 32] (k = 1, 3), its high 2 bits from
+// bits 2k..2k+1 of qh[l], and its scale from scales[l / 16 + 2k].
+static void dequantize_q6_K(float *y, const BlockQ6_K *x) {
+    float d = fp16_to_fp32(x->d);
+    const uint8_t *ql = x->ql, *qh = x->qh;
+    const int8_t *sc = x->scales;
+    for (int n = 0; n < QK_K; n += 128, y += 128, ql += 64, qh += 32, sc += 8) {
+        for (int l = 0; l < 32; l++) {
+            int is = l / 16;
+            int q1 = (int8_t)((ql[l] & 0x0f) | ((qh[l] & 3) << 4)) - 32;
+            int q2 = (int8_t)((ql[l + 32] & 0x0f) | (((qh[l] >> 2) & 3) << 4)) - 32;
+            int q3 = (int8_t)((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) - 32;
+            int q4 = (int8_t)((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) - 32;
+            y[l] = d * sc[is] * q1;
+            y[l + 32] = d * sc[is + 2] * q2;
+            y[l + 64] = d * sc[is + 4] * q3;
+            y[l + 96] = d * sc[is + 6] * q4;
+        }
+    }
+}
+
+static void dequantize_nf4(float *y, const BlockNF4 *x) {
+    for (int j = 0; j < QK_NF4 / 2; j++) {
+        y[2 * j] = NF4_CODE[x->qs[j] >> 4] * x->absmax;
+        y[2 * j + 1] = NF4_CODE[x->qs[j] & 0x0f] * x->absmax;
+    }
+}
+
+// out[block] = block number b of a row in `type` (one block = type_info(type)->block values).
+static void dequantize_block(int type, float *out, const void *row, int64_t b) {
+    const uint8_t *p = row;
+    switch (type) {
+    case TYPE_F32: memcpy(out, p + b * 4, 4); break;
+    case TYPE_F16: {
+        uint16_t h;
+        memcpy(&h, p + b * 2, 2);
+        out[0] = fp16_to_fp32(h);
+        break;
+    }
+    case TYPE_BF16: {
+        uint16_t h;
+        memcpy(&h, p + b * 2, 2);
+        out[0] = bf16_to_fp32(h);
+        break;
+    }
+    case TYPE_Q4_0: dequantize_q4_0(out, (const BlockQ4_0 *)row + b); break;
+    case TYPE_Q4_1: dequantize_q4_1(out, (const BlockQ4_1 *)row + b); break;
+    case TYPE_Q5_0: dequantize_q5_0(out, (const BlockQ5_0 *)row + b); break;
+    case TYPE_Q5_1: dequantize_q5_1(out, (const BlockQ5_1 *)row + b); break;
+    case TYPE_Q8_0: dequantize_q8_0(out, (const BlockQ8_0 *)row + b); break;
+    case TYPE_Q4_K: dequantize_q4_K(out, (const BlockQ4_K *)row + b); break;
+    case TYPE_Q5_K: dequantize_q5_K(out, (const BlockQ5_K *)row + b); break;
+    case TYPE_Q6_K: dequantize_q6_K(out, (const BlockQ6_K *)row + b); break;
+    case TYPE_NF4: dequantize_nf4(out, (const BlockNF4 *)row + b); break;
+    default: break;
+    }
+}
+
+void dequantize_row(int type, float *out, const void *in, int64_t n) {
+    const TypeInfo *ti = type_info(type);
+    if (!ti) return;
+    if (type == TYPE_F32) {
+        memcpy(out, in, (size_t)n * sizeof(float));
+        return;
+    }
+    if (type == TYPE_F16 || type == TYPE_BF16) {
+        const uint8_t *p = in;
+        for (int64_t i = 0; i < n; i++) {
+            uint16_t h;
+            memcpy(&h, p + 2 * i, 2);
+            out[i] = type == TYPE_F16 ? fp16_to_fp32(h) : bf16_to_fp32(h);
+        }
+        return;
+    }
+    for (int64_t b = 0; b < n / ti->block; b++) dequantize_block(type, out + b * ti->block, in, b);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Quantization of one block (Q4_0, Q4_1, Q8_0: ggml's quantize_row_*_ref, expression by
+// expression; NF4: bitsandbytes' nearest-code rule).
+
+static void quantize_q4_0(BlockQ4_0 *y, const float *x) {
+    float amax = 0.0f, max = 0.0f;  // the value of largest magnitude, with its sign
+    for (int j = 0; j < QK; j++) {
+        if (amax < fabsf(x[j])) {
+            amax = fabsf(x[j]);
+            max = x[j];
+        }
+    }
+    float d = max / -8;
+    float id = d != 0.0f ? 1.0f / d : 0.0f;
+    y->d = fp32_to_fp16(d);
+    for (int j = 0; j < QK / 2; j++) {
+        float x0 = x[j] * id, x1 = x[j + QK / 2] * id;  // rounded before the add, as in ggml
+        int q0 = (int8_t)(x0 + 8.5f), q1 = (int8_t)(x1 + 8.5f);
+        q0 = q0 < 15 ? q0 : 15;
+        q1 = q1 < 15 ? q1 : 15;
+        y->qs[j] = (uint8_t)((q0 & 0x0f) | (q1 << 4));
+    }
+}
+
+static void quantize_q4_1(BlockQ4_1 *y, const float *x) {
+    float min = FLT_MAX, max = -FLT_MAX;
+    for (int j = 0; j < QK; j++) {
+        if (x[j] < min) min = x[j];
+        if (x[j] > max) max = x[j];
+    }
+    float d = (max - min) / 15;
+    float id = d != 0.0f ? 1.0f / d : 0.0f;
+    y->d = fp32_to_fp16(d);
+    y->m = fp32_to_fp16(min);
+    for (int j = 0; j < QK / 2; j++) {
+        float x0 = (x[j] - min) * id, x1 = (x[j + QK / 2] - min) * id;
+        int q0 = (int8_t)(x0 + 0.5f), q1 = (int8_t)(x1 + 0.5f);
+        q0 = q0 < 15 ? q0 : 15;
+        q1 = q1 < 15 ? q1 : 15;
+        y->qs[j] = (uint8_t)((q0 & 0x0f) | (q1 << 4));
+    }
+}
+
+static void quantize_q8_0(BlockQ8_0 *y, const float *x) {
+    float amax = 0.0f;
+    for (int j = 0; j < QK; j++) amax = fmaxf(amax, fabsf(x[j]));
+    float d = amax / 127;
+    float id = d != 0.0f ? 1.0f / d : 0.0f;
+    y->d = fp32_to_fp16(d);
+    for (int j = 0; j < QK; j++) y->qs[j] = (int8_t)roundf(x[j] * id);
+}
+
+// Index of the NF4 code nearest to x in [-1, 1]; ties go to the lower code, as in bitsandbytes'
+// dQuantizeNF4 (which compares x > midpoint).
+static int nf4_index(float x) {
+    int q = 0;
+    for (int k = 0; k < 15; k++) {
+        float mid = (float)(((double)NF4_CODE[k] + (double)NF4_CODE[k + 1]) / 2);
+        if (x > mid) q = k + 1;
+    }
+    return q;
+}
+
+static void quantize_nf4(BlockNF4 *y, const float *x) {
+    float amax = 0.0f;
+    for (int j = 0; j < QK_NF4; j++) amax = fmaxf(amax, fabsf(x[j]));
+    float id = amax != 0.0f ? 1.0f / amax : 0.0f;
+    y->absmax = amax;
+    for (int j = 0; j < QK_NF4 / 2; j++)
+        y->qs[j] = (uint8_t)(nf4_index(x[2 * j] * id) << 4 | nf4_index(x[2 * j + 1] * id));
+}
+
+int quantize_row(int type, void *out, const float *in, int64_t n) {
+    const TypeInfo *ti = type_info(type);
+    if (!ti || n < 0 || n % ti->block != 0) return -1;
+    uint8_t *p = out;
+    int64_t nb = n / ti->block;
+    switch (type) {
+    case TYPE_F32: memcpy(out, in, (size_t)n * sizeof(float)); return 0;
+    case TYPE_F16:
+    case TYPE_BF16:
+        for (int64_t i = 0; i < n; i++) {
+            uint16_t h = type == TYPE_F16 ? fp32_to_fp16(in[i]) : fp32_to_bf16(in[i]);
+            memcpy(p + 2 * i, &h, 2);
+        }
+        return 0;
+    case TYPE_Q4_0: for (int64_t b = 0; b < nb; b++) quantize_q4_0((BlockQ4_0 *)out + b, in + b * QK); return 0;
+    case TYPE_Q4_1: for (int64_t b = 0; b < nb; b++) quantize_q4_1((BlockQ4_1 *)out + b, in + b * QK); return 0;
+    case TYPE_Q8_0: for (int64_t b = 0; b < nb; b++) quantize_q8_0((BlockQ8_0 *)out + b, in + b * QK); return 0;
+    case TYPE_NF4: for (int64_t b = 0; b < nb; b++) quantize_nf4((BlockNF4 *)out + b, in + b * QK_NF4); return 0;
+    default: return -1;
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Products, reference versions: the definitions. Each weight block is dequantized once into a
+// small buffer; every output is a plain float sum in a fixed order (blocks, then elements).
+
+static const uint8_t *qmatrix_row_data(const QMatrix *W, int r) {
+    return (const uint8_t *)W->data + (size_t)r * row_bytes(W->type, W->cols);
+}
+
+// out is (T, OUT), inp is (T, IN), W is (OUT, IN), bias is (OUT) or NULL.
+void matmul_ref(float *out, const float *inp, const QMatrix *W, const float *bias, int T) {
+    int OUT = W->rows, IN = W->cols, bs = type_info(W->type)->block;
+    float buf[QK_K];
+    for (int o = 0; o < OUT; o++) {
+        const uint8_t *row = qmatrix_row_data(W, o);
+        for (int t = 0; t < T; t++) out[(size_t)t * OUT + o] = 0.0f;
+        for (int b = 0; b < IN / bs; b++) {
+            dequantize_block(W->type, buf, row, b);
+            for (int t = 0; t < T; t++) {
+                const float *x = inp + (size_t)t * IN + (size_t)b * bs;
+                float acc = out[(size_t)t * OUT + o];
+                for (int j = 0; j < bs; j++) acc += buf[j] * x[j];
+                out[(size_t)t * OUT + o] = acc;
+            }
+        }
+        if (bias)
+            for (int t = 0; t < T; t++) out[(size_t)t * OUT + o] += bias[o];
+    }
+}
+
+// dinp is (T, IN), dout is (T, OUT), W is (OUT, IN).
+void matmul_backward_input_ref(float *dinp, const float *dout, const QMatrix *W, int T) {
+    int OUT = W->rows, IN = W->cols, bs = type_info(W->type)->block;
+    float buf[QK_K];
+    for (int o = 0; o < OUT; o++) {
+        const uint8_t *row = qmatrix_row_data(W, o);
+        for (int b = 0; b < IN / bs; b++) {
+            dequantize_block(W->type, buf, row, b);
+            for (int t = 0; t < T; t++) {
+                float d = dout[(size_t)t * OUT + o];
+                float *dx = dinp + (size_t)t * IN + (size_t)b * bs;
+                for (int j = 0; j < bs; j++) dx[j] += d * buf[j];
+            }
+        }
+    }
+}
+
+void qmatrix_row(float *out, const QMatrix *W, int r) {
+    dequantize_row(W->type, out, qmatrix_row_data(W, r), W->cols);
+}
+
+
+// ---------------------------------------------------------------------------------------------
+// Products, fast versions (make debug, -DSFT_REF, uses the _ref versions instead).
+#if !defined(SFT_REF)
+//
+// Two routes, chosen by the number of tokens T:
+// - T < TILE_MIN_T (generation: T = 1): each weight row is dequantized once into fp32 (SIMD per
+//   format) and dotted with every token row (forward), or added to every token's gradient row
+//   (backward). Memory-bound: the weights stream through once.
+// - T >= TILE_MIN_T (training, prompts): compute-bound products on bf16 pairs. Activations are
+//   rounded to bf16 once per call and packed into the scratch; weight rows are dequantized to
+//   bf16, a chunk at a time, into the thread's scratch, and AVX512-BF16's vdpbf16ps adds two
+//   products per lane per instruction (32 MACs each, 16 accumulators and more in registers).
+//   Measured on the 2-core Zen 4 that sets the targets, this beats the int8 route (vpdpbusd on
+//   Q8 activations), whose per-block scale conversions and multiplies cost as much as the
+//   products themselves; it is also one kernel for every weight type and needs no transposed
+//   copy in the backward pass. Rounding both factors to bf16 gives a relative error of at most
+//   2^-8 per product (bounds in test/test_quant.c); sums stay in fp32.
+//   Forward: lanes are 16 tokens; tile = 4 x 16 tokens x FWD_N rows. Backward: lanes are 16
+//   input columns; tile = 4 x 16 columns x BWD_N tokens, the weight rows interleaved in pairs.
+// Both routes split the output rows (forward) or input columns (backward) among the threads, and
+// every output element is computed by one thread in an order fixed by the sizes alone, so results
+// do not depend on the thread count. Without AVX512-BF16 the same layouts run through plain C
+// loops (the same arithmetic, exact bf16 products, fp32 sums).
+
+#define TILE_MIN_T 8      // tokens from which the bf16 tiles pay for packing
+#define FWD_N 6           // rows of W per forward tile
+#define BWD_N 6           // tokens per backward tile
+#define BWD_OC 256        // rows of W (pairs: 128) per backward chunk
+#define CHUNK_ALIGN 256   // K-chunks are multiples of every block size
+
+static size_t round_up(size_t n, size_t m) { return (n + m - 1) / m * m; }
+
+// --- SIMD dequantization ---------------------------------------------------------------------
+
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+static __m512 cvt_u8x16(__m128i b) { return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(b)); }
+
+static float half_scalar(uint16_t h) {
+#if defined(__F16C__)
+    return _cvtsh_ss(h);
+#else
+    return fp16_to_fp32(h);
+#endif
+}
+
+static void dq_q4_0_avx512(float *y, const BlockQ4_0 *x) {
+    __m512 d = _mm512_set1_ps(half_scalar(x->d));
+    __m128i q = _mm_loadu_si128((const __m128i *)x->qs), m = _mm_set1_epi8(15);
+    __m512i e = _mm512_set1_epi32(8);
+    __m512i lo = _mm512_sub_epi32(_mm512_cvtepu8_epi32(_mm_and_si128(q, m)), e);
+    __m512i hi = _mm512_sub_epi32(_mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(q, 4), m)), e);
+    _mm512_storeu_ps(y, _mm512_mul_ps(_mm512_cvtepi32_ps(lo), d));
+    _mm512_storeu_ps(y + 16, _mm512_mul_ps(_mm512_cvtepi32_ps(hi), d));
+}
+
+static void dq_q4_1_avx512(float *y, const BlockQ4_1 *x) {
+    __m512 d = _mm512_set1_ps(half_scalar(x->d)), mn = _mm512_set1_ps(half_scalar(x->m));
+    __m128i q = _mm_loadu_si128((const __m128i *)x->qs), m = _mm_set1_epi8(15);
+    _mm512_storeu_ps(y, _mm512_add_ps(_mm512_mul_ps(cvt_u8x16(_mm_and_si128(q, m)), d), mn));
+    _mm512_storeu_ps(y + 16, _mm512_add_ps(_mm512_mul_ps(cvt_u8x16(_mm_and_si128(_mm_srli_epi16(q, 4), m)), d), mn));
+}
+
+// Q5: the fifth bits of elements 0-15 are bits 0-15 of qh, of elements 16-31 bits 16-31.
+static void q5_ints(__m512i *lo, __m512i *hi, const uint8_t *qs, uint32_t qh) {
+    __m128i q = _mm_loadu_si128((const __m128i *)qs), m = _mm_set1_epi8(15);
+    __m512i s = _mm512_set1_epi32(16);
+    *lo = _mm512_cvtepu8_epi32(_mm_and_si128(q, m));
+    *hi = _mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(q, 4), m));
+    *lo = _mm512_mask_add_epi32(*lo, (__mmask16)(qh & 0xffff), *lo, s);
+    *hi = _mm512_mask_add_epi32(*hi, (__mmask16)(qh >> 16), *hi, s);
+}
+
+static void dq_q5_0_avx512(float *y, const BlockQ5_0 *x) {
+    __m512 d = _mm512_set1_ps(half_scalar(x->d));
+    __m512i lo, hi, s = _mm512_set1_epi32(16);
+    q5_ints(&lo, &hi, x->qs, load_u32le(x->qh));
+    _mm512_storeu_ps(y, _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(lo, s)), d));
+    _mm512_storeu_ps(y + 16, _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(hi, s)), d));
+}
+
+static void dq_q5_1_avx512(float *y, const BlockQ5_1 *x) {
+    __m512 d = _mm512_set1_ps(half_scalar(x->d)), mn = _mm512_set1_ps(half_scalar(x->m));
+    __m512i lo, hi;
+    q5_ints(&lo, &hi, x->qs, load_u32le(x->qh));
+    _mm512_storeu_ps(y, _mm512_add_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(lo), d), mn));
+    _mm512_storeu_ps(y + 16, _mm512_add_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(hi), d), mn));
+}
+
+static void dq_q8_0_avx512(float *y, const BlockQ8_0 *x) {
+    __m512 d = _mm512_set1_ps(half_scalar(x->d));
+    __m128i a = _mm_loadu_si128((const __m128i *)x->qs), b = _mm_loadu_si128((const __m128i *)(x->qs + 16));
+    _mm512_storeu_ps(y, _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(a)), d));
+    _mm512_storeu_ps(y + 16, _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b)), d));
+}
+
+// y[32] = d1 * q - m1 for 32 integers q (as ggml writes it: a product, then a difference).
+static void store_scaled_min(float *y, __m512i q0, __m512i q1, float d1, float m1) {
+    __m512 d = _mm512_set1_ps(d1), m = _mm512_set1_ps(m1);
+    _mm512_storeu_ps(y, _mm512_sub_ps(_mm512_mul_ps(d, _mm512_cvtepi32_ps(q0)), m));
+    _mm512_storeu_ps(y + 16, _mm512_sub_ps(_mm512_mul_ps(d, _mm512_cvtepi32_ps(q1)), m));
+}
+
+static void dq_q4_K_avx512(float *y, const BlockQ4_K *x) {
+    float d = half_scalar(x->d), min = half_scalar(x->dmin);
+    __m512i m15 = _mm512_set1_epi32(15);
+    for (int c = 0; c < 4; c++, y += 64) {
+        uint8_t sc, m;
+        const uint8_t *q = x->qs + 32 * c;
+        __m512i a = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)q));
+        __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(q + 16)));
+        scale_min_k4(2 * c, x->scales, &sc, &m);
+        store_scaled_min(y, _mm512_and_si512(a, m15), _mm512_and_si512(b, m15), d * sc, min * m);
+        scale_min_k4(2 * c + 1, x->scales, &sc, &m);
+        store_scaled_min(y + 32, _mm512_srli_epi32(a, 4), _mm512_srli_epi32(b, 4), d * sc, min * m);
+    }
+}
+
+static void dq_q5_K_avx512(float *y, const BlockQ5_K *x) {
+    float d = half_scalar(x->d), min = half_scalar(x->dmin);
+    __m512i m15 = _mm512_set1_epi32(15), s = _mm512_set1_epi32(16);
+    __m512i ha = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)x->qh));
+    __m512i hb = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(x->qh + 16)));
+    for (int c = 0; c < 4; c++, y += 64) {
+        uint8_t sc, m;
+        const uint8_t *q = x->qs + 32 * c;
+        __m512i a = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)q));
+        __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(q + 16)));
+        __m512i u1 = _mm512_set1_epi32(1 << (2 * c)), u2 = _mm512_set1_epi32(2 << (2 * c));
+        __m512i a0 = _mm512_mask_add_epi32(_mm512_and_si512(a, m15), _mm512_test_epi32_mask(ha, u1), _mm512_and_si512(a, m15), s);
+        __m512i b0 = _mm512_mask_add_epi32(_mm512_and_si512(b, m15), _mm512_test_epi32_mask(hb, u1), _mm512_and_si512(b, m15), s);
+        __m512i a1 = _mm512_mask_add_epi32(_mm512_srli_epi32(a, 4), _mm512_test_epi32_mask(ha, u2), _mm512_srli_epi32(a, 4), s);
+        __m512i b1 = _mm512_mask_add_epi32(_mm512_srli_epi32(b, 4), _mm512_test_epi32_mask(hb, u2), _mm512_srli_epi32(b, 4), s);
+        scale_min_k4(2 * c, x->scales, &sc, &m);
+        store_scaled_min(y, a0, b0, d * sc, min * m);
+        scale_min_k4(2 * c + 1, x->scales, &sc, &m);
+        store_scaled_min(y + 32, a1, b1, d * sc, min * m);
+    }
+}
+
+static void dq_q6_K_avx512(float *y, const BlockQ6_K *x) {
+    float d = half_scalar(x->d);
+    __m512i m15 = _mm512_set1_epi32(15), m3 = _mm512_set1_epi32(3), o = _mm512_set1_epi32(32);
+    for (int h = 0; h < 2; h++, y += 128) {
+        const uint8_t *ql = x->ql + 64 * h, *qh = x->qh + 32 * h;
+        const int8_t *sc = x->scales + 8 * h;
+        for (int l = 0; l < 32; l += 16) {
+            int is = l / 16;
+            __m512i a = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(ql + l)));
+            __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(ql + 32 + l)));
+            __m512i hb = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(qh + l)));
+            __m512i q1 = _mm512_or_si512(_mm512_and_si512(a, m15), _mm512_slli_epi32(_mm512_and_si512(hb, m3), 4));
+            __m512i q2 = _mm512_or_si512(_mm512_and_si512(b, m15), _mm512_slli_epi32(_mm512_and_si512(_mm512_srli_epi32(hb, 2), m3), 4));
+            __m512i q3 = _mm512_or_si512(_mm512_srli_epi32(a, 4), _mm512_slli_epi32(_mm512_and_si512(_mm512_srli_epi32(hb, 4), m3), 4));
+            __m512i q4 = _mm512_or_si512(_mm512_srli_epi32(b, 4), _mm512_slli_epi32(_mm512_srli_epi32(hb, 6), 4));
+            _mm512_storeu_ps(y + l, _mm512_mul_ps(_mm512_set1_ps(d * sc[is]), _mm512_cvtepi32_ps(_mm512_sub_epi32(q1, o))));
+            _mm512_storeu_ps(y + l + 32, _mm512_mul_ps(_mm512_set1_ps(d * sc[is + 2]), _mm512_cvtepi32_ps(_mm512_sub_epi32(q2, o))));
+            _mm512_storeu_ps(y + l + 64, _mm512_mul_ps(_mm512_set1_ps(d * sc[is + 4]), _mm512_cvtepi32_ps(_mm512_sub_epi32(q3, o))));
+            _mm512_storeu_ps(y + l + 96, _mm512_mul_ps(_mm512_set1_ps(d * sc[is + 6]), _mm512_cvtepi32_ps(_mm512_sub_epi32(q4, o))));
+        }
+    }
+}
+
+static void dq_nf4_avx512(float *y, const BlockNF4 *x) {
+    __m512 code = _mm512_loadu_ps(NF4_CODE), amax = _mm512_set1_ps(x->absmax);
+    __m512i shift = _mm512_set_epi32(0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4), m15 = _mm512_set1_epi32(15);
+    for (int j = 0; j < 4; j++) {
+        __m128i q = _mm_loadl_epi64((const __m128i *)(x->qs + 8 * j));
+        __m512i b = _mm512_cvtepu8_epi32(_mm_unpacklo_epi8(q, q));  // byte k twice: elements 2k, 2k+1
+        __m512i idx = _mm512_and_si512(_mm512_srlv_epi32(b, shift), m15);
+        _mm512_storeu_ps(y + 16 * j, _mm512_mul_ps(_mm512_permutexvar_ps(idx, code), amax));
+    }
+}
+
+// Returns 1 when it wrote out[n] = elements [i0, i0 + n) of the row.
+static int dequantize_span_avx512(int type, float *out, const uint8_t *row, int i0, int n) {
+    const TypeInfo *ti = type_info(type);
+    const uint8_t *p = row + (size_t)(i0 / ti->block) * ti->bytes;
+    int nb = n / ti->block, i = 0;
+    switch (type) {
+    case TYPE_F16:
+        for (; i + 16 <= n; i += 16)
+            _mm512_storeu_ps(out + i, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(p + 2 * i))));
+        for (; i < n; i++) out[i] = fp16_to_fp32((uint16_t)(p[2 * i] | p[2 * i + 1] << 8));
+        return 1;
+    case TYPE_BF16:
+        for (; i + 16 <= n; i += 16) {
+            __m512i h = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(p + 2 * i)));
+            _mm512_storeu_ps(out + i, _mm512_castsi512_ps(_mm512_slli_epi32(h, 16)));
+        }
+        for (; i < n; i++) out[i] = bf16_to_fp32((uint16_t)(p[2 * i] | p[2 * i + 1] << 8));
+        return 1;
+    case TYPE_Q4_0: for (int b = 0; b < nb; b++) dq_q4_0_avx512(out + 32 * b, (const BlockQ4_0 *)p + b); return 1;
+    case TYPE_Q4_1: for (int b = 0; b < nb; b++) dq_q4_1_avx512(out + 32 * b, (const BlockQ4_1 *)p + b); return 1;
+    case TYPE_Q5_0: for (int b = 0; b < nb; b++) dq_q5_0_avx512(out + 32 * b, (const BlockQ5_0 *)p + b); return 1;
+    case TYPE_Q5_1: for (int b = 0; b < nb; b++) dq_q5_1_avx512(out + 32 * b, (const BlockQ5_1 *)p + b); return 1;
+    case TYPE_Q8_0: for (int b = 0; b < nb; b++) dq_q8_0_avx512(out + 32 * b, (const BlockQ8_0 *)p + b); return 1;
+    case TYPE_Q4_K: for (int b = 0; b < nb; b++) dq_q4_K_avx512(out + 256 * b, (const BlockQ4_K *)p + b); return 1;
+    case TYPE_Q5_K: for (int b = 0; b < nb; b++) dq_q5_K_avx512(out + 256 * b, (const BlockQ5_K *)p + b); return 1;
+    case TYPE_Q6_K: for (int b = 0; b < nb; b++) dq_q6_K_avx512(out + 256 * b, (const BlockQ6_K *)p + b); return 1;
+    case TYPE_NF4: for (int b = 0; b < nb; b++) dq_nf4_avx512(out + 64 * b, (const BlockNF4 *)p + b); return 1;
+    default: return 0;
+    }
+}
+#endif
+
+// out[n] = elements [i0, i0 + n) of a row; i0 and n are multiples of the type's block size.
+// Bit-exact with dequantize_row (the SIMD versions keep ggml's order of operations).
+static void dequantize_span(int type, float *out, const uint8_t *row, int i0, int n) {
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+    if (dequantize_span_avx512(type, out, row, i0, n)) return;
+#endif
+    const TypeInfo *ti = type_info(type);
+    dequantize_row(type, out, row + (size_t)(i0 / ti->block) * ti->bytes, n);
+}
+
+// --- bf16 pairs ------------------------------------------------------------------------------
+
+// out[(n + 1) / 2] = in[n] rounded to bf16, two per 32-bit word: element 2j in the low half of
+// out[j], element 2j + 1 in the high half (0 when n is odd and 2j + 1 = n).
+static void to_bf16_pairs(uint32_t *out, const float *in, int n) {
+    int i = 0;
+#if defined(__AVX512BF16__)
+    for (; i + 32 <= n; i += 32)
+        _mm512_storeu_si512(out + i / 2, (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(in + i + 16), _mm512_loadu_ps(in + i)));
+    if (i < n) {  // the tail through masks, so that every element is rounded the same way
+        int r = n - i;
+        __m512 lo = _mm512_maskz_loadu_ps((__mmask16)((1u << (r < 16 ? r : 16)) - 1), in + i);
+        __m512 hi = _mm512_maskz_loadu_ps((__mmask16)(r > 16 ? (1u << (r - 16)) - 1 : 0), in + i + 16);
+        _mm512_mask_storeu_epi32(out + i / 2, (__mmask16)((1u << ((r + 1) / 2)) - 1), (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
+    }
+#else
+    for (; i + 1 < n; i += 2) out[i / 2] = fp32_to_bf16(in[i]) | (uint32_t)fp32_to_bf16(in[i + 1]) << 16;
+    if (i < n) out[i / 2] = fp32_to_bf16(in[i]);
+#endif
+}
+
+// out[n] = the pairs (a[i], b[i]) in bf16: a[i] in the low half, b[i] in the high half; zeros
+// after them up to a multiple of 16.
+static void to_bf16_interleaved(uint32_t *out, const float *a, const float *b, int n) {
+    int i = 0;
+#if defined(__AVX512BF16__)
+    const __m512i idx = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8,
+                                         23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+    for (; i < n; i += 16) {
+        __mmask16 m = (__mmask16)(n - i >= 16 ? 0xffff : (1u << (n - i)) - 1);
+        __m512i ab = (__m512i)_mm512_cvtne2ps_pbh(_mm512_maskz_loadu_ps(m, b + i), _mm512_maskz_loadu_ps(m, a + i));
+        _mm512_storeu_si512(out + i, _mm512_permutexvar_epi16(idx, ab));
+    }
+#else
+    for (; i < n; i++) out[i] = fp32_to_bf16(a[i]) | (uint32_t)fp32_to_bf16(b[i]) << 16;
+    for (; i % 16; i++) out[i] = 0;
+#endif
+}
+
+// The products of two bf16 pairs, added to an fp32 sum the way vdpbf16ps does (high halves
+// first); both products are exact in fp32.
+static float bf16_pair_dot(float acc, uint32_t a, uint32_t b) {
+    acc += bf16_to_fp32((uint16_t)(a >> 16)) * bf16_to_fp32((uint16_t)(b >> 16));
+    acc += bf16_to_fp32((uint16_t)a) * bf16_to_fp32((uint16_t)b);
+    return acc;
+}
+
+// --- The forward product -------------------------------------------------------------------
+
+typedef struct {
+    float *out;            // (T, OUT)
+    const float *bias;     // (OUT) or NULL
+    const QMatrix *W;      // (OUT, IN)
+    int T, TP;             // tokens; TP = T rounded up to 16
+    const uint32_t *x;     // bf16 pairs of inp: pair p of token t at x[p * TP + t], zeros for t >= T
+    float *partial;        // (OUT, TP) sums over the K-chunks done so far, when there are several
+    int KC;                // elements of IN per K-chunk
+} Fwd;
+
+// One tile: tokens 16 * tv0 ... (M vectors of 16) x rows o0 ... o0 + nrows - 1, over the pairs
+// [p0, p0 + P) of the K-chunk; wb + n * P holds row o0 + n's pairs.
+typedef struct {
+    int o0, nrows, tv0, p0, P, first, last;
+    const uint32_t *wb;
+} FwdTile;
+
+// Writes the sums acc[16] of tokens t0.. for row o: to the partial sums, or, at the last
+// K-chunk, to out with the bias.
+static void fwd_store(const Fwd *f, const float *acc, int t0, int o, int last) {
+    if (!last) {
+        memcpy(f->partial + (size_t)o * f->TP + t0, acc, 16 * sizeof(float));
+        return;
+    }
+    float b = f->bias ? f->bias[o] : 0.0f;
+    for (int j = 0; j < 16 && t0 + j < f->T; j++)
+        f->out[(size_t)(t0 + j) * f->W->rows + o] = f->bias ? acc[j] + b : acc[j];
+}
+
+#if defined(__AVX512BF16__)
+static inline __attribute__((always_inline)) void fwd_tile_avx512(const Fwd *f, const FwdTile *tl, const int M) {
+    __m512 acc[4][FWD_N];
+#pragma GCC unroll 4
+    for (int m = 0; m < M; m++)
+#pragma GCC unroll 8
+        for (int n = 0; n < FWD_N; n++)
+            acc[m][n] = tl->first || n >= tl->nrows ? _mm512_setzero_ps()
+                        : _mm512_loadu_ps(f->partial + (size_t)(tl->o0 + n) * f->TP + 16 * (tl->tv0 + m));
+    const uint32_t *x = f->x + (size_t)tl->p0 * f->TP + 16 * tl->tv0, *wb = tl->wb;
+    for (int p = 0; p < tl->P; p++, x += f->TP, wb++) {
+        __m512bh xv[4];
+#pragma GCC unroll 4
+        for (int m = 0; m < M; m++) xv[m] = (__m512bh)_mm512_loadu_si512(x + 16 * m);
+#pragma GCC unroll 8
+        for (int n = 0; n < FWD_N; n++) {
+            __m512bh wv = (__m512bh)_mm512_set1_epi32((int)wb[(size_t)n * tl->P]);
+#pragma GCC unroll 4
+            for (int m = 0; m < M; m++) acc[m][n] = _mm512_dpbf16_ps(acc[m][n], xv[m], wv);
+        }
+    }
+    float buf[16];
+    for (int m = 0; m < M; m++) {
+        for (int n = 0; n < tl->nrows; n++) {
+            _mm512_storeu_ps(buf, acc[m][n]);
+            fwd_store(f, buf, 16 * (tl->tv0 + m), tl->o0 + n, tl->last);
+        }
+    }
+}
+#endif
+
+// The same tile in plain C: the same sums in the same order.
+static void fwd_tile_c(const Fwd *f, const FwdTile *tl, int M) {
+    float acc[4][FWD_N][16];
+    for (int m = 0; m < M; m++)
+        for (int n = 0; n < FWD_N; n++)
+            for (int j = 0; j < 16; j++)
+                acc[m][n][j] = tl->first || n >= tl->nrows ? 0.0f : f->partial[(size_t)(tl->o0 + n) * f->TP + 16 * (tl->tv0 + m) + j];
+    for (int p = 0; p < tl->P; p++) {
+        const uint32_t *x = f->x + (size_t)(tl->p0 + p) * f->TP + 16 * tl->tv0;
+        for (int n = 0; n < FWD_N; n++) {
+            uint32_t w = tl->wb[(size_t)n * tl->P + p];
+            for (int m = 0; m < M; m++)
+                for (int j = 0; j < 16; j++) acc[m][n][j] = bf16_pair_dot(acc[m][n][j], x[16 * m + j], w);
+        }
+    }
+    for (int m = 0; m < M; m++)
+        for (int n = 0; n < tl->nrows; n++) fwd_store(f, acc[m][n], 16 * (tl->tv0 + m), tl->o0 + n, tl->last);
+}
+
+static void fwd_tile(const Fwd *f, const FwdTile *tl, int M) {
+#if defined(__AVX512BF16__)
+    switch (M) {
+    case 4: fwd_tile_avx512(f, tl, 4); return;
+    case 3: fwd_tile_avx512(f, tl, 3); return;
+    case 2: fwd_tile_avx512(f, tl, 2); return;
+    default: fwd_tile_avx512(f, tl, 1); return;
+    }
+    (void)fwd_tile_c;  // compiled and checked everywhere, used where AVX512-BF16 is missing
+#else
+    fwd_tile_c(f, tl, M);
+#endif
+}
+
+// Rows [r0, r1) of the output, every token: K-chunk by K-chunk, FWD_N rows at a time.
+static void fwd_rows(void *ctx, int r0, int r1) {
+    const Fwd *f = ctx;
+    const QMatrix *W = f->W;
+    int IN = W->cols, KP = (f->KC + 1) / 2, NV = f->TP / 16;
+    float *tmp = scratch_local((size_t)f->KC * sizeof(float) + (size_t)FWD_N * KP * sizeof(uint32_t));
+    uint32_t *wb = (uint32_t *)(tmp + f->KC);
+    for (int k0 = 0; k0 < IN; k0 += f->KC) {
+        int kn = IN - k0 < f->KC ? IN - k0 : f->KC, P = (kn + 1) / 2;
+        for (int o0 = r0; o0 < r1; o0 += FWD_N) {
+            FwdTile tl = {o0, r1 - o0 < FWD_N ? r1 - o0 : FWD_N, 0, k0 / 2, P, k0 == 0, k0 + kn >= IN, wb};
+            for (int n = 0; n < FWD_N; n++) {
+                if (n < tl.nrows) {
+                    dequantize_span(W->type, tmp, qmatrix_row_data(W, o0 + n), k0, kn);
+                    to_bf16_pairs(wb + (size_t)n * P, tmp, kn);
+                } else {
+                    memset(wb + (size_t)n * P, 0, (size_t)P * sizeof(uint32_t));
+                }
+            }
+            for (tl.tv0 = 0; tl.tv0 < NV; tl.tv0 += 4) fwd_tile(f, &tl, NV - tl.tv0 < 4 ? NV - tl.tv0 : 4);
+        }
+    }
+}
+
+// Tokens [t0, t1) (multiples of 16, but t1 = TP) of inp packed into f->x.
+typedef struct {
+    Fwd *f;
+    const float *inp;
+} PackX;
+
+static void pack_x(void *ctx, int t0, int t1) {
+    PackX *px = ctx;
+    Fwd *f = px->f;
+    int IN = f->W->cols, P = (IN + 1) / 2;
+    uint32_t *pairs = scratch_local((size_t)P * sizeof(uint32_t));
+    uint32_t *x = (uint32_t *)f->x;
+    for (int t = t0; t < t1; t++) {
+        if (t < f->T) to_bf16_pairs(pairs, px->inp + (size_t)t * IN, IN);
+        else memset(pairs, 0, (size_t)P * sizeof(uint32_t));
+        for (int p = 0; p < P; p++) x[(size_t)p * f->TP + t] = pairs[p];
+    }
+}
+
+static void matmul_tiles(float *out, const float *inp, const QMatrix *W, const float *bias, int T) {
+    int OUT = W->rows, IN = W->cols, TP = (int)round_up((size_t)T, 16);
+    // K-chunks keep the packed activations of a chunk (TP x KC bf16) within ~256 KB.
+    int KC = (int)(round_up((size_t)(256 * 1024 / 2 / TP), CHUNK_ALIGN));
+    if (KC < CHUNK_ALIGN) KC = CHUNK_ALIGN;
+    if (KC >= IN) KC = (int)round_up((size_t)IN, 2);
+    size_t xbytes = round_up((size_t)(IN + 1) / 2 * TP * sizeof(uint32_t), 64);
+    int chunks = (IN + KC - 1) / KC;
+    uint8_t *s = scratch_shared(xbytes + (chunks > 1 ? (size_t)OUT * TP * sizeof(float) : 0));
+    Fwd f = {out, bias, W, T, TP, (const uint32_t *)s, chunks > 1 ? (float *)(s + xbytes) : NULL, KC};
+    PackX px = {&f, inp};
+    parallel_for(pack_x, &px, TP, 16);
+    parallel_for(fwd_rows, &f, OUT, FWD_N);
+}
+
+// --- The backward product ------------------------------------------------------------------
+
+typedef struct {
+    float *dinp;           // (T, IN)
+    const QMatrix *W;      // (OUT, IN)
+    int T, OP;             // tokens; OP = pairs of rows of W, (OUT + 1) / 2
+    const uint32_t *d;     // bf16 pairs of dout: pair q (rows 2q, 2q + 1) of token t at d[t * OP + q]
+} Bwd;
+
+// One tile: columns c0 + 16 m + lane (M vectors, the last one cut at ncols) x tokens
+// t0 ... t0 + N - 1, over the row pairs [q0, q0 + Q); wp + q * ldw holds the pairs of q0 + q.
+typedef struct {
+    int c0, ncols, t0, N, q0, Q;
+    const uint32_t *wp;
+    int ldw;
+} BwdTile;
+
+static void bwd_add(const Bwd *b, const float *acc, int t, int c, int n) {
+    float *dx = b->dinp + (size_t)t * b->W->cols + c;
+    for (int j = 0; j < n; j++) dx[j] += acc[j];
+}
+
+#if defined(__AVX512BF16__)
+static inline __attribute__((always_inline)) void bwd_tile_avx512(const Bwd *b, const BwdTile *tl, const int M) {
+    __m512 acc[4][BWD_N];
+#pragma GCC unroll 4
+    for (int m = 0; m < M; m++)
+#pragma GCC unroll 8
+        for (int n = 0; n < BWD_N; n++) acc[m][n] = _mm512_setzero_ps();
+    const uint32_t *wp = tl->wp, *d = b->d + (size_t)tl->t0 * b->OP + tl->q0;
+    int N = tl->N;
+    for (int q = 0; q < tl->Q; q++, wp += tl->ldw, d++) {
+        __m512bh wv[4];
+#pragma GCC unroll 4
+        for (int m = 0; m < M; m++) wv[m] = (__m512bh)_mm512_loadu_si512(wp + 16 * m);
+#pragma GCC unroll 8
+        for (int n = 0; n < BWD_N; n++) {
+            if (n < N) {
+                __m512bh dv = (__m512bh)_mm512_set1_epi32((int)d[(size_t)n * b->OP]);
+#pragma GCC unroll 4
+                for (int m = 0; m < M; m++) acc[m][n] = _mm512_dpbf16_ps(acc[m][n], wv[m], dv);
+            }
+        }
+    }
+    for (int m = 0; m < M; m++) {
+        int left = tl->ncols - 16 * m;
+        __mmask16 mask = (__mmask16)(left >= 16 ? 0xffff : (1u << left) - 1);
+        for (int n = 0; n < N; n++) {
+            float *dx = b->dinp + (size_t)(tl->t0 + n) * b->W->cols + tl->c0 + 16 * m;
+            _mm512_mask_storeu_ps(dx, mask, _mm512_add_ps(_mm512_maskz_loadu_ps(mask, dx), acc[m][n]));
+        }
+    }
+}
+#endif
+
+static void bwd_tile_c(const Bwd *b, const BwdTile *tl, int M) {
+    float acc[4][BWD_N][16] = {{{0}}};
+    for (int q = 0; q < tl->Q; q++) {
+        const uint32_t *wp = tl->wp + (size_t)q * tl->ldw;
+        for (int n = 0; n < tl->N; n++) {
+            uint32_t dv = b->d[(size_t)(tl->t0 + n) * b->OP + tl->q0 + q];
+            for (int m = 0; m < M; m++)
+                for (int j = 0; j < 16; j++) acc[m][n][j] = bf16_pair_dot(acc[m][n][j], wp[16 * m + j], dv);
+        }
+    }
+    for (int m = 0; m < M; m++) {
+        int left = tl->ncols - 16 * m;
+        for (int n = 0; n < tl->N; n++) bwd_add(b, acc[m][n], tl->t0 + n, tl->c0 + 16 * m, left < 16 ? left : 16);
+    }
+}
+
+static void bwd_tile(const Bwd *b, const BwdTile *tl, int M) {
+#if defined(__AVX512BF16__)
+    switch (M) {
+    case 4: bwd_tile_avx512(b, tl, 4); return;
+    case 3: bwd_tile_avx512(b, tl, 3); return;
+    case 2: bwd_tile_avx512(b, tl, 2); return;
+    default: bwd_tile_avx512(b, tl, 1); return;
+    }
+    (void)bwd_tile_c;
+#else
+    bwd_tile_c(b, tl, M);
+#endif
+}
+
+// Columns [c0, c1) of dinp, every token: BWD_OC rows of W at a time, a block of CB columns at a
+// time (dequantized and interleaved in pairs of rows once, then used by every token).
+static void bwd_cols(void *ctx, int c0, int c1) {
+    const Bwd *b = ctx;
+    const QMatrix *W = b->W;
+    int OUT = W->rows, bs = type_info(W->type)->block, CB = bs > 64 ? bs : 64;
+    float *tmp = scratch_local(2 * (size_t)CB * sizeof(float) + (size_t)(BWD_OC / 2) * CB * sizeof(uint32_t));
+    uint32_t *wp = (uint32_t *)(tmp + 2 * CB);
+    for (int oc0 = 0; oc0 < OUT; oc0 += BWD_OC) {
+        int on = OUT - oc0 < BWD_OC ? OUT - oc0 : BWD_OC, Q = (on + 1) / 2;
+        for (int cb0 = c0; cb0 < c1; cb0 += CB) {
+            int cw = c1 - cb0 < CB ? c1 - cb0 : CB;
+            for (int q = 0; q < Q; q++) {
+                int oa = oc0 + 2 * q;
+                dequantize_span(W->type, tmp, qmatrix_row_data(W, oa), cb0, cw);
+                if (oa + 1 < OUT) dequantize_span(W->type, tmp + CB, qmatrix_row_data(W, oa + 1), cb0, cw);
+                else memset(tmp + CB, 0, (size_t)cw * sizeof(float));
+                to_bf16_interleaved(wp + (size_t)q * CB, tmp, tmp + CB, cw);
+            }
+            for (int t0 = 0; t0 < b->T; t0 += BWD_N) {
+                for (int cv = 0; cv < cw; cv += 64) {
+                    int ncols = cw - cv < 64 ? cw - cv : 64;
+                    BwdTile tl = {cb0 + cv, ncols, t0, b->T - t0 < BWD_N ? b->T - t0 : BWD_N, oc0 / 2, Q, wp + cv, CB};
+                    bwd_tile(b, &tl, (ncols + 15) / 16);
+                }
+            }
+        }
+    }
+}
+
+typedef struct {
+    Bwd *b;
+    const float *dout;
+} PackD;
+
+static void pack_d(void *ctx, int t0, int t1) {
+    PackD *pd = ctx;
+    int OUT = pd->b->W->rows;
+    for (int t = t0; t < t1; t++) to_bf16_pairs((uint32_t *)pd->b->d + (size_t)t * pd->b->OP, pd->dout + (size_t)t * OUT, OUT);
+}
+
+static void matmul_backward_tiles(float *dinp, const float *dout, const QMatrix *W, int T) {
+    int OP = (W->rows + 1) / 2, bs = type_info(W->type)->block;
+    uint32_t *d = scratch_shared((size_t)T * OP * sizeof(uint32_t));
+    Bwd b = {dinp, W, T, OP, d};
+    PackD pd = {&b, dout};
+    parallel_for(pack_d, &pd, T, 1);
+    parallel_for(bwd_cols, &b, W->cols, bs > 16 ? bs : 16);
+}
+
+// --- Few tokens: fp32 rows ---------------------------------------------------------------------
+
+// sum of a[i] * b[i], in a fixed order for a given n.
+static float dot_f32(const float *a, const float *b, int n) {
+    int i = 0;
+#if defined(__AVX512F__)
+    __m512 s0 = _mm512_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
+    for (; i + 64 <= n; i += 64) {
+        s0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), s0);
+        s1 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i + 16), _mm512_loadu_ps(b + i + 16), s1);
+        s2 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i + 32), _mm512_loadu_ps(b + i + 32), s2);
+        s3 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i + 48), _mm512_loadu_ps(b + i + 48), s3);
+    }
+    for (; i < n; i += 16) {
+        __mmask16 m = (__mmask16)(n - i >= 16 ? 0xffff : (1u << (n - i)) - 1);
+        s0 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, a + i), _mm512_maskz_loadu_ps(m, b + i), s0);
+    }
+    return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(s0, s1), _mm512_add_ps(s2, s3)));
+#else
+    float s[8] = {0};
+    for (; i + 8 <= n; i += 8)
+        for (int j = 0; j < 8; j++) s[j] += a[i + j] * b[i + j];
+    for (; i < n; i++) s[0] += a[i] * b[i];
+    return ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));
+#endif
+}
+
+// y[n] += a * x[n]
+static void axpy_f32(float *y, float a, const float *x, int n) {
+    int i = 0;
+#if defined(__AVX512F__)
+    __m512 va = _mm512_set1_ps(a);
+    for (; i < n; i += 16) {
+        __mmask16 m = (__mmask16)(n - i >= 16 ? 0xffff : (1u << (n - i)) - 1);
+        _mm512_mask_storeu_ps(y + i, m, _mm512_fmadd_ps(va, _mm512_maskz_loadu_ps(m, x + i), _mm512_maskz_loadu_ps(m, y + i)));
+    }
+#else
+    for (; i < n; i++) y[i] += a * x[i];
+#endif
+}
+
+typedef struct {
+    float *out;          // (T, OUT) forward, or dinp (T, IN) backward
+    const float *inp;    // (T, IN) forward, or dout (T, OUT) backward
+    const QMatrix *W;    // (OUT, IN)
+    const float *bias;   // (OUT) or NULL
+    int T;
+} Rows;
+
+static void rows_forward(void *ctx, int r0, int r1) {
+    const Rows *r = ctx;
+    int OUT = r->W->rows, IN = r->W->cols;
+    float *w = scratch_local((size_t)IN * sizeof(float));
+    for (int o = r0; o < r1; o++) {
+        dequantize_span(r->W->type, w, qmatrix_row_data(r->W, o), 0, IN);
+        for (int t = 0; t < r->T; t++) {
+            float s = dot_f32(w, r->inp + (size_t)t * IN, IN);
+            r->out[(size_t)t * OUT + o] = r->bias ? s + r->bias[o] : s;
+        }
+    }
+}
+
+static void rows_backward(void *ctx, int c0, int c1) {
+    const Rows *r = ctx;
+    int OUT = r->W->rows, IN = r->W->cols;
+    float *w = scratch_local((size_t)(c1 - c0) * sizeof(float));
+    for (int o = 0; o < OUT; o++) {
+        dequantize_span(r->W->type, w, qmatrix_row_data(r->W, o), c0, c1 - c0);
+        for (int t = 0; t < r->T; t++) axpy_f32(r->out + (size_t)t * IN + c0, r->inp[(size_t)t * OUT + o], w, c1 - c0);
+    }
+}
+#endif  // !SFT_REF
+
+void matmul(float *out, const float *inp, const QMatrix *W, const float *bias, int T) {
+#if defined(SFT_REF)
+    matmul_ref(out, inp, W, bias, T);
+#else
+    if (T <= 0 || W->rows <= 0 || W->cols <= 0) {
+        matmul_ref(out, inp, W, bias, T);
+    } else if (T >= TILE_MIN_T) {
+        matmul_tiles(out, inp, W, bias, T);
+    } else {
+        Rows r = {out, inp, W, bias, T};
+        parallel_for(rows_forward, &r, W->rows, 4);
+    }
+#endif
+}
+
+void matmul_backward_input(float *dinp, const float *dout, const QMatrix *W, int T) {
+#if defined(SFT_REF)
+    matmul_backward_input_ref(dinp, dout, W, T);
+#else
+    if (T <= 0 || W->rows <= 0 || W->cols <= 0) return;
+    if (T >= TILE_MIN_T) {
+        matmul_backward_tiles(dinp, dout, W, T);
+    } else {
+        int bs = type_info(W->type)->block;
+        Rows r = {dinp, dout, W, NULL, T};
+        parallel_for(rows_backward, &r, W->cols, bs > 64 ? bs : 64);
+    }
+#endif
+}

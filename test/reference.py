@@ -1,0 +1,397 @@
+#!/usr/bin/env python3
+"""reference.py: the float64 PyTorch reference for sft's forward and backward passes.
+
+It builds two tiny random Qwen2 models (grouped-query attention; one with tied embeddings, one
+without), each with a LoRA adapter whose A and B are non-zero on all seven projections, and writes
+for each, under test/fixtures/:
+    NAME/model/       a Hugging Face model directory: config.json, model.safetensors (F32),
+                      tokenizer.json (256 byte tokens + 3 special tokens, no merges), tokenizer_config.json
+    NAME/adapter/     adapter_config.json + adapter_model.safetensors, as PEFT writes them
+    NAME/expected_{f32,q8_0,q4_0}.safetensors   what sft must compute (below)
+and one data file, data.jsonl (chat examples, multi-turn included).
+
+Expected values (all F32 tensors): ex{i}.tokens / ex{i}.mask (token ids and assistant-loss masks),
+loss (mean NLL over all targets of all examples, with the adapter), loss_all (--loss-on all),
+loss_base (without the adapter), n_targets, logits [P, V] at positions logits_pos [P] of example 0,
+and the gradient of `loss` with respect to every LoRA tensor, under the adapter's tensor names.
+The q8_0 / q4_0 files hold the same computed on the weights after ggml's reference quantizers
+(quantize_row_q8_0_ref / quantize_row_q4_0_ref) and dequantization: every matrix (the seven
+projections, the embedding and lm_head) is quantized; norms and biases stay F32.
+
+The model is Hugging Face's Qwen2ForCausalLM written out in a page of torch, in float64, with
+autograd for the gradients; nothing here is shared with the C code. Like llm.c's train_gpt2.py it
+is run by hand, never by make:  /usr/bin/python3 test/reference.py   (needs torch and numpy).
+"""
+import json
+import math
+import os
+import struct
+import unicodedata
+
+import numpy as np
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+OUT = os.path.join(HERE, "fixtures")
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+DEFAULT_SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
+
+# -----------------------------------------------------------------------------------------------
+# Files: safetensors and the tiny byte-level tokenizer
+
+
+def write_safetensors(path, tensors):
+    """tensors: {name: np.ndarray}, written as F32 in the given order (with PEFT's metadata)."""
+    header, blobs, offset = {"__metadata__": {"format": "pt"}}, [], 0
+    for name, arr in tensors.items():
+        data = np.ascontiguousarray(arr, dtype="<f4").tobytes()
+        header[name] = {"dtype": "F32", "shape": list(arr.shape), "data_offsets": [offset, offset + len(data)]}
+        blobs.append(data)
+        offset += len(data)
+    h = json.dumps(header, separators=(",", ":")).encode()
+    h += b" " * (-len(h) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(h)) + h + b"".join(blobs))
+
+
+def bytes_to_unicode():
+    """GPT-2's byte -> printable character map; its order is the order of Qwen2's first 256 ids."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return bs, [chr(c) for c in cs]
+
+
+BYTE_ORDER, BYTE_CHARS = bytes_to_unicode()
+BYTE_ID = {b: i for i, b in enumerate(BYTE_ORDER)}        # byte value -> token id
+SPECIAL_ID = {s: 256 + i for i, s in enumerate(SPECIALS)}  # 256, 257, 258
+
+
+def tokenizer_json():
+    real_pre = {"type": "Sequence", "pretokenizers": [
+        {"type": "Split", "pattern": {"Regex": "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+"},
+         "behavior": "Isolated", "invert": False},
+        {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False}]}
+    bl = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False}
+    added = [{"id": SPECIAL_ID[s], "content": s, "single_word": False, "lstrip": False, "rstrip": False,
+              "normalized": False, "special": True} for s in SPECIALS]
+    vocab = {c: i for i, c in enumerate(BYTE_CHARS)}
+    return {"version": "1.0", "truncation": None, "padding": None, "added_tokens": added,
+            "normalizer": {"type": "NFC"}, "pre_tokenizer": real_pre, "post_processor": bl, "decoder": bl,
+            "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": "",
+                      "end_of_word_suffix": "", "fuse_unk": False, "byte_fallback": False,
+                      "ignore_merges": False, "vocab": vocab, "merges": []}}
+
+
+def encode_plain(text):
+    """Text without special tokens -> ids: with no merges, byte-level BPE gives one id per byte."""
+    return [BYTE_ID[b] for b in unicodedata.normalize("NFC", text).encode("utf-8")]
+
+
+def render_and_mask(example):
+    """One JSONL example -> (ids, mask) with the Qwen2.5 chat template; mask[t] = 1 on the tokens of
+    each assistant message's content and on the <|im_end|> that closes it."""
+    if "prompt" in example:
+        msgs = [{"role": "user", "content": example["prompt"]}, {"role": "assistant", "content": example["completion"]}]
+    else:
+        msgs = example["messages"]
+    if msgs[0]["role"] != "system":
+        msgs = [{"role": "system", "content": DEFAULT_SYSTEM}] + msgs
+    ids, mask = [], []
+
+    def put(tokens, m):
+        ids.extend(tokens)
+        mask.extend([m] * len(tokens))
+
+    for msg in msgs:
+        a = msg["role"] == "assistant"
+        put([SPECIAL_ID["<|im_start|>"]], 0)
+        put(encode_plain(msg["role"] + "\n"), 0)
+        put(encode_plain(msg["content"]), int(a))
+        put([SPECIAL_ID["<|im_end|>"]], int(a))
+        put(encode_plain("\n"), 0)
+    mask[0] = 0
+    return ids, mask
+
+
+DATA = [
+    {"messages": [{"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "Hello! How can I help?"}]},
+    {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"},
+                  {"role": "assistant", "content": "4"}, {"role": "user", "content": "And 3+3?"},
+                  {"role": "assistant", "content": "6, of course."}]},
+    {"prompt": "Say yes.", "completion": "Yes."},
+]
+
+# -----------------------------------------------------------------------------------------------
+# ggml's reference quantizers, in float32 arithmetic exactly as the C code runs them
+
+
+def fp16_round(x):
+    return np.float32(np.float16(x))  # round to nearest even, as GGML_FP32_TO_FP16
+
+
+def q8_0_dequant(w):
+    w = w.astype(np.float32).reshape(-1, 32)
+    out = np.empty_like(w)
+    for i, x in enumerate(w):
+        amax = np.float32(np.max(np.abs(x)))
+        d = np.float32(amax / np.float32(127))
+        idv = np.float32(1) / d if d != 0 else np.float32(0)
+        q = np.array([math.copysign(math.floor(abs(float(v)) + 0.5), float(v)) for v in (x * idv).astype(np.float32)],
+                     dtype=np.float32)  # roundf: half away from zero
+        out[i] = q * fp16_round(d)
+    return out.reshape(-1)
+
+
+def q4_0_dequant(w):
+    w = w.astype(np.float32).reshape(-1, 32)
+    out = np.empty_like(w)
+    for i, x in enumerate(w):
+        j = int(np.argmax(np.abs(x)))            # the first element of largest magnitude
+        mx = x[j]
+        d = np.float32(mx / np.float32(-8))
+        idv = np.float32(1) / d if d != 0 else np.float32(0)
+        v = (x * idv).astype(np.float32) + np.float32(8.5)
+        q = np.minimum(15, np.trunc(v.astype(np.float32))).astype(np.float32)  # (int8_t) truncates
+        out[i] = (q - 8) * fp16_round(d)
+    return out.reshape(-1)
+
+
+def quantize_matrices(w, kind):
+    f = {"q8_0": q8_0_dequant, "q4_0": q4_0_dequant}[kind]
+    out = dict(w)
+    for name, arr in w.items():
+        if arr.ndim == 2:
+            out[name] = f(arr).reshape(arr.shape)
+    return out
+
+# -----------------------------------------------------------------------------------------------
+# The model: Qwen2ForCausalLM + PEFT LoRA, float64
+
+
+def rope_tables(T, HS, theta):
+    """cos, sin [T, HS/2] as Hugging Face computes them (float32 angles), then float64."""
+    inv = np.array([1.0 / theta ** (2 * j / HS) for j in range(HS // 2)]).astype(np.float32)
+    ang = (np.arange(T, dtype=np.float32)[:, None] * inv[None, :]).astype(np.float32)
+    cos = np.cos(ang.astype(np.float64)).astype(np.float32)
+    sin = np.sin(ang.astype(np.float64)).astype(np.float32)
+    return torch.tensor(cos, dtype=torch.float64), torch.tensor(sin, dtype=torch.float64)
+
+
+def rope(x, cos, sin):
+    """x [T, H, HS]: rotate_half convention, pairs (j, j + HS/2)."""
+    h = x.shape[-1] // 2
+    x1, x2 = x[..., :h], x[..., h:]
+    c, s = cos[:, None, :], sin[:, None, :]
+    return torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], dim=-1)
+
+
+def rmsnorm(x, w, eps):
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w
+
+
+def linear(x, W, b, lora, key):
+    y = x @ W.T
+    if b is not None:
+        y = y + b
+    if lora is not None and key in lora["A"]:
+        y = y + lora["scale"] * ((x @ lora["A"][key].T) @ lora["B"][key].T)
+    return y
+
+
+def forward(cfg, w, lora, ids):
+    """ids [T] -> logits [T, V]."""
+    T, C, NH, NKV = len(ids), cfg["hidden_size"], cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    HS = C // NH
+    cos, sin = rope_tables(T, HS, cfg["rope_theta"])
+    eps = cfg["rms_norm_eps"]
+    x = w["model.embed_tokens.weight"][torch.tensor(ids)]
+    causal = torch.ones(T, T, dtype=torch.bool).tril()
+    for l in range(cfg["num_hidden_layers"]):
+        p = f"model.layers.{l}."
+
+        def lin(inp, sub, proj, bias=True):
+            return linear(inp, w[p + sub + proj + ".weight"], w.get(p + sub + proj + ".bias") if bias else None, lora,
+                          f"{l}.{proj}")
+        h = rmsnorm(x, w[p + "input_layernorm.weight"], eps)
+        q = rope(lin(h, "self_attn.", "q_proj").view(T, NH, HS), cos, sin)
+        k = rope(lin(h, "self_attn.", "k_proj").view(T, NKV, HS), cos, sin)
+        v = lin(h, "self_attn.", "v_proj").view(T, NKV, HS)
+        k = k.repeat_interleave(NH // NKV, dim=1)  # query head hq uses kv head hq // (NH / NKV)
+        v = v.repeat_interleave(NH // NKV, dim=1)
+        att = torch.einsum("ihd,jhd->hij", q, k) / math.sqrt(HS)
+        att = att.masked_fill(~causal, float("-inf")).softmax(-1)
+        y = torch.einsum("hij,jhd->ihd", att, v).reshape(T, C)
+        x = x + lin(y, "self_attn.", "o_proj", False)
+        h = rmsnorm(x, w[p + "post_attention_layernorm.weight"], eps)
+        g, u = lin(h, "mlp.", "gate_proj", False), lin(h, "mlp.", "up_proj", False)
+        x = x + lin(torch.nn.functional.silu(g) * u, "mlp.", "down_proj", False)
+    x = rmsnorm(x, w["model.norm.weight"], eps)
+    head = w["model.embed_tokens.weight"] if cfg["tie_word_embeddings"] else w["lm_head.weight"]
+    return x @ head.T
+
+
+def nll_sum(logits, ids, mask):
+    """Sum over t >= 1 with mask[t] of -log p(ids[t] | ids[:t])."""
+    lp = torch.log_softmax(logits[:-1], dim=-1)
+    tgt = torch.tensor(ids[1:])
+    m = torch.tensor(mask[1:], dtype=torch.float64)
+    return -(lp[torch.arange(len(tgt)), tgt] * m).sum()
+
+# -----------------------------------------------------------------------------------------------
+# Fixtures
+
+
+def lora_name(l, proj, ab):
+    sub = "self_attn" if proj in TARGETS[:4] else "mlp"
+    return f"base_model.model.model.layers.{l}.{sub}.{proj}.lora_{ab}.weight"
+
+
+def make_model(rng, cfg):
+    C, FF, V, L = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"], cfg["num_hidden_layers"]
+    KV = cfg["num_key_value_heads"] * (C // cfg["num_attention_heads"])
+
+    def mat(o, i):
+        return rng.normal(0, 1 / math.sqrt(i), (o, i)).astype(np.float32)
+
+    def vec(n, mean, std):
+        return (mean + std * rng.normal(size=n)).astype(np.float32)
+    w = {"model.embed_tokens.weight": rng.normal(0, 2 / math.sqrt(C), (V, C)).astype(np.float32)}
+    for l in range(L):
+        p = f"model.layers.{l}."
+        w[p + "input_layernorm.weight"] = vec(C, 1, 0.2)
+        w[p + "self_attn.q_proj.weight"], w[p + "self_attn.q_proj.bias"] = mat(C, C), vec(C, 0, 0.5)
+        w[p + "self_attn.k_proj.weight"], w[p + "self_attn.k_proj.bias"] = mat(KV, C), vec(KV, 0, 0.5)
+        w[p + "self_attn.v_proj.weight"], w[p + "self_attn.v_proj.bias"] = mat(KV, C), vec(KV, 0, 0.5)
+        w[p + "self_attn.o_proj.weight"] = mat(C, C)
+        w[p + "post_attention_layernorm.weight"] = vec(C, 1, 0.2)
+        w[p + "mlp.gate_proj.weight"], w[p + "mlp.up_proj.weight"] = mat(FF, C), mat(FF, C)
+        w[p + "mlp.down_proj.weight"] = mat(C, FF)
+    w["model.norm.weight"] = vec(C, 1, 0.2)
+    if not cfg["tie_word_embeddings"]:
+        w["lm_head.weight"] = mat(V, C)
+    return w
+
+
+def make_lora(rng, cfg, r):
+    C, FF, L = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"]
+    KV = cfg["num_key_value_heads"] * (C // cfg["num_attention_heads"])
+    shapes = {"q_proj": (C, C), "k_proj": (KV, C), "v_proj": (KV, C), "o_proj": (C, C),
+              "gate_proj": (FF, C), "up_proj": (FF, C), "down_proj": (C, FF)}
+    t = {}
+    for l in range(L):
+        for proj in TARGETS:
+            o, i = shapes[proj]
+            t[lora_name(l, proj, "A")] = rng.uniform(-1 / math.sqrt(i), 1 / math.sqrt(i), (r, i)).astype(np.float32)
+            t[lora_name(l, proj, "B")] = rng.normal(0, 0.2, (o, r)).astype(np.float32)
+    return t
+
+
+def peft_config(r, alpha, targets):
+    """adapter_config.json with every key PEFT 0.13 writes (sft must ignore the ones it does not use)."""
+    return {"alpha_pattern": {}, "auto_mapping": None, "base_model_name_or_path": "tiny-qwen2", "bias": "none",
+            "fan_in_fan_out": False, "inference_mode": True, "init_lora_weights": True, "layer_replication": None,
+            "layers_pattern": None, "layers_to_transform": None, "loftq_config": {}, "lora_alpha": alpha,
+            "lora_dropout": 0.05, "megatron_config": None, "megatron_core": "megatron.core", "modules_to_save": None,
+            "peft_type": "LORA", "r": r, "rank_pattern": {}, "revision": None, "target_modules": targets,
+            "task_type": "CAUSAL_LM", "use_dora": False, "use_rslora": False}
+
+
+def hf_config(C, NH, NKV, FF, L, V, theta, tied):
+    return {"architectures": ["Qwen2ForCausalLM"], "attention_dropout": 0.0, "bos_token_id": SPECIAL_ID["<|endoftext|>"],
+            "eos_token_id": SPECIAL_ID["<|im_end|>"], "hidden_act": "silu", "hidden_size": C, "initializer_range": 0.02,
+            "intermediate_size": FF, "max_position_embeddings": 256, "max_window_layers": L, "model_type": "qwen2",
+            "num_attention_heads": NH, "num_hidden_layers": L, "num_key_value_heads": NKV, "rms_norm_eps": 1e-6,
+            "rope_scaling": None, "rope_theta": theta, "sliding_window": 256, "tie_word_embeddings": tied,
+            "torch_dtype": "float32", "transformers_version": "4.45.0", "use_cache": True, "use_sliding_window": False,
+            "vocab_size": V}
+
+
+def expected(cfg, w32, lora32, r, alpha, examples):
+    """Loss, logits and LoRA gradients in float64 for weights w32 (float32 arrays)."""
+    w = {k: torch.tensor(v, dtype=torch.float64) for k, v in w32.items()}
+    params = {k: torch.tensor(v, dtype=torch.float64, requires_grad=True) for k, v in lora32.items()}
+    lora = {"scale": alpha / r, "A": {}, "B": {}}
+    for l in range(cfg["num_hidden_layers"]):
+        for proj in TARGETS:
+            lora["A"][f"{l}.{proj}"] = params[lora_name(l, proj, "A")]
+            lora["B"][f"{l}.{proj}"] = params[lora_name(l, proj, "B")]
+    n_targets = sum(sum(m[1:]) for _, m in examples)
+    n_all = sum(len(ids) - 1 for ids, _ in examples)
+    total, total_all, total_base, logits0 = 0, 0.0, 0.0, None
+    for k, (ids, mask) in enumerate(examples):
+        logits = forward(cfg, w, lora, ids)
+        total = total + nll_sum(logits, ids, mask)
+        total_all += nll_sum(logits.detach(), ids, [0] + [1] * (len(ids) - 1)).item()
+        with torch.no_grad():
+            total_base += nll_sum(forward(cfg, w, None, ids), ids, mask).item()
+        if k == 0:
+            logits0 = logits.detach()
+    loss = total / n_targets
+    loss.backward()
+    ids0 = examples[0][0]
+    pos = [0, 1, len(ids0) // 2, len(ids0) - 1]
+    out = {}
+    for k, (ids, mask) in enumerate(examples):
+        out[f"ex{k}.tokens"] = np.array(ids, dtype=np.float32)
+        out[f"ex{k}.mask"] = np.array(mask, dtype=np.float32)
+    out["loss"] = np.array([loss.item()])
+    out["loss_all"] = np.array([total_all / n_all])
+    out["loss_base"] = np.array([total_base / n_targets])
+    out["n_targets"] = np.array([n_targets])
+    out["logits_pos"] = np.array(pos)
+    out["logits"] = logits0[pos].numpy()
+    for name, p in params.items():
+        out[name] = p.grad.numpy()
+    return out, loss.item()
+
+
+def build(name, seed, C, NH, NKV, FF, L, V, theta, tied, r, alpha, targets_field, examples):
+    rng = np.random.default_rng(seed)
+    cfg = hf_config(C, NH, NKV, FF, L, V, theta, tied)
+    w = make_model(rng, cfg)
+    lora = make_lora(rng, cfg, r)
+    d = os.path.join(OUT, name)
+    os.makedirs(os.path.join(d, "model"), exist_ok=True)
+    os.makedirs(os.path.join(d, "adapter"), exist_ok=True)
+    with open(os.path.join(d, "model", "config.json"), "w") as f:
+        json.dump(cfg, f, indent=2)
+    write_safetensors(os.path.join(d, "model", "model.safetensors"), w)
+    with open(os.path.join(d, "model", "tokenizer.json"), "w") as f:
+        json.dump(tokenizer_json(), f, ensure_ascii=False)
+    with open(os.path.join(d, "model", "tokenizer_config.json"), "w") as f:
+        json.dump({"add_bos_token": False, "bos_token": None, "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>",
+                   "model_max_length": 256, "tokenizer_class": "Qwen2Tokenizer"}, f, indent=2)
+    with open(os.path.join(d, "adapter", "adapter_config.json"), "w") as f:
+        json.dump(peft_config(r, alpha, targets_field), f, indent=2, sort_keys=True)
+    write_safetensors(os.path.join(d, "adapter", "adapter_model.safetensors"), lora)
+    for kind in ["f32", "q8_0", "q4_0"]:
+        wk = w if kind == "f32" else quantize_matrices(w, kind)
+        out, loss = expected(cfg, wk, lora, r, alpha, examples)
+        write_safetensors(os.path.join(d, f"expected_{kind}.safetensors"), out)
+        print(f"{name} {kind}: loss {loss:.9g}, {int(out['n_targets'][0])} targets, base loss {out['loss_base'][0]:.9g}")
+
+
+def main():
+    torch.manual_seed(0)
+    os.makedirs(OUT, exist_ok=True)
+    with open(os.path.join(OUT, "data.jsonl"), "w") as f:
+        for ex in DATA:
+            f.write(json.dumps(ex) + "\n")
+    examples = [render_and_mask(ex) for ex in DATA]
+    # tied: C 32, 4 query heads sharing 2 kv heads of size 8, every target listed (PEFT writes a list)
+    build("tied", 1, C=32, NH=4, NKV=2, FF=64, L=2, V=264, theta=10000.0, tied=True, r=4, alpha=8,
+          targets_field=["k_proj", "o_proj", "q_proj", "v_proj", "down_proj", "up_proj", "gate_proj"], examples=examples)
+    # untied: C 64, 4 query heads sharing 1 kv head of size 16, target_modules as one (regex) string
+    build("untied", 2, C=64, NH=4, NKV=1, FF=96, L=2, V=272, theta=1000000.0, tied=False, r=2, alpha=6,
+          targets_field=".*\\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)", examples=examples)
+
+
+if __name__ == "__main__":
+    main()
