@@ -11,7 +11,7 @@ CFLAGS += -std=c11 -Wall -Wextra -D_POSIX_C_SOURCE=200809L -pthread
 LDLIBS  = -lm -pthread
 LIB     = $(filter-out sft.c,$(wildcard *.c))
 HDR     = $(wildcard *.h)
-TESTS   = $(wildcard test/*.c)
+TESTS   = $(filter-out test/bench%.c,$(wildcard test/*.c))
 
 sft: sft.c $(LIB) $(HDR)
 	$(CC) $(OPT) $(CFLAGS) -o $@ sft.c $(LIB) $(LDLIBS)
@@ -30,13 +30,17 @@ test-asan:
 	ASAN_OPTIONS=detect_leaks=1 ./test/run
 	$(MAKE) -B sft test/run
 
-bench: sft
+test/bench test/bench_kernels: sft test/bench.c test/bench_kernels.c
+	$(CC) $(OPT) $(CFLAGS) -o test/bench test/bench.c $(LIB) $(LDLIBS)
+	$(CC) $(OPT) $(CFLAGS) -o test/bench_kernels test/bench_kernels.c $(LIB) $(LDLIBS)
+
+bench: sft test/bench test/bench_kernels
 	./test/bench.sh
 
 demo: sft
 	./test/demo.sh
 
 clean:
-	rm -rf sft test/run test/tmp bench.json
+	rm -rf sft test/run test/bench test/bench_kernels test/tmp bench.json
 
 .PHONY: debug test test-asan bench demo clean

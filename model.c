@@ -16,7 +16,7 @@
 #include "lora.h"
 #include "threads.h"
 
-#define LOSS_CHUNK 16          // target positions whose logits [LOSS_CHUNK, V] exist at one time
+#define LOSS_CHUNK 32          // target positions whose logits [LOSS_CHUNK, V] exist at one time
 #define INFER_CHUNK 32         // prompt tokens run through the model at one time in model_infer
 #define ACT_BUDGET ((size_t)512 << 20)  // bytes of Activations above which layers recompute gate/up
 #define ATT_BLOCK 64           // keys scored at one time by the attention kernels
@@ -372,20 +372,20 @@ static void lora_dA_cols(void *ctx, int start, int end) {
                  end - start);
 }
 
-// dx[t, i] += dropout'(t, i) sum_r du[t, r] A[r, i]
+// dx[t, i] += dropout'(t, i) sum_r du[t, r] A[r, i], 64 columns at a time
 static void lora_dx_rows(void *ctx, int start, int end) {
     const LoraArgs *a = ctx;
     const LoraSite *s = a->s;
+    float acc[64];
     for (int t = start; t < end; t++) {
         float *dx = a->dx + (size_t)t * a->in;
-        for (int r = 0; r < s->R; r++) {
-            float d = s->du[(size_t)t * s->R + r];
-            const float *A = s->pair->A + (size_t)r * a->in;
-            if (s->p <= 0) {
-                axpy(dx, d, A, a->in);
-            } else {
-                for (int i = 0; i < a->in; i++) dx[i] += d * A[i] * dropout_factor(s, t, i);
-            }
+        for (int i0 = 0; i0 < a->in; i0 += 64) {
+            int n = min_int(64, a->in - i0);
+            for (int i = 0; i < n; i++) acc[i] = 0;
+            for (int r = 0; r < s->R; r++) axpy(acc, s->du[(size_t)t * s->R + r], s->pair->A + (size_t)r * a->in + i0, n);
+            if (s->p > 0)
+                for (int i = 0; i < n; i++) acc[i] *= dropout_factor(s, t, i0 + i);
+            for (int i = 0; i < n; i++) dx[i0 + i] += acc[i];
         }
     }
 }
@@ -683,11 +683,12 @@ static void crossentropy_rows(void *ctx, int start, int end) {
         float m = -INFINITY;
         for (int i = 0; i < a->V; i++) m = z[i] > m ? z[i] : m;
         double sum = 0;
-        for (int i = 0; i < a->V; i++) sum += exp((double)z[i] - m);
+        for (int i = 0; i < a->V; i++) sum += expf(z[i] - m);
         double lse = m + log(sum);
         a->row_loss[r] = lse - z[a->targets[r]];
         if (!a->backward) continue;
-        for (int i = 0; i < a->V; i++) z[i] = a->grad_scale * (float)exp((double)z[i] - lse);
+        float scale = a->grad_scale / (float)sum;  // softmax = exp(z - m) / sum
+        for (int i = 0; i < a->V; i++) z[i] = scale * expf(z[i] - m);
         z[a->targets[r]] -= a->grad_scale;
     }
 }

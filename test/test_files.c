@@ -57,12 +57,24 @@ static void write_bytes(const char *path, const void *p, size_t n) {
 
 static void write_text(const char *path, const char *s) { write_bytes(path, s, strlen(s)); }
 
-static char *path_in(const char *dir, const char *name) {
-    static char buf[4][512];  // a few paths alive at once
+// DIR/NAME in one of 8 static buffers used in turn: good for a call's arguments; paths kept
+// longer are copied into a Path.
+static const char *path_in(const char *dir, const char *name) {
+    static char buf[8][600];
     static int k;
-    k = (k + 1) % 4;
-    snprintf(buf[k], sizeof buf[k], "%s/%s", dir, name);
+    k = (k + 1) % 8;
+    snprintf(buf[k], sizeof buf[k], "%.280s/%.280s", dir, name);
     return buf[k];
+}
+
+typedef struct {
+    char s[600];
+} Path;
+
+static Path path_of(const char *dir, const char *name) {
+    Path p;
+    snprintf(p.s, sizeof p.s, "%.280s/%.280s", dir, name);
+    return p;
 }
 
 static int contains(const char *s, const char *sub) { return s && strstr(s, sub) != NULL; }
@@ -195,13 +207,15 @@ static void test_st_broken(const char *dir) {
 
 static void test_st_shards(const char *dir) {
     float a[2] = {1, 2}, b[3] = {3, 4, 5};
-    StTensor ta = {.name = "a", .type = TYPE_F32, .n_dims = 1, .shape = {2}, .data = a};
+    StTensor ta[2] = {{.name = "a", .type = TYPE_F32, .n_dims = 1, .shape = {2}, .data = a},
+                      {.name = "c", .type = TYPE_F32, .n_dims = 0, .data = b}};
     StTensor tb = {.name = "b", .type = TYPE_F32, .n_dims = 1, .shape = {3}, .data = b};
     Err e;
-    safetensors_write(path_in(dir, "m-1.safetensors"), &ta, 1, NULL, &e);
+    safetensors_write(path_in(dir, "m-1.safetensors"), ta, 2, NULL, &e);
     safetensors_write(path_in(dir, "m-2.safetensors"), &tb, 1, NULL, &e);
-    const char *index = path_in(dir, "model.safetensors.index.json");
-    write_text(index, "{\"metadata\":{\"total_size\":20},\"weight_map\":{\"a\":\"m-1.safetensors\",\"b\":\"m-2.safetensors\"}}");
+    Path pindex = path_of(dir, "model.safetensors.index.json");
+    const char *index = pindex.s;
+    write_text(index, "{\"metadata\":{\"total_size\":20},\"weight_map\":{\"a\":\"m-1.safetensors\",\"b\":\"m-2.safetensors\",\"c\":\"m-1.safetensors\"}}");
     StModel s;
     int rc = safetensors_open_dir(&s, dir, &e);
     check(rc == 0 && s.n_files == 2, "st shards: open with index", "%s", rc ? e.msg : "files");
@@ -212,8 +226,8 @@ static void test_st_shards(const char *dir) {
         safetensors_close_dir(&s);
     }
     struct { const char *name, *json, *want; } bad[] = {
-        {"st shards: tensor in the wrong file", "{\"weight_map\":{\"a\":\"m-2.safetensors\",\"b\":\"m-2.safetensors\"}}", "not in"},
-        {"st shards: tensor missing from the index", "{\"weight_map\":{\"a\":\"m-1.safetensors\"}}", "index lists"},
+        {"st shards: tensor in the wrong file", "{\"weight_map\":{\"a\":\"m-2.safetensors\",\"b\":\"m-2.safetensors\",\"c\":\"m-1.safetensors\"}}", "not in"},
+        {"st shards: tensor missing from the index", "{\"weight_map\":{\"a\":\"m-1.safetensors\",\"b\":\"m-2.safetensors\"}}", "index lists"},
         {"st shards: path outside the directory", "{\"weight_map\":{\"a\":\"../m-1.safetensors\"}}", "not a file name"},
         {"st shards: missing shard", "{\"weight_map\":{\"a\":\"m-9.safetensors\"}}", "m-9"},
         {"st shards: no weight_map", "{\"x\":{}}", "weight_map"},
@@ -422,13 +436,14 @@ static void test_gguf_broken_header(const char *dir) {
     Buf ok = gguf_valid(), b = {0};
     GgufFile g;
     Err e;
-    const char *path = path_in(dir, "v2.gguf");
+    Path pv2 = path_of(dir, "v2.gguf"), pcut = path_of(dir, "cut.gguf");
+    const char *path = pv2.s;
     write_bytes(path, ok.p, ok.n);
     int rc = gguf_open(&g, path, &e);
     check(rc == 0 && g.version == 2 && g.n_tensors == 2 && g.tensors[1].offset == 32, "gguf: hand-made version 2 file", "%s", e.msg);
     if (rc == 0) gguf_close(&g);
     int fails = 0;
-    const char *cut = path_in(dir, "cut.gguf");
+    const char *cut = pcut.s;
     for (size_t k = 0; k < ok.n; k++) {
         write_bytes(cut, ok.p, k);
         if (gguf_open(&g, cut, &e) == 0) fails++, gguf_close(&g);
@@ -617,7 +632,7 @@ static int copy_gguf(const char *src, const char *dst, const Edit *ed) {
 }
 
 static int init_model(const char *out, const char *type, const char *extra) {
-    char cmd[1024];
+    char cmd[2048];
     snprintf(cmd, sizeof cmd, "%s init --config tiny --tokenizer %s --type %s --seed 7 --out %s %s", sft_binary(),
              FIXTURE_TOKENIZER, type, out, extra ? extra : "");
     return run_command(cmd, NULL);
@@ -629,7 +644,8 @@ static void test_model_broken(const char *dir, const char *f32) {
     int rc = model_load(&m, f32, -1, &e);
     check(rc == 0, "model: copy harness baseline loads", "%s", e.msg);
     if (rc == 0) model_free(&m);
-    const char *out = path_in(dir, "edited.gguf");
+    Path pout = path_of(dir, "edited.gguf");
+    const char *out = pout.s;
     Edit same = {0};
     rc = copy_gguf(f32, out, &same) || model_load(&m, out, -1, &e);
     check(rc == 0, "model: unedited copy loads", "%s", e.msg);
@@ -783,8 +799,9 @@ static int same_weights(const Model *a, const Model *b, double tol) {
 static void test_model_hf(const char *dir, const char *f32) {
     Model g, h;
     Err e;
-    const char *hf = path_in(dir, "hf");
-    char cmd[600];
+    Path phf = path_of(dir, "hf"), phf2 = path_of(dir, "hf2");
+    const char *hf = phf.s;
+    char cmd[1400];
     snprintf(cmd, sizeof cmd, "mkdir -p %s", hf);
     system(cmd);
     int rc = gguf_to_hf(f32, hf, 0, 1, 320) || model_load(&g, f32, -1, &e);
@@ -816,7 +833,7 @@ static void test_model_hf(const char *dir, const char *f32) {
     check(rc == -1 && contains(e.msg, "generation_config.json"), "model: bad generation_config.json", "%s", e.msg);
     remove(path_in(hf, "generation_config.json"));
     // BF16 in two shards with an index: the same weights, rounded to BF16.
-    const char *hf2 = path_in(dir, "hf2");
+    const char *hf2 = phf2.s;
     snprintf(cmd, sizeof cmd, "mkdir -p %s", hf2);
     system(cmd);
     rc = gguf_to_hf(f32, hf2, 1, 2, 320) || model_load(&h, hf2, TYPE_F32, &e);
@@ -846,7 +863,8 @@ static void test_model_hf(const char *dir, const char *f32) {
 }
 
 static void test_model_init(const char *dir) {
-    const char *f32 = path_in(dir, "tiny-f32.gguf"), *q8 = path_in(dir, "tiny-q8.gguf"), *again = path_in(dir, "again.gguf");
+    Path pf = path_of(dir, "tiny-f32.gguf"), pq = path_of(dir, "tiny-q8.gguf"), pa = path_of(dir, "again.gguf");
+    const char *f32 = pf.s, *q8 = pq.s, *again = pa.s;
     int rc = init_model(f32, "f32", "--embed-std 0.5") | init_model(q8, "q8_0", NULL) | init_model(again, "q8_0", NULL);
     check(rc == 0, "sft init tiny (f32, q8_0)", "exit status %d", rc);
     if (rc != 0) return;
@@ -895,16 +913,20 @@ static void test_model_init(const char *dir) {
 }
 
 static void test_files_cli(const char *dir) {
-    const char *f32 = path_in(dir, "tiny-f32.gguf");
-    char cmd[1024], *out = NULL;
+    Path pf = path_of(dir, "tiny-f32.gguf"), pq = path_of(dir, "tiny-q4.gguf");
+    const char *f32 = pf.s;
+    char cmd[2048], *out = NULL;
     snprintf(cmd, sizeof cmd, "%s info --model %s", sft_binary(), f32);
     int rc = run_command(cmd, &out);
-    check(rc == 0 && contains(out, "blk.1.ffn_down.weight") && contains(out, "[    64,    128]  f32") &&
-              contains(out, "total: 26 tensors") && contains(out, "259 tokens"),
+    char line[256] = "";
+    const char *at = out ? strstr(out, "blk.1.ffn_down.weight") : NULL;
+    if (at) snprintf(line, sizeof line, "%.*s", (int)strcspn(at, "\n"), at);
+    check(rc == 0 && contains(line, " [64, 128] ") && contains(line, " f32 ") && contains(line, " 32768 bytes") &&
+              contains(out, "blk.0.attn_k.bias") && contains(out, "total: 26 tensors, 94784 parameters") && contains(out, "320 tokens"),
           "sft info lists the tensors", "exit %d:\n%s", rc, out ? out : "");
     free(out);
     // quantize: GGUF f32 -> q4_0, then the q4_0 rows equal quantize_row's on the f32 rows.
-    const char *q4 = path_in(dir, "tiny-q4.gguf");
+    const char *q4 = pq.s;
     snprintf(cmd, sizeof cmd, "%s quantize --model %s --type q4_0 --out %s", sft_binary(), f32, q4);
     rc = run_command(cmd, NULL);
     Model a, b;

@@ -467,8 +467,9 @@ static void fast_vs_ref(int type, int T, int OUT, int IN, uint64_t seed) {
             double b = 0;
             for (int i0 = 0; i0 < IN; i0 += 32) {
                 double amax = 0;
-                for (int i = i0; i < i0 + 32; i++) amax = fmax(amax, fabs(x[(size_t)t * IN + i]));
-                for (int i = i0; i < i0 + 32; i++) {
+                int i1 = i0 + 32 < IN ? i0 + 32 : IN;
+                for (int i = i0; i < i1; i++) amax = fmax(amax, fabs(x[(size_t)t * IN + i]));
+                for (int i = i0; i < i1; i++) {
                     double wi = fabs(w[(size_t)o * IN + i]), xi = fabs(x[(size_t)t * IN + i]);
                     b += wi * (amax / 254 + xi * 0x1p-7) + 2e-5 * wi * xi;
                 }
@@ -522,7 +523,11 @@ static void test_fast_vs_ref(void) {
         const int Ts[3] = {1, 3, 17}, outs[3] = {1, 7, 33};
         for (int a = 0; a < 3; a++) fast_vs_ref(type, Ts[a], outs[(a + 1) % 3], ins[a], 1000 + 10 * k + a);
     }
-    fast_vs_ref(TYPE_Q4_0, 64, 67, 256, 77);  // full tiles of tokens and rows
+    fast_vs_ref(TYPE_Q4_0, 64, 67, 256, 77);   // full tiles of tokens and rows
+    fast_vs_ref(TYPE_Q4_0, 520, 7, 768, 78);   // several K-chunks (long sequences)
+    fast_vs_ref(TYPE_Q6_K, 530, 3, 768, 79);
+    fast_vs_ref(TYPE_F32, 9, 5, 37, 80);       // odd sizes: half-empty bf16 pairs, cut vectors
+    fast_vs_ref(TYPE_F16, 20, 33, 45, 81);
     if (saved > 1) threads_init(saved); else threads_free();
 }
 

@@ -1,0 +1,120 @@
+// bench.c: one speed or memory figure per run, for `make bench` (test/bench.sh runs it once per
+// figure, so that each peak RSS belongs to one job). Not part of `make test`.
+//
+//   test/bench MODEL forward T      prompt processing: tokens/s of one forward pass over T tokens
+//   test/bench MODEL generate N     generation: tokens/s of N tokens decoded one by one (KV cache)
+//   test/bench MODEL train T        training: tokens/s of forward + backward + AdamW at length T
+//                                   (LoRA r=8 on all seven projections, loss on every token)
+// Prints one JSON object: {"what", "T", "tokens_per_s", "seconds", "peak_rss_mb"}.
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/resource.h>
+
+#include "../common.h"
+#include "../lora.h"
+#include "../model.h"
+#include "../optim.h"
+#include "../threads.h"
+
+static double peak_rss_mb(void) {
+    struct rusage ru;
+    getrusage(RUSAGE_SELF, &ru);
+#ifdef __APPLE__
+    return (double)ru.ru_maxrss / (1024.0 * 1024.0);  // bytes on macOS
+#else
+    return (double)ru.ru_maxrss / 1024.0;             // kilobytes on Linux
+#endif
+}
+
+// tokens[T]: a fixed pseudo-random sequence of ordinary token ids.
+static void make_tokens(int *tokens, int T, int n_vocab) {
+    uint64_t rng = 1234;
+    for (int t = 0; t < T; t++) tokens[t] = (int)(rng_next(&rng) % (uint64_t)(n_vocab < 150000 ? n_vocab : 150000));
+}
+
+static double bench_forward(Model *m, int T, int reps) {
+    int *tokens = xmalloc(sizeof(int) * (size_t)T);
+    unsigned char *mask = xmalloc((size_t)T);
+    make_tokens(tokens, T, m->tok.n_vocab);
+    memset(mask, 1, (size_t)T);
+    Activations *a = activations_new(&m->config, NULL, T);
+    model_forward_backward(m, NULL, a, tokens, mask, T, 1.0f, 0, 0);  // warm-up
+    double t0 = now_seconds();
+    for (int r = 0; r < reps; r++) model_forward_backward(m, NULL, a, tokens, mask, T, 1.0f, 0, 0);
+    double s = (now_seconds() - t0) / reps;
+    activations_free(a);
+    free(tokens);
+    free(mask);
+    return s;
+}
+
+static double bench_generate(Model *m, int N) {
+    KVCache *kv = kvcache_new(&m->config, N + 8);
+    float *logits = xmalloc(sizeof(float) * (size_t)m->config.V);
+    int tok = 9707;  // "Hello"
+    model_infer(m, NULL, kv, &tok, 1, logits);  // warm-up
+    kvcache_reset(kv);
+    double t0 = now_seconds();
+    for (int i = 0; i < N; i++) model_infer(m, NULL, kv, &tok, 1, logits);
+    double s = now_seconds() - t0;
+    kvcache_free(kv);
+    free(logits);
+    return s;
+}
+
+static double bench_train(Model *m, int T, int steps) {
+    int *tokens = xmalloc(sizeof(int) * (size_t)T);
+    unsigned char *mask = xmalloc((size_t)T);
+    make_tokens(tokens, T, m->tok.n_vocab);
+    memset(mask, 1, (size_t)T);
+    Lora lora;
+    lora_init(&lora, &m->config, 8, 16.0f, 0.05f, (1u << LORA_NTARGETS) - 1, 42);
+    AdamW opt;
+    adamw_init(&opt, lora.n_params, 0.9, 0.999, 1e-8, 0.0);
+    Activations *a = activations_new(&m->config, &lora, T);
+    double t0 = 0;
+    for (int s = 0; s <= steps; s++) {  // step 0 is a warm-up
+        if (s == 1) t0 = now_seconds();
+        lora_zero_grad(&lora);
+        model_forward_backward(m, &lora, a, tokens, mask, T, 1.0f / (float)(T - 1), 1, 1000 + (uint64_t)s);
+        adamw_step(&opt, lora.params, lora.grads, 2e-4f);
+    }
+    double sec = (now_seconds() - t0) / steps;
+    activations_free(a);
+    adamw_free(&opt);
+    lora_free(&lora);
+    free(tokens);
+    free(mask);
+    return sec;
+}
+
+int main(int argc, char **argv) {
+    if (argc < 4) {
+        fprintf(stderr, "usage: test/bench MODEL forward|generate|train T [threads]\n");
+        return 1;
+    }
+    const char *what = argv[2];
+    int T = atoi(argv[3]);
+    threads_init(argc > 4 ? atoi(argv[4]) : 0);
+    Model m;
+    Err e;
+    if (model_load(&m, argv[1], -1, &e) != 0) {
+        fprintf(stderr, "bench: %s\n", e.msg);
+        return 1;
+    }
+    double sec;
+    int tokens = T;
+    if (strcmp(what, "forward") == 0) sec = bench_forward(&m, T, 2);
+    else if (strcmp(what, "generate") == 0) sec = bench_generate(&m, T);
+    else if (strcmp(what, "train") == 0) sec = bench_train(&m, T, 2);
+    else {
+        fprintf(stderr, "bench: unknown figure '%s'\n", what);
+        return 1;
+    }
+    printf("{\"what\": \"%s\", \"T\": %d, \"threads\": %d, \"tokens_per_s\": %.1f, \"seconds\": %.3f, \"peak_rss_mb\": %.0f}\n",
+           what, T, threads_count(), tokens / sec, sec, peak_rss_mb());
+    model_free(&m);
+    threads_free();
+    return 0;
+}
