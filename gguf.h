@@ -86,6 +86,7 @@ int64_t gguf_arr_int(const GgufKV *kv, uint64_t i);
 // Writing. Collect the metadata and the tensor infos first, then write the header, then stream
 // each tensor's bytes in the same order (in as many pieces as you like: a row at a time);
 // the writer pads between tensors. Output goes to a temporary file renamed on gguf_writer_close.
+// Keys and names are not checked for duplicates here (the tests build broken files with it).
 typedef struct {
     AtomicFile af;
     unsigned char *meta;     // serialized key/value pairs

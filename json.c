@@ -7,6 +7,7 @@
 // skipped, as RFC 8259 allows. Read json.h for the tree; tokenizer.c shows a large user.
 #include "json.h"
 
+#include <locale.h>
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
@@ -203,7 +204,13 @@ static int parse_number(Parser *p, double *out) {
     char *buf = len < sizeof small ? small : xmalloc(len + 1);
     memcpy(buf, s + start, len);
     buf[len] = 0;
-    double v = strtod(buf, NULL);
+    char *end;
+    double v = strtod(buf, &end);
+    if (end != buf + len) {  // a locale whose decimal point is not '.' (setlocale): use its own
+        char *dot = strchr(buf, '.');
+        if (dot) *dot = localeconv()->decimal_point[0];
+        v = strtod(buf, &end);
+    }
     if (buf != small) free(buf);
     if (!isfinite(v)) return fail_at(p, start, "number out of range");
     *out = v;
@@ -221,17 +228,22 @@ typedef struct {
     size_t len, cap;
 } Builder;
 
+// Copies n elements of `size` bytes into a new block of cap elements (xmalloc exits when memory
+// runs out, as everywhere in sft) and frees the old block.
+static void *grow(void *old, size_t n, size_t cap, size_t size) {
+    void *p = xmalloc(cap * size);
+    if (n) memcpy(p, old, n * size);
+    free(old);
+    return p;
+}
+
 static void builder_push(Builder *b, int with_keys) {
     if (b->len < b->cap) return;
     size_t cap = b->cap ? b->cap * 2 : 4;
-    b->items = realloc(b->items, cap * sizeof *b->items);
+    b->items = grow(b->items, b->len, cap, sizeof *b->items);
     if (with_keys) {
-        b->keys = realloc(b->keys, cap * sizeof *b->keys);
-        b->key_lens = realloc(b->key_lens, cap * sizeof *b->key_lens);
-    }
-    if (!b->items || (with_keys && (!b->keys || !b->key_lens))) {
-        fprintf(stderr, "sft: out of memory (JSON container of %zu items)\n", cap);
-        exit(1);
+        b->keys = grow(b->keys, b->len, cap, sizeof *b->keys);
+        b->key_lens = grow(b->key_lens, b->len, cap, sizeof *b->key_lens);
     }
     b->cap = cap;
 }
@@ -247,10 +259,6 @@ static int builder_finish(Builder *b, Json *out, int failed) {
     out->items = b->items;
     out->keys = b->keys;
     out->key_lens = b->key_lens;
-    if (b->len && b->len < b->cap) {  // shrinking never fails in practice; keep the old block if it does
-        Json *it = realloc(b->items, b->len * sizeof *it);
-        if (it) out->items = it;
-    }
     return 0;
 }
 

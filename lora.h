@@ -11,7 +11,7 @@
 
 enum { LORA_Q, LORA_K, LORA_V, LORA_O, LORA_GATE, LORA_UP, LORA_DOWN, LORA_NTARGETS };
 
-#define LORA_MAX_R 1024   // the largest rank accepted (generation keeps [R] per token on the side)
+#define LORA_MAX_R 4096   // the largest rank an adapter file may have
 
 // "q_proj", "k_proj", ... indexed by LORA_Q ... LORA_DOWN.
 extern const char *const lora_target_names[LORA_NTARGETS];
@@ -43,6 +43,7 @@ typedef struct {
     float *u;              // [T, R] A dropout(x), saved for the backward pass
     float *du;             // [T, R] scratch of the backward pass
     float *xdrop;          // [T, in] scratch for dropout(x) when p > 0
+    float *bt;             // [R, out] scratch: B^T, then dB^T in the backward pass
     float scale;           // alpha / R
     int R;
     float p;               // dropout probability; 0 outside training

@@ -294,8 +294,9 @@ static void residual_add(float *out, const float *inp, size_t n) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// LoRA: y = W x + b + s B (A dropout(x)), s = alpha / R.
-
+// LoRA: y = W x + b + s B (A dropout(x)), s = alpha / R. The kernels split work by output
+// element and keep every sum in a fixed order; B is used transposed (s->bt = B^T [R, out]) so that
+// the loops over the long `out` dimension run over contiguous memory.
 
 // Inverted dropout: the value x gets, keep with probability 1 - p, scaled by 1 / (1 - p).
 static float dropout_factor(const LoraSite *s, int t, int i) {
@@ -325,20 +326,26 @@ static const float *lora_input(const LoraSite *s, const float *x, int T, int in)
     return s->xdrop;
 }
 
+// s->bt[R, out] = B[out, R]^T
+static void lora_transpose_B(const LoraSite *s, int out) {
+    for (int o = 0; o < out; o++)
+        for (int r = 0; r < s->R; r++) s->bt[(size_t)r * out + o] = s->pair->B[(size_t)o * s->R + r];
+}
+
 static void lora_forward_rows(void *ctx, int start, int end) {
     const LoraArgs *a = ctx;
     const LoraSite *s = a->s;
-    int R = s->R;
     for (int t = start; t < end; t++) {
-        float *u = s->u + (size_t)t * R, *y = a->y + (size_t)t * a->out;
-        for (int r = 0; r < R; r++) u[r] = dot(s->pair->A + (size_t)r * a->in, a->x + (size_t)t * a->in, a->in);
-        for (int o = 0; o < a->out; o++) y[o] += s->scale * dot(s->pair->B + (size_t)o * R, u, R);
+        float *u = s->u + (size_t)t * s->R, *y = a->y + (size_t)t * a->out;
+        for (int r = 0; r < s->R; r++) u[r] = dot(s->pair->A + (size_t)r * a->in, a->x + (size_t)t * a->in, a->in);
+        for (int r = 0; r < s->R; r++) axpy(y, s->scale * u[r], s->bt + (size_t)r * a->out, a->out);
     }
 }
 
 // y[T, out] += s B[out, R] u, with u[T, R] = A[R, in] xd   (xd[T, in] = dropout(x))
 void lora_forward(float *y, const LoraSite *s, const float *x, int T, int in, int out) {
     LoraArgs a = {s, y, lora_input(s, x, T, in), NULL, NULL, T, in, out};
+    lora_transpose_B(s, out);
     parallel_for(lora_forward_rows, &a, T, 1);
 }
 
@@ -346,28 +353,30 @@ void lora_forward(float *y, const LoraSite *s, const float *x, int T, int in, in
 static void lora_du_rows(void *ctx, int start, int end) {
     const LoraArgs *a = ctx;
     const LoraSite *s = a->s;
-    for (int t = start; t < end; t++) {
-        float *du = s->du + (size_t)t * s->R;
-        for (int r = 0; r < s->R; r++) du[r] = 0;
-        for (int o = 0; o < a->out; o++) axpy(du, s->scale * a->dy[(size_t)t * a->out + o], s->pair->B + (size_t)o * s->R, s->R);
-    }
+    for (int t = start; t < end; t++)
+        for (int r = 0; r < s->R; r++)
+            s->du[(size_t)t * s->R + r] = s->scale * dot(a->dy + (size_t)t * a->out, s->bt + (size_t)r * a->out, a->out);
 }
 
-// dB[o, r] += s sum_t dy[t, o] u[t, r]
-static void lora_dB_rows(void *ctx, int start, int end) {
+// dB[o, r] += s sum_t dy[t, o] u[t, r], summed in s->bt (as dB^T) for the columns [start, end)
+static void lora_dB_cols(void *ctx, int start, int end) {
     const LoraArgs *a = ctx;
     const LoraSite *s = a->s;
+    int n = end - start;
+    for (int r = 0; r < s->R; r++) memset(s->bt + (size_t)r * a->out + start, 0, (size_t)n * sizeof(float));
     for (int t = 0; t < a->T; t++)
-        for (int o = start; o < end; o++)
-            axpy(s->pair->dB + (size_t)o * s->R, s->scale * a->dy[(size_t)t * a->out + o], s->u + (size_t)t * s->R, s->R);
+        for (int r = 0; r < s->R; r++)
+            axpy(s->bt + (size_t)r * a->out + start, s->u[(size_t)t * s->R + r], a->dy + (size_t)t * a->out + start, n);
+    for (int o = start; o < end; o++)
+        for (int r = 0; r < s->R; r++) s->pair->dB[(size_t)o * s->R + r] += s->scale * s->bt[(size_t)r * a->out + o];
 }
 
-// dA[r, i] += sum_t du[t, r] xd[t, i]
+// dA[r, i] += sum_t du[t, r] xd[t, i] for the columns [start, end)
 static void lora_dA_cols(void *ctx, int start, int end) {
     const LoraArgs *a = ctx;
     const LoraSite *s = a->s;
-    for (int r = 0; r < s->R; r++)
-        for (int t = 0; t < a->T; t++)
+    for (int t = 0; t < a->T; t++)
+        for (int r = 0; r < s->R; r++)
             axpy(s->pair->dA + (size_t)r * a->in + start, s->du[(size_t)t * s->R + r], a->x + (size_t)t * a->in + start,
                  end - start);
 }
@@ -393,9 +402,10 @@ static void lora_dx_rows(void *ctx, int start, int end) {
 // dA[R, in], dB[out, R] (in s->pair) +=, dx[T, in] += (when not NULL) <- dy[T, out], x[T, in], s->u
 void lora_backward(float *dx, const LoraSite *s, const float *dy, const float *x, int T, int in, int out) {
     LoraArgs a = {s, NULL, lora_input(s, x, T, in), dy, dx, T, in, out};
+    lora_transpose_B(s, out);
     parallel_for(lora_du_rows, &a, T, 1);
-    parallel_for(lora_dB_rows, &a, out, 1);
-    parallel_for(lora_dA_cols, &a, in, 1);
+    parallel_for(lora_dB_cols, &a, out, 16);  // s->bt now holds dB^T
+    parallel_for(lora_dA_cols, &a, in, 16);
     if (dx) parallel_for(lora_dx_rows, &a, T, 1);
 }
 
@@ -442,6 +452,7 @@ typedef struct {
     uint64_t seed;
     float *xdrop;              // [T, max(C, FF)] scratch for dropout(x), NULL when p = 0
     float *lora_du;            // [T, R] scratch of the backward pass
+    float *lora_bt;            // [R, max(C, FF, NH*HS)] scratch: B^T, then dB^T
     const float *cos, *sin;    // [max_T, HS/2]
 } Pass;
 
@@ -452,6 +463,7 @@ static LoraSite lora_site(const Pass *ps, int l, int target, float *lora_u, int 
     s.R = ps->lora->R;
     s.u = lora_u + (size_t)target * T * s.R;
     s.du = ps->lora_du;
+    s.bt = ps->lora_bt;
     s.xdrop = ps->xdrop;
     s.scale = ps->lora->alpha / (float)ps->lora->R;
     s.p = ps->p;
@@ -575,6 +587,7 @@ struct Activations {
     float *ff_up;     // [max_T, FF]
     float *xdrop;     // [max_T, max(C, FF)] dropout(x) (only when the adapter has dropout)
     float *lora_du;   // [max_T, R]
+    float *lora_bt;   // [R, max(C, FF, NH*HS)]
     float *dres, *dln, *datt, *dq, *dk, *dv, *dsum, *dh, *dgate, *dup;  // GradBufs, for max_T
     // the loss at target positions, LOSS_CHUNK at a time
     int *pos;         // [max_T] positions t - 1 of the targets t
@@ -599,18 +612,18 @@ static float *take(float **p, size_t n) {
 // when it is allocated.
 static size_t activation_floats(const Config *c, int R, int dropout, int max_T, int L_ff, Activations *a) {
     size_t T = (size_t)max_T, C = c->C, L = c->L, FF = c->FF, QD = (size_t)c->NH * c->HS, KD = (size_t)c->NKV * c->HS;
-    size_t recompute = L_ff < c->L ? 1 : 0, MX = C > FF ? C : FF;
+    size_t recompute = L_ff < c->L ? 1 : 0, MX = C > FF ? C : FF, MO = MX > QD ? MX : QD;
     size_t sizes[] = {
         (L + 1) * T * C, L * T, L * T * QD, L * T * KD, L * T * KD, L * c->NH * T, L * T * QD, L * T * C, L * T,
         L_ff * T * FF, L_ff * T * FF, L * LORA_NTARGETS * T * R,
-        T * C, T * FF, recompute * T * FF, recompute * T * FF, dropout ? T * MX : 0, T * R,
+        T * C, T * FF, recompute * T * FF, recompute * T * FF, dropout ? T * MX : 0, T * R, MO * R,
         T * C, T * C, T * QD, T * QD, T * KD, T * KD, c->NH * T, T * FF, T * FF, T * FF,
         LOSS_CHUNK * C, LOSS_CHUNK, LOSS_CHUNK * C, LOSS_CHUNK * C, LOSS_CHUNK * (size_t)c->V,
         T * (c->HS / 2), T * (c->HS / 2),
     };
     float **fields[] = {
         &a->x, &a->rstd1, &a->q, &a->k, &a->v, &a->lse, &a->att, &a->xmid, &a->rstd2, &a->gate, &a->up, &a->lora_u,
-        &a->ln, &a->h, &a->ff_gate, &a->ff_up, &a->xdrop, &a->lora_du,
+        &a->ln, &a->h, &a->ff_gate, &a->ff_up, &a->xdrop, &a->lora_du, &a->lora_bt,
         &a->dres, &a->dln, &a->datt, &a->dq, &a->dk, &a->dv, &a->dsum, &a->dh, &a->dgate, &a->dup,
         &a->head_x, &a->head_rstd, &a->head_ln, &a->dhead, &a->logits, &a->cos, &a->sin,
     };
@@ -743,7 +756,7 @@ double model_forward_backward(Model *m, struct Lora *lora, Activations *a, const
     int T = positions_needed(c, tokens, mask, T_in, a->max_T);
     if (T < 0 || (lora && (lora->R != a->R || lora->L != c->L))) return NAN;
     if (T == 0) return 0;
-    Pass ps = {c, &m->w, lora, 0, dropout_seed, a->xdrop, a->lora_du, a->cos, a->sin};
+    Pass ps = {c, &m->w, lora, 0, dropout_seed, a->xdrop, a->lora_du, a->lora_bt, a->cos, a->sin};
     if (lora && dropout_seed != 0 && lora->dropout > 0 && a->xdrop) ps.p = lora->dropout;
     backward = backward && lora;
 
@@ -789,7 +802,9 @@ struct KVCache {
     float *gate, *up;  // [INFER_CHUNK, FF]
     float *h;          // [INFER_CHUNK, FF]
     float *rstd1, *rstd2;  // [INFER_CHUNK]
-    float *lora_u;     // [LORA_NTARGETS, INFER_CHUNK, LORA_MAX_R]
+    int lora_R;        // rank the two arrays below were sized for (0: none yet)
+    float *lora_u;     // [LORA_NTARGETS, INFER_CHUNK, lora_R]
+    float *lora_bt;    // [lora_R, max(C, FF, NH*HS)]
 };
 
 KVCache *kvcache_new(const Config *c, int max_T) {
@@ -811,14 +826,13 @@ KVCache *kvcache_new(const Config *c, int max_T) {
     kv->h = xmalloc(N * c->FF * sizeof(float));
     kv->rstd1 = xmalloc(N * sizeof(float));
     kv->rstd2 = xmalloc(N * sizeof(float));
-    kv->lora_u = xmalloc(LORA_NTARGETS * N * LORA_MAX_R * sizeof(float));
     return kv;
 }
 
 void kvcache_free(KVCache *kv) {
     if (!kv) return;
     float *arrays[] = {kv->k, kv->v, kv->cos, kv->sin, kv->x, kv->xmid, kv->ln, kv->q, kv->att,
-                       kv->gate, kv->up, kv->h, kv->rstd1, kv->rstd2, kv->lora_u};
+                       kv->gate, kv->up, kv->h, kv->rstd1, kv->rstd2, kv->lora_u, kv->lora_bt};
     for (size_t i = 0; i < sizeof arrays / sizeof arrays[0]; i++) free(arrays[i]);
     free(kv);
 }
@@ -830,7 +844,7 @@ int kvcache_len(const KVCache *kv) { return kv->n; }
 static void infer_chunk(Model *m, const Lora *lora, KVCache *kv, const int *tokens, int n, float *logits) {
     const Config *c = &m->config;
     size_t KD = (size_t)c->NKV * c->HS;
-    Pass ps = {c, &m->w, lora, 0, 0, NULL, NULL, kv->cos, kv->sin};
+    Pass ps = {c, &m->w, lora, 0, 0, NULL, NULL, kv->lora_bt, kv->cos, kv->sin};
     embed_forward(kv->x, tokens, &m->w.embed, n);
     for (int l = 0; l < c->L; l++) {
         LayerBufs b = {
@@ -851,7 +865,16 @@ static void infer_chunk(Model *m, const Lora *lora, KVCache *kv, const int *toke
 int model_infer(Model *m, const struct Lora *lora, KVCache *kv, const int *tokens, int n, float *logits) {
     const Config *c = &m->config;
     if (n <= 0 || n > kv->max_T - kv->n) return -1;
-    if (lora && lora->R > LORA_MAX_R) return -1;
+    if (lora && lora->L != c->L) return -1;
+    if (lora && lora->R > kv->lora_R) {  // the adapter's scratch, sized at its first use
+        size_t MO = (size_t)(c->FF > c->C ? c->FF : c->C), QD = (size_t)c->NH * c->HS;
+        MO = MO > QD ? MO : QD;
+        free(kv->lora_u);
+        free(kv->lora_bt);
+        kv->lora_R = lora->R;
+        kv->lora_u = xmalloc((size_t)LORA_NTARGETS * INFER_CHUNK * lora->R * sizeof(float));
+        kv->lora_bt = xmalloc(MO * lora->R * sizeof(float));
+    }
     for (int i = 0; i < n; i++)
         if (tokens[i] < 0 || tokens[i] >= c->V) return -1;
     for (int i = 0; i < n; i += INFER_CHUNK) {

@@ -24,8 +24,8 @@ typedef struct {
     const char *tokenizer;  // tokenizer.json, a model directory, or a GGUF file
     const char *type;       // as for model_quantize
     uint64_t seed;
-    float std;              // matrices and biases ~ N(0, std)
-    float embed_std;        // token embedding (and lm_head when untied) ~ N(0, embed_std)
+    float std;              // matrices (lm_head included when untied) and biases ~ N(0, std)
+    float embed_std;        // the token embedding ~ N(0, embed_std)
     const char *out;
 } InitOptions;
 int model_init_random(const InitOptions *o, Err *e);

@@ -567,8 +567,10 @@ void qmatrix_row(float *out, const QMatrix *W, int r) {
 
 #define TILE_MIN_T 8      // tokens from which the bf16 tiles pay for packing
 #define FWD_N 6           // rows of W per forward tile
+#define FWD_BLOCK 48      // rows of W per block of finished outputs (a multiple of FWD_N)
 #define BWD_N 6           // tokens per backward tile
 #define BWD_OC 256        // rows of W (pairs: 128) per backward chunk
+#define BWD_CB 128        // columns of W per backward block (or the block size if larger)
 #define CHUNK_ALIGN 256   // K-chunks are multiples of every block size
 
 static size_t round_up(size_t n, size_t m) { return (n + m - 1) / m * m; }
@@ -816,23 +818,14 @@ typedef struct {
 } Fwd;
 
 // One tile: tokens 16 * tv0 ... (M vectors of 16) x rows o0 ... o0 + nrows - 1, over the pairs
-// [p0, p0 + P) of the K-chunk; wb + n * P holds row o0 + n's pairs.
+// [p0, p0 + P) of the K-chunk; wb + n * P holds row o0 + n's pairs. The sums start from zero
+// (first K-chunk) or from f->partial, and go to dst + n * TP + token: f->partial, or at the last
+// K-chunk a staging block that fwd_flush then writes into out.
 typedef struct {
-    int o0, nrows, tv0, p0, P, first, last;
+    int o0, nrows, tv0, p0, P, first;
     const uint32_t *wb;
+    float *dst;
 } FwdTile;
-
-// Writes the sums acc[16] of tokens t0.. for row o: to the partial sums, or, at the last
-// K-chunk, to out with the bias.
-static void fwd_store(const Fwd *f, const float *acc, int t0, int o, int last) {
-    if (!last) {
-        memcpy(f->partial + (size_t)o * f->TP + t0, acc, 16 * sizeof(float));
-        return;
-    }
-    float b = f->bias ? f->bias[o] : 0.0f;
-    for (int j = 0; j < 16 && t0 + j < f->T; j++)
-        f->out[(size_t)(t0 + j) * f->W->rows + o] = f->bias ? acc[j] + b : acc[j];
-}
 
 #if defined(__AVX512BF16__)
 static inline __attribute__((always_inline)) void fwd_tile_avx512(const Fwd *f, const FwdTile *tl, const int M) {
@@ -855,13 +848,11 @@ static inline __attribute__((always_inline)) void fwd_tile_avx512(const Fwd *f, 
             for (int m = 0; m < M; m++) acc[m][n] = _mm512_dpbf16_ps(acc[m][n], xv[m], wv);
         }
     }
-    float buf[16];
-    for (int m = 0; m < M; m++) {
-        for (int n = 0; n < tl->nrows; n++) {
-            _mm512_storeu_ps(buf, acc[m][n]);
-            fwd_store(f, buf, 16 * (tl->tv0 + m), tl->o0 + n, tl->last);
-        }
-    }
+#pragma GCC unroll 4
+    for (int m = 0; m < M; m++)
+#pragma GCC unroll 8
+        for (int n = 0; n < FWD_N; n++)
+            if (n < tl->nrows) _mm512_storeu_ps(tl->dst + (size_t)n * f->TP + 16 * (tl->tv0 + m), acc[m][n]);
 }
 #endif
 
@@ -881,7 +872,7 @@ static void fwd_tile_c(const Fwd *f, const FwdTile *tl, int M) {
         }
     }
     for (int m = 0; m < M; m++)
-        for (int n = 0; n < tl->nrows; n++) fwd_store(f, acc[m][n], 16 * (tl->tv0 + m), tl->o0 + n, tl->last);
+        for (int n = 0; n < tl->nrows; n++) memcpy(tl->dst + (size_t)n * f->TP + 16 * (tl->tv0 + m), acc[m][n], sizeof acc[m][n]);
 }
 
 static void fwd_tile(const Fwd *f, const FwdTile *tl, int M) {
@@ -898,26 +889,85 @@ static void fwd_tile(const Fwd *f, const FwdTile *tl, int M) {
 #endif
 }
 
-// Rows [r0, r1) of the output, every token: K-chunk by K-chunk, FWD_N rows at a time.
+#if defined(__AVX512F__)
+// r[i][j] becomes r[j][i]: four rounds of 2 x 2 block swaps (8, 4, 2, 1 lanes).
+static void transpose16(__m512 r[16]) {
+    __m512 t[16];
+    for (int i = 0; i < 16; i += 2) {  // swap 1 x 1 blocks within pairs of rows
+        t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
+        t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
+    }
+    for (int i = 0; i < 16; i += 4) {  // 2 x 2 blocks
+        for (int k = 0; k < 2; k++) {
+            __m512d a = _mm512_castps_pd(t[i + k]), b = _mm512_castps_pd(t[i + k + 2]);
+            r[i + 2 * k] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, b));
+            r[i + 2 * k + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, b));
+        }
+    }
+    for (int i = 0; i < 16; i += 8) {  // 4 x 4 blocks (128-bit lanes)
+        for (int k = 0; k < 4; k++) {
+            t[i + k] = _mm512_shuffle_f32x4(r[i + k], r[i + k + 4], 0x88);
+            t[i + k + 4] = _mm512_shuffle_f32x4(r[i + k], r[i + k + 4], 0xdd);
+        }
+    }
+    for (int k = 0; k < 8; k++) {  // 8 x 8 blocks
+        r[k] = _mm512_shuffle_f32x4(t[k], t[k + 8], 0x88);
+        r[k + 8] = _mm512_shuffle_f32x4(t[k], t[k + 8], 0xdd);
+    }
+}
+#endif
+
+// out[t, o0 + n] = stage[n * TP + t] (+ bias) for n < nrows: a block of finished rows, written
+// a token row at a time.
+static void fwd_flush(const Fwd *f, const float *stage, int o0, int nrows) {
+    int OUT = f->W->rows, t = 0;
+#if defined(__AVX512F__)
+    for (; nrows % 16 == 0 && t + 16 <= f->T; t += 16) {  // 16 x 16 blocks, transposed in registers
+        for (int n0 = 0; n0 < nrows; n0 += 16) {
+            __m512 r[16];
+            for (int i = 0; i < 16; i++) r[i] = _mm512_loadu_ps(stage + (size_t)(n0 + i) * f->TP + t);
+            transpose16(r);
+            __m512 b = f->bias ? _mm512_loadu_ps(f->bias + o0 + n0) : _mm512_setzero_ps();
+            for (int i = 0; i < 16; i++) _mm512_storeu_ps(f->out + (size_t)(t + i) * OUT + o0 + n0, f->bias ? _mm512_add_ps(r[i], b) : r[i]);
+        }
+    }
+#endif
+    for (; t < f->T; t++) {
+        float *y = f->out + (size_t)t * OUT + o0;
+        for (int n = 0; n < nrows; n++) y[n] = stage[(size_t)n * f->TP + t];
+        if (f->bias)
+            for (int n = 0; n < nrows; n++) y[n] += f->bias[o0 + n];
+    }
+}
+
+// Rows [r0, r1) of the output, every token: K-chunk by K-chunk, blocks of FWD_BLOCK rows, FWD_N
+// rows at a time.
 static void fwd_rows(void *ctx, int r0, int r1) {
     const Fwd *f = ctx;
     const QMatrix *W = f->W;
     int IN = W->cols, KP = (f->KC + 1) / 2, NV = f->TP / 16;
-    float *tmp = scratch_local((size_t)f->KC * sizeof(float) + (size_t)FWD_N * KP * sizeof(uint32_t));
+    float *tmp = scratch_local((size_t)f->KC * sizeof(float) + (size_t)FWD_N * KP * sizeof(uint32_t) +
+                               (size_t)FWD_BLOCK * f->TP * sizeof(float));
     uint32_t *wb = (uint32_t *)(tmp + f->KC);
+    float *stage = (float *)(wb + (size_t)FWD_N * KP);
     for (int k0 = 0; k0 < IN; k0 += f->KC) {
-        int kn = IN - k0 < f->KC ? IN - k0 : f->KC, P = (kn + 1) / 2;
-        for (int o0 = r0; o0 < r1; o0 += FWD_N) {
-            FwdTile tl = {o0, r1 - o0 < FWD_N ? r1 - o0 : FWD_N, 0, k0 / 2, P, k0 == 0, k0 + kn >= IN, wb};
-            for (int n = 0; n < FWD_N; n++) {
-                if (n < tl.nrows) {
-                    dequantize_span(W->type, tmp, qmatrix_row_data(W, o0 + n), k0, kn);
-                    to_bf16_pairs(wb + (size_t)n * P, tmp, kn);
-                } else {
-                    memset(wb + (size_t)n * P, 0, (size_t)P * sizeof(uint32_t));
+        int kn = IN - k0 < f->KC ? IN - k0 : f->KC, P = (kn + 1) / 2, last = k0 + kn >= IN;
+        for (int b0 = r0; b0 < r1; b0 += FWD_BLOCK) {
+            int b1 = r1 - b0 < FWD_BLOCK ? r1 : b0 + FWD_BLOCK;
+            for (int o0 = b0; o0 < b1; o0 += FWD_N) {
+                float *dst = last ? stage + (size_t)(o0 - b0) * f->TP : f->partial + (size_t)o0 * f->TP;
+                FwdTile tl = {o0, b1 - o0 < FWD_N ? b1 - o0 : FWD_N, 0, k0 / 2, P, k0 == 0, wb, dst};
+                for (int n = 0; n < FWD_N; n++) {
+                    if (n < tl.nrows) {
+                        dequantize_span(W->type, tmp, qmatrix_row_data(W, o0 + n), k0, kn);
+                        to_bf16_pairs(wb + (size_t)n * P, tmp, kn);
+                    } else {
+                        memset(wb + (size_t)n * P, 0, (size_t)P * sizeof(uint32_t));
+                    }
                 }
+                for (tl.tv0 = 0; tl.tv0 < NV; tl.tv0 += 4) fwd_tile(f, &tl, NV - tl.tv0 < 4 ? NV - tl.tv0 : 4);
             }
-            for (tl.tv0 = 0; tl.tv0 < NV; tl.tv0 += 4) fwd_tile(f, &tl, NV - tl.tv0 < 4 ? NV - tl.tv0 : 4);
+            if (last) fwd_flush(f, stage, b0, b1 - b0);
         }
     }
 }
@@ -1041,12 +1091,26 @@ static void bwd_tile(const Bwd *b, const BwdTile *tl, int M) {
 #endif
 }
 
+// Asks the cache for the bytes of elements [i0, i0 + n) of row r of W (a hint; no effect where
+// the compiler has no prefetch builtin).
+static void prefetch_span(const QMatrix *W, int r, int i0, int n) {
+#if defined(__GNUC__)
+    const TypeInfo *ti = type_info(W->type);
+    const uint8_t *p = qmatrix_row_data(W, r) + (size_t)(i0 / ti->block) * ti->bytes;
+    size_t bytes = (size_t)(n / ti->block) * ti->bytes;
+    for (size_t k = 0; k < bytes; k += 64) __builtin_prefetch(p + k, 0, 2);
+    __builtin_prefetch(p + bytes - 1, 0, 2);
+#else
+    (void)W, (void)r, (void)i0, (void)n;
+#endif
+}
+
 // Columns [c0, c1) of dinp, every token: BWD_OC rows of W at a time, a block of CB columns at a
 // time (dequantized and interleaved in pairs of rows once, then used by every token).
 static void bwd_cols(void *ctx, int c0, int c1) {
     const Bwd *b = ctx;
     const QMatrix *W = b->W;
-    int OUT = W->rows, bs = type_info(W->type)->block, CB = bs > 64 ? bs : 64;
+    int OUT = W->rows, bs = type_info(W->type)->block, CB = bs > BWD_CB ? bs : BWD_CB;
     float *tmp = scratch_local(2 * (size_t)CB * sizeof(float) + (size_t)(BWD_OC / 2) * CB * sizeof(uint32_t));
     uint32_t *wp = (uint32_t *)(tmp + 2 * CB);
     for (int oc0 = 0; oc0 < OUT; oc0 += BWD_OC) {
@@ -1060,6 +1124,10 @@ static void bwd_cols(void *ctx, int c0, int c1) {
                 else memset(tmp + CB, 0, (size_t)cw * sizeof(float));
                 to_bf16_interleaved(wp + (size_t)q * CB, tmp, tmp + CB, cw);
             }
+            // The next block's bytes are scattered over many rows, too far apart for the
+            // hardware prefetchers: ask for them now, they arrive while the tiles run.
+            int next_oc = cb0 + CB < c1 ? oc0 : oc0 + BWD_OC, next_cb = cb0 + CB < c1 ? cb0 + CB : c0;
+            for (int o = next_oc; o < OUT && o < next_oc + BWD_OC; o++) prefetch_span(W, o, next_cb, c1 - next_cb < CB ? c1 - next_cb : CB);
             for (int t0 = 0; t0 < b->T; t0 += BWD_N) {
                 for (int cv = 0; cv < cw; cv += 64) {
                     int ncols = cw - cv < 64 ? cw - cv : 64;

@@ -169,7 +169,7 @@ static const char *tokenize_help =
     "  --tokenizer PATH  tokenizer.json, a model directory or a GGUF file (required)\n"
     "  --file F          read the text (or the ids) from F; the whole file is one text\n"
     "  --decode          ids (separated by spaces, commas or newlines) to text\n"
-    "  --bench           print the time taken and the throughput on stderr\n"
+    "  --bench           print the time taken and the throughput on stderr (one JSON object)\n"
     "Encoding prints the ids on one line, separated by spaces; decoding prints the text and a\n"
     "newline. Special tokens in the text (<|im_start|>, ...) are single tokens, as in Hugging Face.\n";
 
@@ -239,9 +239,9 @@ static int cmd_tokenize(int argc, char **argv) {
         free(ids);
     }
     double dt = now_seconds() - t0;
-    if (bench)
-        fprintf(stderr, "sft: %s %zu bytes, %d tokens in %.3f s: %.2f MB/s\n", decode ? "decoded" : "encoded",
-                len, n, dt, dt > 0 ? (double)len / dt / 1e6 : 0.0);
+    if (bench)  // one JSON object, as make bench collects it
+        fprintf(stderr, "{\"what\": \"%s\", \"bytes\": %zu, \"tokens\": %d, \"seconds\": %.4f, \"mb_per_s\": %.2f}\n",
+                decode ? "decode" : "encode", len, n, dt, dt > 0 ? (double)len / dt / 1e6 : 0.0);
     free(buf);
     tokenizer_free(&tok);
     return 0;
@@ -1018,7 +1018,7 @@ static int read_trainer_state(Trainer *tr, const char *dir, long *step, double *
     snprintf(path, sizeof path, "%s/trainer_state.json", dir);
     size_t len;
     char *text = read_file(path, &len, e);
-    if (!text) return err_set(e, "%s: not a checkpoint (no trainer_state.json): %s", dir, e->msg);
+    if (!text) return err_set(e, "%s: not a checkpoint: %s", dir, strerror(errno));
     Json j;
     Err je;
     int r = json_parse(&j, text, len, &je);
@@ -1094,8 +1094,9 @@ static void die_at_step(const Trainer *tr, const StepStats *st) {
     if (tr->last_checkpoint) snprintf(last, sizeof last, "the last good checkpoint is %s/checkpoint-%ld", tr->out, tr->last_checkpoint);
     else snprintf(last, sizeof last, "no checkpoint was saved (use --save-every N)");
     if (tr->tty) printf("\n");
-    die("step %ld: the loss is %g and the gradient norm %g: training stopped (try a lower --lr); %s",
-        tr->step + 1, st->loss, st->grad_norm, last);
+    die("step %ld: the loss is %s (gradient norm %s): training stopped (try a lower --lr); %s", tr->step + 1,
+        isnan(st->loss) ? "NaN" : isinf(st->loss) ? "infinite" : "finite",
+        isnan(st->grad_norm) ? "NaN" : isinf(st->grad_norm) ? "infinite" : "finite", last);
 }
 
 static int eval_due(const Trainer *tr) {
@@ -1174,7 +1175,7 @@ static int open_out_dir(Trainer *tr, Err *e) {
             return err_set(e, "--out %s: the directory is not empty; pass --overwrite to write into it, or "
                            "choose another --out", tr->out);
     }
-    if (make_dirs(tr->out, e) != 0) return err_set(e, "--out %s: %s", tr->out, e->msg);
+    if (make_dirs(tr->out, e) != 0) return -1;
     char path[1100];
     snprintf(path, sizeof path, "%s/train_log.jsonl", tr->out);
     tr->log = fopen(path, "wb");

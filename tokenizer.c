@@ -720,11 +720,9 @@ static void scratch_reserve(Scratch *s, size_t n) {
 static void push_id(Scratch *s, int id) {
     if (s->n_ids == s->cap_ids) {
         s->cap_ids = s->cap_ids ? 2 * s->cap_ids : 256;
-        int *ids = realloc(s->ids, s->cap_ids * sizeof *ids);
-        if (!ids) {
-            fprintf(stderr, "sft: out of memory (%zu token ids)\n", s->cap_ids);
-            exit(1);
-        }
+        int *ids = xmalloc(s->cap_ids * sizeof *ids);
+        if (s->n_ids) memcpy(ids, s->ids, s->n_ids * sizeof *ids);
+        free(s->ids);
         s->ids = ids;
     }
     s->ids[s->n_ids++] = id;

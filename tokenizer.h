@@ -53,7 +53,9 @@ typedef struct {
     unsigned char pending[8];
     int n_pending;
 } DecodeStream;
-// Appends to out (capacity cap, at least 64 + longest token) and returns the bytes written.
+// Start from a zeroed DecodeStream. Appends to out (capacity cap, at least 64 + longest token)
+// and returns the bytes written; never writes past cap (in Qwen2's vocabulary U+FFFD replacements
+// add at most 13 bytes to a token, so 64 + longest token always suffices; what does not fit is lost).
 int decode_stream_push(DecodeStream *s, const Tokenizer *tok, int id, char *out, int cap);
 int decode_stream_flush(DecodeStream *s, char *out, int cap);
 

@@ -679,16 +679,103 @@ static void test_model_broken(const char *dir, const char *f32) {
         check(rc == 0 && lr == -1 && contains(e2.msg, out) && contains(e2.msg, cases[i].want), cases[i].name, "copy %d, load %d: '%s'", rc, lr, e2.msg);
         if (lr == 0) model_free(&m);
     }
-    // Truncations of a whole model file, at 300 points spread over it.
+    // Truncations of a whole model file, at 150 points spread over it.
     size_t n;
     char *bytes = read_file(f32, &n, &e);
     int accepted = 0;
-    for (int k = 0; bytes && k < 300; k++) {
-        write_bytes(out, bytes, n * (size_t)k / 300);
+    for (int k = 0; bytes && k < 150; k++) {
+        write_bytes(out, bytes, n * (size_t)k / 150);
         if (model_load(&m, out, -1, &e) == 0) accepted++, model_free(&m);
     }
     check(bytes && accepted == 0, "model: truncated files are errors", "%d accepted", accepted);
     free(bytes);
+}
+
+// Random byte flips in the metadata and tensor infos of a valid model, and in the header of a
+// safetensors file: each load must fail or succeed cleanly (the sanitizers watch for the rest).
+static void test_model_fuzz(const char *dir, const char *f32, const char *hf) {
+    GgufFile g;
+    Err e;
+    size_t n, head = gguf_open(&g, f32, &e) == 0 ? g.data_offset : 0;
+    if (head) gguf_close(&g);
+    char *bytes = read_file(f32, &n, &e);
+    Path pout = path_of(dir, "fuzz.gguf");
+    uint64_t rng = 42;
+    int loaded = 0, failed = 0;
+    Model m;
+    for (int it = 0; bytes && head && it < 200; it++) {
+        char *copy = malloc(n);
+        memcpy(copy, bytes, n);
+        for (int k = 0; k < 1 + it % 3; k++) copy[rng_next(&rng) % head] ^= (char)(1 + rng_next(&rng) % 255);
+        write_bytes(pout.s, copy, n);
+        free(copy);
+        if (model_load(&m, pout.s, -1, &e) == 0) loaded++, model_free(&m);
+        else failed++;
+    }
+    check(bytes && head && failed > 0, "model: 200 GGUF files with flipped header bytes", "no file rejected");
+    printf("    (%d loaded, %d rejected)\n", loaded, failed);
+    free(bytes);
+    Path st = path_of(hf, "model-00001-of-00002.safetensors"), keep = path_of(dir, "keep.safetensors");
+    bytes = read_file(st.s, &n, &e);
+    rename(st.s, keep.s);
+    size_t hlen = 0;
+    for (int i = 0; bytes && n >= 8 && i < 8; i++) hlen |= (size_t)(unsigned char)bytes[i] << (8 * i);
+    hlen = hlen < n ? hlen + 8 : 0;
+    loaded = failed = 0;
+    for (int it = 0; hlen && hlen < n && it < 150; it++) {
+        char *copy = malloc(n);
+        memcpy(copy, bytes, n);
+        copy[rng_next(&rng) % hlen] ^= (char)(1 + rng_next(&rng) % 255);
+        write_bytes(st.s, copy, n);
+        free(copy);
+        if (model_load(&m, hf, TYPE_F32, &e) == 0) loaded++, model_free(&m);
+        else failed++;
+    }
+    check(hlen && failed > 0, "model: 150 safetensors files with flipped header bytes", "no file rejected");
+    printf("    (%d loaded, %d rejected)\n", loaded, failed);
+    rename(keep.s, st.s);
+    free(bytes);
+}
+
+// q4_k_m on a model whose rows are whole 256-blocks: llama.cpp's mix (Q6_K for the tied
+// embedding and for attn_v / ffn_down of layers 0, 3, 6, 7 of 8; Q4_K elsewhere). Without the
+// K-quant quantizers the command must fail cleanly.
+static void test_q4_k_m(const char *dir) {
+    Path cfg = path_of(dir, "k-config.json"), out = path_of(dir, "k.gguf");
+    write_text(cfg.s, "{\"architectures\": [\"Qwen2ForCausalLM\"], \"hidden_size\": 256, \"num_hidden_layers\": 8, "
+                      "\"num_attention_heads\": 4, \"num_key_value_heads\": 2, \"intermediate_size\": 512, "
+                      "\"max_position_embeddings\": 512, \"tie_word_embeddings\": true}");
+    char cmd[2048];
+    snprintf(cmd, sizeof cmd, "%s init --config %s --tokenizer %s --type q4_k_m --out %s", sft_binary(), cfg.s, FIXTURE_TOKENIZER, out.s);
+    int rc = run_command(cmd, NULL);
+    float z[256] = {0};
+    unsigned char q[512];
+    int have = quantize_row(TYPE_Q4_K, q, z, 256) == 0 && quantize_row(TYPE_Q6_K, q, z, 256) == 0;
+    if (!have) {
+        check(rc == 1, "q4_k_m without K-quant quantizers: exit 1", "exit %d", rc);
+        return;
+    }
+    GgufFile g;
+    Err e;
+    if (rc != 0 || gguf_open(&g, out.s, &e) != 0) {
+        check(0, "sft init --type q4_k_m", "exit %d", rc);
+        return;
+    }
+    int ok = gguf_find_tensor(&g, "token_embd.weight")->type == TYPE_Q6_K;
+    for (int l = 0; l < 8; l++) {
+        char name[64];
+        int more = l == 0 || l == 3 || l == 6 || l == 7;
+        snprintf(name, sizeof name, "blk.%d.attn_v.weight", l);
+        ok &= gguf_find_tensor(&g, name)->type == (more ? TYPE_Q6_K : TYPE_Q4_K);
+        snprintf(name, sizeof name, "blk.%d.ffn_down.weight", l);
+        ok &= gguf_find_tensor(&g, name)->type == (more ? TYPE_Q6_K : TYPE_Q4_K);
+        snprintf(name, sizeof name, "blk.%d.attn_q.weight", l);
+        ok &= gguf_find_tensor(&g, name)->type == TYPE_Q4_K;
+    }
+    int64_t ft = 0;
+    gguf_get_int(&g, "general.file_type", &ft, 0, &e);
+    check(ok && ft == 15, "sft init --type q4_k_m: llama.cpp's mix", "types differ (file_type %lld)", (long long)ft);
+    gguf_close(&g);
 }
 
 // The Hugging Face name and [rows, cols] of every GGUF tensor of a tiny model, written from the
@@ -873,6 +960,10 @@ static void test_model_init(const char *dir) {
     char *a = read_file(q8, &n1, &e), *b = read_file(again, &n2, &e);
     check(a && b && n1 == n2 && memcmp(a, b, n1) == 0, "sft init is deterministic", "files differ");
     free(a), free(b);
+    init_model(again, "q8_0", "--threads 1");
+    a = read_file(q8, &n1, &e), b = read_file(again, &n2, &e);
+    check(a && b && n1 == n2 && memcmp(a, b, n1) == 0, "sft init: same bytes with --threads 1", "files differ");
+    free(a), free(b);
     init_model(again, "q8_0", "--seed 8");
     a = read_file(q8, &n1, &e), b = read_file(again, &n2, &e);
     check(a && b && n1 == n2 && memcmp(a, b, n1) != 0, "sft init: another seed, other weights", "same bytes");
@@ -910,6 +1001,8 @@ static void test_model_init(const char *dir) {
     if (rc == 0) model_free(&m);
     test_model_hf(dir, f32);
     test_model_broken(dir, f32);
+    test_model_fuzz(dir, f32, path_in(dir, "hf2"));
+    test_q4_k_m(dir);
 }
 
 static void test_files_cli(const char *dir) {

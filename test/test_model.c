@@ -189,7 +189,7 @@ static void fd_crossentropy(uint64_t *rng) {
 
 typedef struct {
     float x[FT * FC], A[FR * FC], B[FOUT * FR], y[FT * FOUT], wout[FT * FOUT];
-    float u[FT * FR], du[FT * FR], xdrop[FT * FC], dA[FR * FC], dB[FOUT * FR];
+    float u[FT * FR], du[FT * FR], xdrop[FT * FC], bt[FR * FOUT], dA[FR * FC], dB[FOUT * FR];
     LoraPair pair;
     LoraSite site;
 } LoraCase;
@@ -208,7 +208,8 @@ static void fd_lora(uint64_t *rng, float p) {
     fill(c->B, FOUT * FR, rng, -1, 1);
     fill(c->wout, FT * FOUT, rng, -1, 1);
     c->pair = (LoraPair){c->A, c->B, c->dA, c->dB, FC, FOUT};
-    c->site = (LoraSite){&c->pair, c->u, c->du, c->xdrop, 1.5f, FR, p, 1234, 17};
+    c->site = (LoraSite){.pair = &c->pair, .u = c->u, .du = c->du, .xdrop = c->xdrop, .bt = c->bt, .scale = 1.5f,
+                         .R = FR, .p = p, .seed = 1234, .site = 17};
     float dx[FT * FC] = {0}, fx[FT * FC], fA[FR * FC], fB[FOUT * FR];
     lora_loss(c);
     lora_backward(dx, &c->site, c->wout, c->x, FT, FC, FOUT);
@@ -385,7 +386,7 @@ static void check_grads(const Fixture *fx, double tol) {
 
 // Logits of example 0 at the reference's positions through the KV cache: a prefill of the whole
 // prefix (several chunks for the long ones) and, for the same positions, one token at a time.
-static void check_logits(Fixture *fx, double atol) {
+static void check_logits(Fixture *fx, double atol_prompt, double atol_step) {
     size_t np, nl;
     float *pos = load_tensor(&fx->want, "logits_pos", &np), *want = load_tensor(&fx->want, "logits", &nl);
     int V = fx->m.config.V, T = fx->ds.ex[0].T;
@@ -404,10 +405,10 @@ static void check_logits(Fixture *fx, double atol) {
     }
     char name[128];
     label(name, sizeof name, fx, "logits, prompt through the KV cache");
-    if (ok) check_close(name, got, want, nl, atol, 0);
+    if (ok) check_close(name, got, want, nl, atol_prompt, 0);
     else check(0, name, "model_infer failed");
     label(name, sizeof name, fx, "logits, one token at a time");
-    if (ok) check_close(name, step, want, nl, atol, 0);
+    if (ok) check_close(name, step, want, nl, atol_step, 0);
     label(name, sizeof name, fx, "KV cache refuses to overflow");
     check(model_infer(&fx->m, &fx->lora, kv, tokens, 1, tmp) == -1, name, "accepted a token past max_T");
     kvcache_free(kv);
@@ -415,26 +416,29 @@ static void check_logits(Fixture *fx, double atol) {
 }
 
 typedef struct {
-    double loss, grads, logits;
+    double loss;    // relative error of the mean loss
+    double grads;   // relative norm error of each gradient tensor
+    double prompt;  // absolute error of logits after a prompt (matmul with T > 1)
+    double step;    // absolute error of logits when tokens go one at a time (T = 1)
 } Tolerance;
 
-// The float64 reference computed on dequantized weights. The _ref kernels sum dequantized
-// weights in float and meet the F32 tolerances; the fast kernels round activations to 8 bits
-// for integer dot products (llama.cpp's approach), which costs ~1e-3 relative error.
-static Tolerance tolerance(int quant) {
+// The reference is float64 on the (dequantized) weights. The _ref kernels (make debug, -DSFT_REF)
+// are exact products summed in float: they meet tight tolerances, whatever the weight type.
+// The fast kernels of quant.c round both factors to bf16 when T >= 8 (error up to 2^-8 per
+// product, summed in float; measured here: loss ~5e-4, gradients ~3e-2, logits ~3e-2), and
+// dequantize to float for T < 8, so token-by-token generation stays tight in every build.
+static Tolerance tolerance(void) {
 #ifdef SFT_REF
-    (void)quant;
-    return (Tolerance){1e-5, 1e-4, 1e-4};
+    return (Tolerance){1e-5, 1e-4, 1e-4, 1e-4};
 #else
-    if (quant == TYPE_F32) return (Tolerance){1e-5, 1e-4, 1e-4};
-    return (Tolerance){2e-3, 3e-2, 2e-2};
+    return (Tolerance){3e-3, 1e-1, 1e-1, 1e-4};
 #endif
 }
 
 static void reference_case(const char *name, int quant) {
     Fixture fx;
     if (fixture_open(&fx, name, quant) != 0) return;
-    Tolerance tol = tolerance(quant);
+    Tolerance tol = tolerance();
     Activations *a = activations_new(&fx.m.config, &fx.lora, max_len(&fx.ds));
     check_tokens(&fx);
     double loss = mean_loss(&fx.m, &fx.lora, &fx.ds, a, 1, 0);
@@ -442,7 +446,7 @@ static void reference_case(const char *name, int quant) {
     check_grads(&fx, tol.grads);
     double base = mean_loss(&fx.m, NULL, &fx.ds, a, 0, 0);
     check_rel(&fx, "loss without the adapter", base, load_scalar(&fx.want, "loss_base"), tol.loss);
-    check_logits(&fx, tol.logits * 10);
+    check_logits(&fx, tol.prompt, tol.step);
     if (quant == TYPE_F32) {
         Dataset all;
         Err e;
@@ -480,7 +484,10 @@ static void invariance_checks(void) {
     double l3 = mean_loss(&fx.m, &fx.lora, &fx.ds, a, 1, 0);
     check(l1 == l3 && same_grads(&fx.lora, g1), "loss and gradients bit-identical with 1 and 3 threads",
           "loss %.9g vs %.9g", l1, l3);
-    check(fabs(l1 - load_scalar(&fx.want, "loss")) < 1e-5 * l1, "dropout seed 0: no dropout", "loss %.9g", l1);
+    fx.lora.dropout = 0;
+    double l0 = mean_loss(&fx.m, &fx.lora, &fx.ds, a, 1, 0);
+    fx.lora.dropout = 0.25f;
+    check(l0 == l1 && same_grads(&fx.lora, g1), "dropout seed 0: no dropout", "loss %.9g vs %.9g", l0, l1);
 
     Activations *r = activations_new_budget(&fx.m.config, &fx.lora, T, 1);
     double lr = mean_loss(&fx.m, &fx.lora, &fx.ds, r, 1, 0);
@@ -528,8 +535,8 @@ static void eval_cli(void) {
     double loss = 0, ppl = 0;
     long tokens = 0;
     int n = out ? sscanf(out, "loss %lf ppl %lf tokens %ld", &loss, &ppl, &tokens) : 0;
-    double wl = load_scalar(&want, "loss");
-    check(rc == 0 && n == 3 && fabs(loss - wl) < 1e-5 * wl && fabs(ppl - exp(wl)) < 1e-4 * exp(wl) &&
+    double wl = load_scalar(&want, "loss"), tol = tolerance().loss;
+    check(rc == 0 && n == 3 && fabs(loss - wl) < tol * wl && fabs(ppl - exp(loss)) < 1e-6 * ppl &&
               tokens == (long)load_scalar(&want, "n_targets"),
           "sft eval: fixture loss, ppl, tokens", "exit %d, output '%s', want loss %.9g", rc, out ? out : "", wl);
     free(out);
@@ -538,7 +545,7 @@ static void eval_cli(void) {
     rc = run_command(cmd, &out);
     n = out ? sscanf(out, "loss %lf", &loss) : 0;
     wl = load_scalar(&want, "loss_base");
-    check(rc == 0 && n == 1 && fabs(loss - wl) < 1e-5 * wl, "sft eval without an adapter", "exit %d, output '%s'", rc,
+    check(rc == 0 && n == 1 && fabs(loss - wl) < tol * wl, "sft eval without an adapter", "exit %d, output '%s'", rc,
           out ? out : "");
     free(out);
     snprintf(cmd, sizeof cmd, "%s eval --model " FIXTURES "/untied/model --lora " FIXTURES "/tied/adapter --data "

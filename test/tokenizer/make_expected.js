@@ -1,6 +1,8 @@
 // make_expected.js: writes test/tokenizer/corpus.out, the ids that a Hugging Face-compatible
 // tokenizer (@lenml/tokenizers, a port of transformers.js) gives for each text of corpus.inp, and
-// corpus.nfc, each text in NFC (JavaScript's String.normalize), what decoding the ids must give.
+// corpus.nfc, each text in NFC (JavaScript's String.normalize), what decoding the ids must give;
+// and random.out for random.inp: 300 random strings of letters, marks, jamo, Thai, emoji, spaces,
+// contractions and special tokens (made once by a throwaway generator; only the texts are kept).
 // Run by hand from the repository root, never by make:
 //     node test/tokenizer/make_expected.js PATH/TO/node_modules
 // It first checks that the reference reproduces Hugging Face's ids for the 46 texts of
@@ -27,8 +29,10 @@ texts('qwen2.inp').forEach((text, i) => {
         process.exit(1);
     }
 });
-const out = texts('corpus.inp').map((text) => line(encode(text)) + '\n').join('');
-fs.writeFileSync(path.join(dir, 'corpus.out'), out);
+for (const name of ['corpus', 'random']) {
+    const out = texts(name + '.inp').map((text) => line(encode(text)) + '\n').join('');
+    fs.writeFileSync(path.join(dir, name + '.out'), out);
+}
 const nfc = texts('corpus.inp').map((text) => text.normalize('NFC') + '\n__ggml_vocab_test__\n').join('');
 fs.writeFileSync(path.join(dir, 'corpus.nfc'), nfc);
-console.log(`qwen2.inp: all ${want.length - 1} texts agree with Hugging Face; wrote corpus.out and corpus.nfc`);
+console.log(`qwen2.inp: all ${want.length - 1} texts agree with Hugging Face; wrote corpus.out, corpus.nfc and random.out`);
