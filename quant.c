@@ -1091,47 +1091,36 @@ static void bwd_tile(const Bwd *b, const BwdTile *tl, int M) {
 #endif
 }
 
-// Asks the cache for the bytes of elements [i0, i0 + n) of row r of W (a hint; no effect where
-// the compiler has no prefetch builtin).
-static void prefetch_span(const QMatrix *W, int r, int i0, int n) {
-#if defined(__GNUC__)
-    const TypeInfo *ti = type_info(W->type);
-    const uint8_t *p = qmatrix_row_data(W, r) + (size_t)(i0 / ti->block) * ti->bytes;
-    size_t bytes = (size_t)(n / ti->block) * ti->bytes;
-    for (size_t k = 0; k < bytes; k += 64) __builtin_prefetch(p + k, 0, 2);
-    __builtin_prefetch(p + bytes - 1, 0, 2);
-#else
-    (void)W, (void)r, (void)i0, (void)n;
-#endif
-}
-
-// Columns [c0, c1) of dinp, every token: BWD_OC rows of W at a time, a block of CB columns at a
-// time (dequantized and interleaved in pairs of rows once, then used by every token).
+// Columns [c0, c1) of dinp, every token, BWD_OC rows of W at a time: the rows' slices [c0, c1)
+// are dequantized (reading each row's bytes in order) and interleaved in pairs of rows into
+// blocks of CB columns; then every token goes through each block.
 static void bwd_cols(void *ctx, int c0, int c1) {
     const Bwd *b = ctx;
     const QMatrix *W = b->W;
     int OUT = W->rows, bs = type_info(W->type)->block, CB = bs > BWD_CB ? bs : BWD_CB;
-    float *tmp = scratch_local(2 * (size_t)CB * sizeof(float) + (size_t)(BWD_OC / 2) * CB * sizeof(uint32_t));
-    uint32_t *wp = (uint32_t *)(tmp + 2 * CB);
+    int n = c1 - c0, nblocks = (n + CB - 1) / CB, QMAX = BWD_OC / 2;
+    float *tmp = scratch_local(2 * round_up((size_t)n, 16) * sizeof(float) + (size_t)nblocks * QMAX * CB * sizeof(uint32_t));
+    float *wa = tmp, *wb = tmp + round_up((size_t)n, 16);
+    uint32_t *wp = (uint32_t *)(wb + round_up((size_t)n, 16));  // block k, pair q at wp + (k * QMAX + q) * CB
     for (int oc0 = 0; oc0 < OUT; oc0 += BWD_OC) {
         int on = OUT - oc0 < BWD_OC ? OUT - oc0 : BWD_OC, Q = (on + 1) / 2;
-        for (int cb0 = c0; cb0 < c1; cb0 += CB) {
-            int cw = c1 - cb0 < CB ? c1 - cb0 : CB;
-            for (int q = 0; q < Q; q++) {
-                int oa = oc0 + 2 * q;
-                dequantize_span(W->type, tmp, qmatrix_row_data(W, oa), cb0, cw);
-                if (oa + 1 < OUT) dequantize_span(W->type, tmp + CB, qmatrix_row_data(W, oa + 1), cb0, cw);
-                else memset(tmp + CB, 0, (size_t)cw * sizeof(float));
-                to_bf16_interleaved(wp + (size_t)q * CB, tmp, tmp + CB, cw);
+        for (int q = 0; q < Q; q++) {
+            int oa = oc0 + 2 * q;
+            dequantize_span(W->type, wa, qmatrix_row_data(W, oa), c0, n);
+            if (oa + 1 < OUT) dequantize_span(W->type, wb, qmatrix_row_data(W, oa + 1), c0, n);
+            else memset(wb, 0, (size_t)n * sizeof(float));
+            for (int k = 0; k < nblocks; k++) {
+                int cw = n - k * CB < CB ? n - k * CB : CB;
+                to_bf16_interleaved(wp + ((size_t)k * QMAX + q) * CB, wa + k * CB, wb + k * CB, cw);
             }
-            // The next block's bytes are scattered over many rows, too far apart for the
-            // hardware prefetchers: ask for them now, they arrive while the tiles run.
-            int next_oc = cb0 + CB < c1 ? oc0 : oc0 + BWD_OC, next_cb = cb0 + CB < c1 ? cb0 + CB : c0;
-            for (int o = next_oc; o < OUT && o < next_oc + BWD_OC; o++) prefetch_span(W, o, next_cb, c1 - next_cb < CB ? c1 - next_cb : CB);
+        }
+        for (int k = 0; k < nblocks; k++) {
+            int cw = n - k * CB < CB ? n - k * CB : CB;
             for (int t0 = 0; t0 < b->T; t0 += BWD_N) {
                 for (int cv = 0; cv < cw; cv += 64) {
                     int ncols = cw - cv < 64 ? cw - cv : 64;
-                    BwdTile tl = {cb0 + cv, ncols, t0, b->T - t0 < BWD_N ? b->T - t0 : BWD_N, oc0 / 2, Q, wp + cv, CB};
+                    BwdTile tl = {c0 + k * CB + cv, ncols, t0, b->T - t0 < BWD_N ? b->T - t0 : BWD_N, oc0 / 2, Q,
+                                  wp + (size_t)k * QMAX * CB + cv, CB};
                     bwd_tile(b, &tl, (ncols + 15) / 16);
                 }
             }
