@@ -44,6 +44,8 @@ typedef struct {
     float *du;             // [T, R] scratch of the backward pass
     float *xdrop;          // [T, in] scratch for dropout(x) when p > 0
     float *bt;             // [R, out] scratch: B^T, then dB^T in the backward pass
+    uint32_t *keep;        // [T, (in + 31) / 32] dropout masks, bit set = kept (when p > 0):
+                           // lora_forward draws them, lora_backward reads them
     float scale;           // alpha / R
     int R;
     float p;               // dropout probability; 0 outside training
@@ -51,8 +53,8 @@ typedef struct {
     uint64_t site;         // l * LORA_NTARGETS + target
 } LoraSite;
 
-// The LoRA kernels (model.c), public for the tests. With s->p > 0, dropout masks come from
-// rng_hash_uniform(s->seed, s->site, t, i).
+// The LoRA kernels (model.c), public for the tests. With s->p > 0, input i of token t is kept
+// when rng_hash_uniform(s->seed, s->site, t, i) >= p.
 // y[T, out] += scale B (u[T, R] = A dropout(x[T, in]))
 void lora_forward(float *y, const LoraSite *s, const float *x, int T, int in, int out);
 // dA, dB of s->pair +=, dx[T, in] += (when not NULL) <- dy[T, out], x[T, in], s->u

@@ -20,11 +20,13 @@
 #define INFER_CHUNK 32         // prompt tokens run through the model at one time in model_infer
 #define ACT_BUDGET ((size_t)512 << 20)  // bytes of Activations above which layers recompute gate/up
 #define ATT_BLOCK 64           // keys scored at one time by the attention kernels
+#define ATT_KBLOCK 32          // key rows whose dk, dv one work item of the backward pass sums
+#define ATT_QBLOCK 8           // query rows whose updates to those are added at one time
 
 // ---------------------------------------------------------------------------------------------
 // Small helpers.
 
-static float dot(const float *a, const float *b, int n) {
+static inline float dot(const float *a, const float *b, int n) {
     float s[8] = {0};
     int i = 0;
     for (; i + 8 <= n; i += 8)
@@ -33,8 +35,12 @@ static float dot(const float *a, const float *b, int n) {
     return ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));
 }
 
-static void axpy(float *y, float a, const float *x, int n) {
-    for (int i = 0; i < n; i++) y[i] += a * x[i];
+// y[n] += a x[n]; blocks of 8 so that compilers vectorize it at -O2
+static inline void axpy(float *restrict y, float a, const float *restrict x, int n) {
+    int i = 0;
+    for (; i + 8 <= n; i += 8)
+        for (int k = 0; k < 8; k++) y[i + k] += a * x[i + k];
+    for (; i < n; i++) y[i] += a * x[i];
 }
 
 static int min_int(int a, int b) { return a < b ? a : b; }
@@ -136,25 +142,58 @@ void rope_backward(float *dx, const float *cos_t, const float *sin_t, int T, int
     }
 }
 
+// dst[H, HS, n] = src[n, H*HS]: each head's vectors as columns, so that the scores of a block of
+// keys (or queries) are HS long axpys instead of short dot products.
+static void transpose_heads(float *dst, const float *src, int n, int H, int HS) {
+    for (int t = 0; t < n; t++)
+        for (int h = 0; h < H; h++)
+            for (int d = 0; d < HS; d++) dst[((size_t)h * HS + d) * n + t] = src[((size_t)t * H + h) * HS + d];
+}
+
+// s[nb] = sum_d x[d] * cols[d * n + j0 + j]: x against nb columns of a transposed [HS, n] block.
+// 32 columns at a time in four independent sums of 8 (the k loops unroll into vector registers),
+// also past nb while the columns exist (s has room for 64: the extra sums are ignored).
+static void scores_block(float *s, const float *x, const float *cols, int n, int j0, int nb, int HS) {
+    int j = 0, avail = n - j0;
+    for (; j < nb && j + 32 <= avail; j += 32) {
+        float a0[8] = {0}, a1[8] = {0}, a2[8] = {0}, a3[8] = {0};
+        const float *c = cols + j0 + j;
+        for (int d = 0; d < HS; d++, c += n) {
+            float xd = x[d];
+            for (int k = 0; k < 8; k++) a0[k] += xd * c[k];
+            for (int k = 0; k < 8; k++) a1[k] += xd * c[8 + k];
+            for (int k = 0; k < 8; k++) a2[k] += xd * c[16 + k];
+            for (int k = 0; k < 8; k++) a3[k] += xd * c[24 + k];
+        }
+        for (int k = 0; k < 8; k++) s[j + k] = a0[k], s[j + 8 + k] = a1[k], s[j + 16 + k] = a2[k], s[j + 24 + k] = a3[k];
+    }
+    for (; j < nb; j++) {  // the last columns of the array
+        float acc = 0;
+        for (int d = 0; d < HS; d++) acc += x[d] * cols[(size_t)d * n + j0 + j];
+        s[j] = acc;
+    }
+}
+
 typedef struct {
     float *out, *lse;
-    const float *q, *k, *v;
+    const float *q, *kt, *v;
     int T, pos0, NH, NKV, HS;
 } AttentionArgs;
 
 // One query row against keys 0..n_keys-1, softmax computed online, ATT_BLOCK keys at a time.
-// out[HS], *lse <- q[HS], k, v [n_keys rows of `stride` floats]
-static void attention_row(float *out, float *lse, const float *q, const float *k, const float *v, int n_keys,
-                          int stride, int HS) {
+// out[HS], *lse <- q[HS], kt [HS, n] (the head's keys transposed), v [n_keys rows of `stride`]
+static void attention_row(float *out, float *lse, const float *q, const float *kt, int n, const float *v, int stride,
+                          int n_keys, int HS) {
     float scale = 1.0f / sqrtf((float)HS), m = -INFINITY, s[ATT_BLOCK];
     double sum = 0;
     for (int d = 0; d < HS; d++) out[d] = 0;
     for (int j0 = 0; j0 < n_keys; j0 += ATT_BLOCK) {
         int nb = min_int(ATT_BLOCK, n_keys - j0);
         float bm = -INFINITY;
+        scores_block(s, q, kt, n, j0, nb, HS);
         for (int j = 0; j < nb; j++) {
-            s[j] = dot(q, k + (size_t)(j0 + j) * stride, HS) * scale;
-            if (s[j] > bm) bm = s[j];
+            s[j] *= scale;
+            bm = s[j] > bm ? s[j] : bm;
         }
         if (bm > m) {  // rescale what was summed under the old maximum
             float c = expf(m - bm);
@@ -175,84 +214,137 @@ static void attention_row(float *out, float *lse, const float *q, const float *k
 
 static void attention_forward_items(void *ctx, int start, int end) {
     const AttentionArgs *a = ctx;
-    int QD = a->NH * a->HS, KD = a->NKV * a->HS, group = a->NH / a->NKV;
+    int QD = a->NH * a->HS, KD = a->NKV * a->HS, group = a->NH / a->NKV, n = a->pos0 + a->T;
     for (int item = start; item < end; item++) {
         int h, i;
         balanced_item(item, a->NH, a->T, &h, &i);
-        size_t kv = (size_t)(h / group) * a->HS;
+        int g = h / group;
         attention_row(a->out + (size_t)i * QD + (size_t)h * a->HS, a->lse ? a->lse + (size_t)h * a->T + i : NULL,
-                      a->q + (size_t)i * QD + (size_t)h * a->HS, a->k + kv, a->v + kv, a->pos0 + i + 1, KD, a->HS);
+                      a->q + (size_t)i * QD + (size_t)h * a->HS, a->kt + (size_t)g * a->HS * n, n,
+                      a->v + (size_t)g * a->HS, KD, a->pos0 + i + 1, a->HS);
     }
 }
 
-// Causal grouped-query attention: query head h uses key/value head h / (NH / NKV), scale 1/sqrt(HS).
-// out[T, NH*HS], lse[NH, T] (or NULL) <- q[T, NH*HS] at positions pos0..pos0+T-1,
-// k, v [pos0+T, NKV*HS]: query i sees keys 0..pos0+i.
-void attention_forward(float *out, float *lse, const float *q, const float *k, const float *v, int T, int pos0,
-                              int NH, int NKV, int HS) {
-    AttentionArgs a = {out, lse, q, k, v, T, pos0, NH, NKV, HS};
+void attention_forward(float *out, float *lse, float *work, const float *q, const float *k, const float *v, int T,
+                       int pos0, int NH, int NKV, int HS) {
+    transpose_heads(work, k, pos0 + T, NKV, HS);
+    AttentionArgs a = {out, lse, q, work, v, T, pos0, NH, NKV, HS};
     parallel_for(attention_forward_items, &a, NH * T, 1);
 }
 
 typedef struct {
-    float *dq, *dk, *dv, *dsum;
-    const float *dout, *out, *q, *k, *v, *lse;
+    float *dq, *dsum;
+    float *dkt, *dvt;             // [NKV, HS, T] dk, dv transposed
+    const float *dout, *out, *q, *k, *lse;
+    const float *kt, *vt;         // [NKV, HS, T] k, v transposed
     int T, NH, NKV, HS;
 } AttentionBackArgs;
 
-// dq of one (head, query row): P_ij = exp(s_ij - lse_i), dS_ij = P_ij (dy_i.v_j - dy_i.y_i)
+// dq of one (head, query row i), ATT_BLOCK keys at a time:
+// P_ij = exp(s_ij - lse_i), dS_ij = P_ij (dy_i.v_j - D_i) with D_i = dy_i.y_i, dq_i += scale dS_ij k_j
 static void attention_backward_q_items(void *ctx, int start, int end) {
     const AttentionBackArgs *a = ctx;
-    int QD = a->NH * a->HS, KD = a->NKV * a->HS, HS = a->HS, group = a->NH / a->NKV;
-    float scale = 1.0f / sqrtf((float)HS);
+    int QD = a->NH * a->HS, KD = a->NKV * a->HS, HS = a->HS, T = a->T, group = a->NH / a->NKV;
+    float scale = 1.0f / sqrtf((float)HS), s[ATT_BLOCK], dp[ATT_BLOCK];
     for (int item = start; item < end; item++) {
         int h, i;
-        balanced_item(item, a->NH, a->T, &h, &i);
-        size_t qi = (size_t)i * QD + (size_t)h * HS, kv = (size_t)(h / group) * HS;
-        const float *q = a->q + qi, *dy = a->dout + qi;
-        float lse = a->lse[(size_t)h * a->T + i], D = dot(dy, a->out + qi, HS);
-        a->dsum[(size_t)h * a->T + i] = D;
-        for (int j = 0; j <= i; j++) {
-            const float *kj = a->k + (size_t)j * KD + kv;
-            float p = expf(dot(q, kj, HS) * scale - lse);
-            float ds = p * (dot(dy, a->v + (size_t)j * KD + kv, HS) - D);
-            axpy(a->dq + qi, ds * scale, kj, HS);
-        }
-    }
-}
-
-// dk, dv of one (kv head, key row j): sums over the query heads of its group and rows i >= j
-static void attention_backward_kv_items(void *ctx, int start, int end) {
-    const AttentionBackArgs *a = ctx;
-    int QD = a->NH * a->HS, KD = a->NKV * a->HS, HS = a->HS, group = a->NH / a->NKV;
-    float scale = 1.0f / sqrtf((float)HS);
-    for (int item = start; item < end; item++) {
-        int g, j;
-        balanced_item(item, a->NKV, a->T, &g, &j);
-        j = a->T - 1 - j;  // balanced_item's rows are query rows; key row j has T - j of them
-        size_t kj = (size_t)j * KD + (size_t)g * HS;
-        const float *k = a->k + kj, *v = a->v + kj;
-        for (int h = g * group; h < (g + 1) * group; h++) {
-            for (int i = j; i < a->T; i++) {
-                size_t qi = (size_t)i * QD + (size_t)h * HS;
-                const float *dy = a->dout + qi;
-                float p = expf(dot(a->q + qi, k, HS) * scale - a->lse[(size_t)h * a->T + i]);
-                float ds = p * (dot(dy, v, HS) - a->dsum[(size_t)h * a->T + i]);
-                axpy(a->dk + kj, ds * scale, a->q + qi, HS);
-                axpy(a->dv + kj, p, dy, HS);
+        balanced_item(item, a->NH, T, &h, &i);
+        int g = h / group;
+        size_t qi = (size_t)i * QD + (size_t)h * HS;
+        const float *q = a->q + qi, *dy = a->dout + qi, *kt = a->kt + (size_t)g * HS * T, *vt = a->vt + (size_t)g * HS * T;
+        float lse = a->lse[(size_t)h * T + i], D = dot(dy, a->out + qi, HS);
+        a->dsum[(size_t)h * T + i] = D;
+        for (int j0 = 0; j0 <= i; j0 += ATT_BLOCK) {
+            int nb = min_int(ATT_BLOCK, i + 1 - j0);
+            scores_block(s, q, kt, T, j0, nb, HS);
+            scores_block(dp, dy, vt, T, j0, nb, HS);
+            for (int j = 0; j < nb; j++) {
+                float p = expf(s[j] * scale - lse);
+                axpy(a->dq + qi, p * (dp[j] - D) * scale, a->k + (size_t)(j0 + j) * KD + (size_t)g * HS, HS);
             }
         }
     }
 }
 
-// dq[T, NH*HS], dk, dv [T, NKV*HS] += ; dsum[NH, T] scratch <- dout, out [T, NH*HS], q, k, v, lse[NH, T]
-// The softmax is recomputed from q, k and lse. Each output row is summed by one thread.
-void attention_backward(float *dq, float *dk, float *dv, float *dsum, const float *dout, const float *out,
-                               const float *q, const float *k, const float *v, const float *lse, int T, int NH, int NKV,
-                               int HS) {
-    AttentionBackArgs a = {dq, dk, dv, dsum, dout, out, q, k, v, lse, T, NH, NKV, HS};
+// cols[d * n + j0 + j] += sum_i x[i * xs + d] * c[i * ATT_KBLOCK + j] for d < HS, j < w, i < ni:
+// the updates of ni query rows to w columns of a transposed [HS, n] block, written once per row d
+static void accumulate_block(float *cols, int n, int j0, int w, const float *x, size_t xs, const float *c, int ni,
+                             int HS) {
+    for (int d = 0; d < HS; d++) {
+        float *dst = cols + (size_t)d * n + j0;
+        if (w < ATT_KBLOCK) {
+            for (int i = 0; i < ni; i++)
+                for (int j = 0; j < w; j++) dst[j] += x[i * xs + d] * c[i * ATT_KBLOCK + j];
+            continue;
+        }
+        float a0[8], a1[8], a2[8], a3[8];  // ATT_KBLOCK = 32 columns in four independent sums
+        for (int k = 0; k < 8; k++) a0[k] = dst[k], a1[k] = dst[8 + k], a2[k] = dst[16 + k], a3[k] = dst[24 + k];
+        for (int i = 0; i < ni; i++) {
+            float xd = x[i * xs + d];
+            const float *ci = c + i * ATT_KBLOCK;
+            for (int k = 0; k < 8; k++) a0[k] += xd * ci[k];
+            for (int k = 0; k < 8; k++) a1[k] += xd * ci[8 + k];
+            for (int k = 0; k < 8; k++) a2[k] += xd * ci[16 + k];
+            for (int k = 0; k < 8; k++) a3[k] += xd * ci[24 + k];
+        }
+        for (int k = 0; k < 8; k++) dst[k] = a0[k], dst[8 + k] = a1[k], dst[16 + k] = a2[k], dst[24 + k] = a3[k];
+    }
+}
+
+// dk, dv for one kv head g and the ATT_KBLOCK key rows j0.., summed over the query heads of its
+// group and the query rows i >= j (ATT_QBLOCK rows at a time), into the transposed dkt, dvt
+// [NKV, HS, T] (this item's columns only)
+static void attention_backward_kv_items(void *ctx, int start, int end) {
+    const AttentionBackArgs *a = ctx;
+    int QD = a->NH * a->HS, HS = a->HS, T = a->T, group = a->NH / a->NKV, nblocks = (T + ATT_KBLOCK - 1) / ATT_KBLOCK;
+    float scale = 1.0f / sqrtf((float)HS), s[ATT_BLOCK], dp[ATT_BLOCK];
+    float ck[ATT_QBLOCK * ATT_KBLOCK], cv[ATT_QBLOCK * ATT_KBLOCK];  // dS * scale and P of the rows
+    for (int item = start; item < end; item++) {
+        int g, blk;
+        balanced_item(item, a->NKV, nblocks, &g, &blk);
+        int j0 = (nblocks - 1 - blk) * ATT_KBLOCK, w = min_int(ATT_KBLOCK, T - j0);  // short blocks first
+        const float *kt = a->kt + (size_t)g * HS * T, *vt = a->vt + (size_t)g * HS * T;
+        for (int h = g * group; h < (g + 1) * group; h++) {
+            for (int i0 = j0; i0 < T; i0 += ATT_QBLOCK) {
+                int ni = min_int(ATT_QBLOCK, T - i0);
+                for (int r = 0; r < ni; r++) {
+                    int i = i0 + r, nb = min_int(w, i + 1 - j0);  // the keys j0..i of the block
+                    size_t qi = (size_t)i * QD + (size_t)h * HS;
+                    float lse = a->lse[(size_t)h * T + i], D = a->dsum[(size_t)h * T + i];
+                    scores_block(s, a->q + qi, kt, T, j0, nb, HS);
+                    scores_block(dp, a->dout + qi, vt, T, j0, nb, HS);
+                    for (int j = 0; j < ATT_KBLOCK; j++) {
+                        float p = j < nb ? expf(s[j] * scale - lse) : 0.0f;
+                        ck[r * ATT_KBLOCK + j] = j < nb ? p * (dp[j] - D) * scale : 0.0f;
+                        cv[r * ATT_KBLOCK + j] = p;
+                    }
+                }
+                size_t q0 = (size_t)i0 * QD + (size_t)h * HS;
+                accumulate_block(a->dkt + (size_t)g * HS * T, T, j0, w, a->q + q0, (size_t)QD, ck, ni, HS);
+                accumulate_block(a->dvt + (size_t)g * HS * T, T, j0, w, a->dout + q0, (size_t)QD, cv, ni, HS);
+            }
+        }
+    }
+}
+
+void attention_backward(float *dq, float *dk, float *dv, float *dsum, float *work, const float *dout, const float *out,
+                        const float *q, const float *k, const float *v, const float *lse, int T, int NH, int NKV,
+                        int HS) {
+    size_t KN = (size_t)NKV * HS * T;
+    float *kt = work, *vt = work + KN, *dkt = work + 2 * KN, *dvt = work + 3 * KN;
+    transpose_heads(kt, k, T, NKV, HS);
+    transpose_heads(vt, v, T, NKV, HS);
+    memset(dkt, 0, 2 * KN * sizeof(float));
+    AttentionBackArgs a = {dq, dsum, dkt, dvt, dout, out, q, k, lse, kt, vt, T, NH, NKV, HS};
     parallel_for(attention_backward_q_items, &a, NH * T, 1);
-    parallel_for(attention_backward_kv_items, &a, NKV * T, 1);
+    parallel_for(attention_backward_kv_items, &a, NKV * ((T + ATT_KBLOCK - 1) / ATT_KBLOCK), 1);
+    for (int t = 0; t < T; t++)  // dk, dv += the transposed sums
+        for (int g = 0; g < NKV; g++)
+            for (int d = 0; d < HS; d++) {
+                size_t row = (size_t)t * NKV * HS + (size_t)g * HS + d, col = ((size_t)g * HS + d) * T + t;
+                dk[row] += dkt[col];
+                dv[row] += dvt[col];
+            }
 }
 
 typedef struct {
@@ -298,11 +390,6 @@ static void residual_add(float *out, const float *inp, size_t n) {
 // element and keep every sum in a fixed order; B is used transposed (s->bt = B^T [R, out]) so that
 // the loops over the long `out` dimension run over contiguous memory.
 
-// Inverted dropout: the value x gets, keep with probability 1 - p, scaled by 1 / (1 - p).
-static float dropout_factor(const LoraSite *s, int t, int i) {
-    return rng_hash_uniform(s->seed, s->site, (uint64_t)t, (uint64_t)i) < s->p ? 0.0f : 1.0f / (1.0f - s->p);
-}
-
 typedef struct {
     const LoraSite *s;
     float *y;
@@ -311,18 +398,41 @@ typedef struct {
     int T, in, out;
 } LoraArgs;
 
-static void dropout_range(void *ctx, int start, int end) {
+// Inverted dropout: an input is kept with probability 1 - p (rng_hash_uniform(seed, site, t, i) >= p)
+// and scaled by 1 / (1 - p). The forward pass draws the masks into s->keep, one bit per input;
+// the backward pass reads them.
+static int dropout_kept(const uint32_t *keep_row, int i) { return keep_row[i / 32] >> (i % 32) & 1; }
+
+static void dropout_draw_rows(void *ctx, int start, int end) {
     const LoraArgs *a = ctx;
-    for (int t = start; t < end; t++)
+    const LoraSite *s = a->s;
+    int W = (a->in + 31) / 32;
+    for (int t = start; t < end; t++) {
+        uint32_t *keep = s->keep + (size_t)t * W;
+        memset(keep, 0, (size_t)W * sizeof(uint32_t));
         for (int i = 0; i < a->in; i++)
-            a->s->xdrop[(size_t)t * a->in + i] = a->x[(size_t)t * a->in + i] * dropout_factor(a->s, t, i);
+            if (rng_hash_uniform(s->seed, s->site, (uint64_t)t, (uint64_t)i) >= s->p) keep[i / 32] |= 1u << (i % 32);
+    }
 }
 
-// The input of A: x itself, or dropout(x) written into s->xdrop[T, in].
-static const float *lora_input(const LoraSite *s, const float *x, int T, int in) {
+static void dropout_apply_rows(void *ctx, int start, int end) {
+    const LoraArgs *a = ctx;
+    int W = (a->in + 31) / 32;
+    float scale = 1.0f / (1.0f - a->s->p);
+    for (int t = start; t < end; t++) {
+        const uint32_t *keep = a->s->keep + (size_t)t * W;
+        const float *x = a->x + (size_t)t * a->in;
+        float *xd = a->s->xdrop + (size_t)t * a->in;
+        for (int i = 0; i < a->in; i++) xd[i] = dropout_kept(keep, i) ? x[i] * scale : 0.0f;
+    }
+}
+
+// The input of A: x itself, or dropout(x) written into s->xdrop[T, in] (draw = 1: new masks).
+static const float *lora_input(const LoraSite *s, const float *x, int T, int in, int draw) {
     if (s->p <= 0) return x;
     LoraArgs a = {s, NULL, x, NULL, NULL, T, in, 0};
-    parallel_for(dropout_range, &a, T, 1);
+    if (draw) parallel_for(dropout_draw_rows, &a, T, 1);
+    parallel_for(dropout_apply_rows, &a, T, 1);
     return s->xdrop;
 }
 
@@ -344,7 +454,7 @@ static void lora_forward_rows(void *ctx, int start, int end) {
 
 // y[T, out] += s B[out, R] u, with u[T, R] = A[R, in] xd   (xd[T, in] = dropout(x))
 void lora_forward(float *y, const LoraSite *s, const float *x, int T, int in, int out) {
-    LoraArgs a = {s, y, lora_input(s, x, T, in), NULL, NULL, T, in, out};
+    LoraArgs a = {s, y, lora_input(s, x, T, in, 1), NULL, NULL, T, in, out};
     lora_transpose_B(s, out);
     parallel_for(lora_forward_rows, &a, T, 1);
 }
@@ -385,7 +495,8 @@ static void lora_dA_cols(void *ctx, int start, int end) {
 static void lora_dx_rows(void *ctx, int start, int end) {
     const LoraArgs *a = ctx;
     const LoraSite *s = a->s;
-    float acc[64];
+    float acc[64], scale = s->p > 0 ? 1.0f / (1.0f - s->p) : 1.0f;
+    int W = (a->in + 31) / 32;
     for (int t = start; t < end; t++) {
         float *dx = a->dx + (size_t)t * a->in;
         for (int i0 = 0; i0 < a->in; i0 += 64) {
@@ -393,7 +504,7 @@ static void lora_dx_rows(void *ctx, int start, int end) {
             for (int i = 0; i < n; i++) acc[i] = 0;
             for (int r = 0; r < s->R; r++) axpy(acc, s->du[(size_t)t * s->R + r], s->pair->A + (size_t)r * a->in + i0, n);
             if (s->p > 0)
-                for (int i = 0; i < n; i++) acc[i] *= dropout_factor(s, t, i0 + i);
+                for (int i = 0; i < n; i++) acc[i] *= dropout_kept(s->keep + (size_t)t * W, i0 + i) ? scale : 0.0f;
             for (int i = 0; i < n; i++) dx[i0 + i] += acc[i];
         }
     }
@@ -401,7 +512,7 @@ static void lora_dx_rows(void *ctx, int start, int end) {
 
 // dA[R, in], dB[out, R] (in s->pair) +=, dx[T, in] += (when not NULL) <- dy[T, out], x[T, in], s->u
 void lora_backward(float *dx, const LoraSite *s, const float *dy, const float *x, int T, int in, int out) {
-    LoraArgs a = {s, NULL, lora_input(s, x, T, in), dy, dx, T, in, out};
+    LoraArgs a = {s, NULL, lora_input(s, x, T, in, 0), dy, dx, T, in, out};
     lora_transpose_B(s, out);
     parallel_for(lora_du_rows, &a, T, 1);
     parallel_for(lora_dB_cols, &a, out, 16);  // s->bt now holds dB^T
@@ -450,11 +561,28 @@ typedef struct {
     const Lora *lora;          // NULL: no adapter
     float p;                   // LoRA dropout, 0 unless training with a seed
     uint64_t seed;
-    float *xdrop;              // [T, max(C, FF)] scratch for dropout(x), NULL when p = 0
+    float *xdrop;              // [T, max(C, FF, NH*HS)] scratch for dropout(x), NULL when p = 0
+    uint32_t *keep;            // [L, LORA_NTARGETS, T, in / 32] dropout masks, NULL when p = 0
     float *lora_du;            // [T, R] scratch of the backward pass
     float *lora_bt;            // [R, max(C, FF, NH*HS)] scratch: B^T, then dB^T
+    float *att_work;           // [4 * T * NKV*HS] attention scratch (transposed heads)
     const float *cos, *sin;    // [max_T, HS/2]
 } Pass;
+
+// Words of dropout masks per token of each target's input, and where (l, target)'s masks start.
+static size_t keep_words(const Config *c, int target) {
+    int in = target == LORA_O ? c->NH * c->HS : target == LORA_DOWN ? c->FF : c->C;
+    return (size_t)(in + 31) / 32;
+}
+
+static size_t keep_offset(const Config *c, int l, int target, int T) {
+    size_t per_layer = 0, before = 0;
+    for (int k = 0; k < LORA_NTARGETS; k++) {
+        if (k == target) before = per_layer;
+        per_layer += keep_words(c, k);
+    }
+    return ((size_t)l * per_layer + before) * (size_t)T;
+}
 
 static LoraSite lora_site(const Pass *ps, int l, int target, float *lora_u, int T) {
     LoraSite s = {0};
@@ -465,6 +593,7 @@ static LoraSite lora_site(const Pass *ps, int l, int target, float *lora_u, int 
     s.du = ps->lora_du;
     s.bt = ps->lora_bt;
     s.xdrop = ps->xdrop;
+    s.keep = ps->keep ? ps->keep + keep_offset(ps->c, l, target, T) : NULL;
     s.scale = ps->lora->alpha / (float)ps->lora->R;
     s.p = ps->p;
     s.seed = ps->seed;
@@ -494,7 +623,7 @@ static void block_forward(const Pass *ps, int l, const LayerBufs *b, int T, int 
     linear_forward(v, b->ln, &lw->wv, lw->bv, &sv, T);
     rope_forward(b->q, ps->cos, ps->sin, T, pos0, c->NH, c->HS);
     rope_forward(k, ps->cos, ps->sin, T, pos0, c->NKV, c->HS);
-    attention_forward(b->att, b->lse, b->q, b->k, b->v, T, pos0, c->NH, c->NKV, c->HS);
+    attention_forward(b->att, b->lse, ps->att_work, b->q, b->k, b->v, T, pos0, c->NH, c->NKV, c->HS);
     linear_forward(b->xmid, b->att, &lw->wo, NULL, &so, T);
     residual_add(b->xmid, b->x, (size_t)T * C);
 
@@ -549,7 +678,8 @@ static void block_backward(const Pass *ps, int l, const LayerBufs *b, const Grad
     memset(g->dq, 0, (size_t)T * QD * sizeof(float));
     memset(g->dk, 0, (size_t)T * KD * sizeof(float));
     memset(g->dv, 0, (size_t)T * KD * sizeof(float));
-    attention_backward(g->dq, g->dk, g->dv, g->dsum, g->datt, b->att, b->q, b->k, b->v, b->lse, T, c->NH, c->NKV, c->HS);
+    attention_backward(g->dq, g->dk, g->dv, g->dsum, ps->att_work, g->datt, b->att, b->q, b->k, b->v, b->lse, T, c->NH,
+                       c->NKV, c->HS);
     rope_backward(g->dq, ps->cos, ps->sin, T, c->NH, c->HS);
     rope_backward(g->dk, ps->cos, ps->sin, T, c->NKV, c->HS);
     rmsnorm_apply(b->ln, b->x, b->rstd1, lw->attn_norm, T, C);
@@ -585,11 +715,13 @@ struct Activations {
     float *h;         // [max_T, FF]
     float *ff_gate;   // [max_T, FF] gate of a layer that recomputes it (L_ff < L)
     float *ff_up;     // [max_T, FF]
-    float *xdrop;     // [max_T, max(C, FF)] dropout(x) (only when the adapter has dropout)
+    float *xdrop;     // [max_T, max(C, FF, NH*HS)] dropout(x) (only when the adapter has dropout)
     float *lora_du;   // [max_T, R]
     float *lora_bt;   // [R, max(C, FF, NH*HS)]
+    float *att_work;  // [4 * max_T * NKV*HS] attention scratch
     float *dres, *dln, *datt, *dq, *dk, *dv, *dsum, *dh, *dgate, *dup;  // GradBufs, for max_T
     // the loss at target positions, LOSS_CHUNK at a time
+    uint32_t *keep;   // [L, LORA_NTARGETS, max_T, in / 32] dropout masks (only with dropout)
     int *pos;         // [max_T] positions t - 1 of the targets t
     float *head_x;    // [LOSS_CHUNK, C] residual rows at those positions
     float *head_rstd; // [LOSS_CHUNK] final RMSNorm
@@ -616,14 +748,14 @@ static size_t activation_floats(const Config *c, int R, int dropout, int max_T, 
     size_t sizes[] = {
         (L + 1) * T * C, L * T, L * T * QD, L * T * KD, L * T * KD, L * c->NH * T, L * T * QD, L * T * C, L * T,
         L_ff * T * FF, L_ff * T * FF, L * LORA_NTARGETS * T * R,
-        T * C, T * FF, recompute * T * FF, recompute * T * FF, dropout ? T * MX : 0, T * R, MO * R,
+        T * C, T * FF, recompute * T * FF, recompute * T * FF, dropout ? T * MO : 0, T * R, MO * R, 4 * T * KD,
         T * C, T * C, T * QD, T * QD, T * KD, T * KD, c->NH * T, T * FF, T * FF, T * FF,
         LOSS_CHUNK * C, LOSS_CHUNK, LOSS_CHUNK * C, LOSS_CHUNK * C, LOSS_CHUNK * (size_t)c->V,
         T * (c->HS / 2), T * (c->HS / 2),
     };
     float **fields[] = {
         &a->x, &a->rstd1, &a->q, &a->k, &a->v, &a->lse, &a->att, &a->xmid, &a->rstd2, &a->gate, &a->up, &a->lora_u,
-        &a->ln, &a->h, &a->ff_gate, &a->ff_up, &a->xdrop, &a->lora_du, &a->lora_bt,
+        &a->ln, &a->h, &a->ff_gate, &a->ff_up, &a->xdrop, &a->lora_du, &a->lora_bt, &a->att_work,
         &a->dres, &a->dln, &a->datt, &a->dq, &a->dk, &a->dv, &a->dsum, &a->dh, &a->dgate, &a->dup,
         &a->head_x, &a->head_rstd, &a->head_ln, &a->dhead, &a->logits, &a->cos, &a->sin,
     };
@@ -649,6 +781,7 @@ Activations *activations_new_budget(const Config *c, const struct Lora *lora, in
     while (a->L_ff > 0 && activation_floats(c, R, dropout, max_T, a->L_ff, a) * sizeof(float) > budget) a->L_ff--;
     a->mem = xmalloc(activation_floats(c, R, dropout, max_T, a->L_ff, a) * sizeof(float));
     activation_floats(c, R, dropout, max_T, a->L_ff, a);
+    if (dropout) a->keep = xmalloc(keep_offset(c, c->L, 0, max_T) * sizeof(uint32_t));
     a->pos = xmalloc((size_t)max_T * sizeof(int));
     a->row_loss = xmalloc(LOSS_CHUNK * sizeof(double));
     rope_tables(a->cos, a->sin, max_T, c->HS, c->rope_theta);
@@ -658,6 +791,7 @@ Activations *activations_new_budget(const Config *c, const struct Lora *lora, in
 void activations_free(Activations *a) {
     if (!a) return;
     free(a->mem);
+    free(a->keep);
     free(a->pos);
     free(a->row_loss);
     free(a);
@@ -693,15 +827,17 @@ static void crossentropy_rows(void *ctx, int start, int end) {
     const XentArgs *a = ctx;
     for (int r = start; r < end; r++) {
         float *z = a->logits + (size_t)r * a->V;
-        float m = -INFINITY;
+        float m = -INFINITY, target = z[a->targets[r]];
         for (int i = 0; i < a->V; i++) m = z[i] > m ? z[i] : m;
         double sum = 0;
-        for (int i = 0; i < a->V; i++) sum += expf(z[i] - m);
-        double lse = m + log(sum);
-        a->row_loss[r] = lse - z[a->targets[r]];
+        for (int i = 0; i < a->V; i++) {
+            z[i] = expf(z[i] - m);
+            sum += z[i];
+        }
+        a->row_loss[r] = m + log(sum) - target;
         if (!a->backward) continue;
         float scale = a->grad_scale / (float)sum;  // softmax = exp(z - m) / sum
-        for (int i = 0; i < a->V; i++) z[i] = scale * expf(z[i] - m);
+        for (int i = 0; i < a->V; i++) z[i] *= scale;
         z[a->targets[r]] -= a->grad_scale;
     }
 }
@@ -756,8 +892,8 @@ double model_forward_backward(Model *m, struct Lora *lora, Activations *a, const
     int T = positions_needed(c, tokens, mask, T_in, a->max_T);
     if (T < 0 || (lora && (lora->R != a->R || lora->L != c->L))) return NAN;
     if (T == 0) return 0;
-    Pass ps = {c, &m->w, lora, 0, dropout_seed, a->xdrop, a->lora_du, a->lora_bt, a->cos, a->sin};
-    if (lora && dropout_seed != 0 && lora->dropout > 0 && a->xdrop) ps.p = lora->dropout;
+    Pass ps = {c, &m->w, lora, 0, dropout_seed, a->xdrop, a->keep, a->lora_du, a->lora_bt, a->att_work, a->cos, a->sin};
+    if (lora && dropout_seed != 0 && lora->dropout > 0 && a->keep) ps.p = lora->dropout;
     backward = backward && lora;
 
     embed_forward(a->x, tokens, &m->w.embed, T);
@@ -795,6 +931,7 @@ struct KVCache {
     int n;             // tokens in the cache
     float *k, *v;      // [L, max_T, NKV*HS] keys after RoPE, values
     float *cos, *sin;  // [max_T, HS/2]
+    float *att_work;   // [NKV*HS, max_T] the keys transposed for the attention kernel
     float *x;          // [INFER_CHUNK, C] residual stream (block input and output)
     float *xmid;       // [INFER_CHUNK, C]
     float *ln;         // [INFER_CHUNK, C]
@@ -813,6 +950,7 @@ KVCache *kvcache_new(const Config *c, int max_T) {
     kv->max_T = (int)T;
     kv->k = xmalloc((size_t)c->L * T * KD * sizeof(float));
     kv->v = xmalloc((size_t)c->L * T * KD * sizeof(float));
+    kv->att_work = xmalloc(T * KD * sizeof(float));
     kv->cos = xmalloc(T * (c->HS / 2) * sizeof(float));
     kv->sin = xmalloc(T * (c->HS / 2) * sizeof(float));
     rope_tables(kv->cos, kv->sin, (int)T, c->HS, c->rope_theta);
@@ -832,7 +970,7 @@ KVCache *kvcache_new(const Config *c, int max_T) {
 void kvcache_free(KVCache *kv) {
     if (!kv) return;
     float *arrays[] = {kv->k, kv->v, kv->cos, kv->sin, kv->x, kv->xmid, kv->ln, kv->q, kv->att,
-                       kv->gate, kv->up, kv->h, kv->rstd1, kv->rstd2, kv->lora_u, kv->lora_bt};
+                       kv->gate, kv->up, kv->h, kv->rstd1, kv->rstd2, kv->lora_u, kv->lora_bt, kv->att_work};
     for (size_t i = 0; i < sizeof arrays / sizeof arrays[0]; i++) free(arrays[i]);
     free(kv);
 }
@@ -844,7 +982,7 @@ int kvcache_len(const KVCache *kv) { return kv->n; }
 static void infer_chunk(Model *m, const Lora *lora, KVCache *kv, const int *tokens, int n, float *logits) {
     const Config *c = &m->config;
     size_t KD = (size_t)c->NKV * c->HS;
-    Pass ps = {c, &m->w, lora, 0, 0, NULL, NULL, kv->lora_bt, kv->cos, kv->sin};
+    Pass ps = {c, &m->w, lora, 0, 0, NULL, NULL, NULL, kv->lora_bt, kv->att_work, kv->cos, kv->sin};
     embed_forward(kv->x, tokens, &m->w.embed, n);
     for (int l = 0; l < c->L; l++) {
         LayerBufs b = {

@@ -4,8 +4,8 @@
 // Reading order: the half conversions, one struct per block format (with its bytes drawn), the
 // scalar dequantizers and quantizers, then the _ref products (the definitions), and last the fast
 // products, which are the only place in sft with CPU intrinsics (behind #if, scalar code always
-// compiled). Left out: ggml's importance-matrix searches for the K-quants (ours are simpler, see
-// quantize_q4_K), and the other ggml types (IQ*, Q2_K, Q3_K, ...). Tests: test/test_quant.c.
+// compiled). Left out: ggml's searches for the best K-quant scales (ours are simpler, see
+// pack_scales_k4), and the other ggml types (IQ*, Q2_K, Q3_K, ...). Tests: test/test_quant.c.
 #include "quant.h"
 
 #include <assert.h>
@@ -19,6 +19,12 @@
 
 #if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
+#endif
+// vdpbf16ps and the bf16 conversions (with the AVX-512 they extend).
+#if defined(__AVX512BF16__) && defined(__AVX512BW__) && defined(__AVX512F__)
+#define HAVE_BF16_DOT 1
+#else
+#define HAVE_BF16_DOT 0
 #endif
 
 // Products and conversions are rounded as written (no fused multiply-add unless spelled out by an
@@ -468,6 +474,121 @@ static void quantize_nf4(BlockNF4 *y, const float *x) {
         y->qs[j] = (uint8_t)(nf4_index(x[2 * j] * id) << 4 | nf4_index(x[2 * j + 1] * id));
 }
 
+// The K-quants. Simpler than ggml's quantize_row_q*_K_ref (no search for the best scale, no
+// importance weights), so their bytes differ from ggml's; the format, and so the decoding, is
+// the same. Each group gets the scale (and min) that spans its values, the scales are rounded
+// to 6 (Q4_K, Q5_K) or 8 (Q6_K) bits against the block's largest one, and every value is then
+// rounded with the scale it will be decoded with.
+
+// Scales and mins of 8 groups of 32 (scale = range / nmax, min = -min(0, lowest)) packed as
+// scale_min_k4 reads them; returns d and dmin through the block's halves.
+static void pack_scales_k4(uint8_t *scales, uint16_t *d, uint16_t *dmin, const float *x, int nmax) {
+    float sc[8], mn[8], max_sc = 0, max_mn = 0;
+    for (int g = 0; g < 8; g++) {
+        float lo = 0, hi = x[32 * g];
+        for (int j = 0; j < 32; j++) {
+            lo = fminf(lo, x[32 * g + j]);
+            hi = fmaxf(hi, x[32 * g + j]);
+        }
+        sc[g] = (hi - lo) / nmax;
+        mn[g] = lo < 0 ? -lo : 0.0f;  // never -0: the bytes must not depend on fmaxf(0, -0)
+        max_sc = fmaxf(max_sc, sc[g]);
+        max_mn = fmaxf(max_mn, mn[g]);
+    }
+    float isc = max_sc > 0 ? 63 / max_sc : 0, imn = max_mn > 0 ? 63 / max_mn : 0;
+    memset(scales, 0, 12);
+    for (int g = 0; g < 8; g++) {
+        int ls = (int)lrintf(isc * sc[g]), lm = (int)lrintf(imn * mn[g]);
+        ls = ls < 63 ? ls : 63;
+        lm = lm < 63 ? lm : 63;
+        if (g < 4) {
+            scales[g] |= (uint8_t)ls;
+            scales[g + 4] |= (uint8_t)lm;
+        } else {
+            scales[g + 4] = (uint8_t)((ls & 0x0f) | (lm & 0x0f) << 4);
+            scales[g - 4] |= (uint8_t)((ls >> 4) << 6);
+            scales[g] |= (uint8_t)((lm >> 4) << 6);
+        }
+    }
+    *d = fp32_to_fp16(max_sc / 63);
+    *dmin = fp32_to_fp16(max_mn / 63);
+}
+
+// L[256] = the integers (0..nmax) that a Q4_K/Q5_K block with these scales decodes closest to x.
+static void levels_k4(uint8_t *L, const float *x, const uint8_t *scales, uint16_t d16, uint16_t dmin16, int nmax) {
+    for (int g = 0; g < 8; g++) {
+        uint8_t sc, m;
+        scale_min_k4(g, scales, &sc, &m);
+        float d = fp16_to_fp32(d16) * sc, dm = fp16_to_fp32(dmin16) * m;
+        for (int j = 0; j < 32; j++) {
+            int l = d != 0.0f ? (int)lrintf((x[32 * g + j] + dm) / d) : 0;
+            L[32 * g + j] = (uint8_t)(l < 0 ? 0 : l > nmax ? nmax : l);
+        }
+    }
+}
+
+static void quantize_q4_K(BlockQ4_K *y, const float *x) {
+    uint8_t L[QK_K];
+    pack_scales_k4(y->scales, &y->d, &y->dmin, x, 15);
+    levels_k4(L, x, y->scales, y->d, y->dmin, 15);
+    for (int c = 0; c < 4; c++)
+        for (int l = 0; l < 32; l++) y->qs[32 * c + l] = (uint8_t)(L[64 * c + l] | L[64 * c + 32 + l] << 4);
+}
+
+static void quantize_q5_K(BlockQ5_K *y, const float *x) {
+    uint8_t L[QK_K];
+    pack_scales_k4(y->scales, &y->d, &y->dmin, x, 31);
+    levels_k4(L, x, y->scales, y->d, y->dmin, 31);
+    memset(y->qh, 0, sizeof y->qh);
+    for (int c = 0; c < 4; c++) {
+        for (int l = 0; l < 32; l++) {
+            int a = L[64 * c + l], b = L[64 * c + 32 + l];
+            y->qs[32 * c + l] = (uint8_t)((a & 0x0f) | (b & 0x0f) << 4);
+            y->qh[l] |= (uint8_t)((a >> 4) << (2 * c) | (b >> 4) << (2 * c + 1));
+        }
+    }
+}
+
+// Q6_K: 16 groups of 16, each with the signed scale that maps its largest magnitude to -32.
+static void quantize_q6_K(BlockQ6_K *y, const float *x) {
+    float sc[16], max_sc = 0, amax_sc = 0;
+    for (int g = 0; g < 16; g++) {
+        float amax = 0, max = 0;
+        for (int j = 0; j < 16; j++) {
+            if (fabsf(x[16 * g + j]) > amax) {
+                amax = fabsf(x[16 * g + j]);
+                max = x[16 * g + j];
+            }
+        }
+        sc[g] = max / -32;
+        if (fabsf(sc[g]) > amax_sc) {
+            amax_sc = fabsf(sc[g]);
+            max_sc = sc[g];
+        }
+    }
+    float isc = max_sc != 0 ? -128 / max_sc : 0;
+    y->d = fp32_to_fp16(max_sc != 0 ? 1 / isc : 0);
+    uint8_t L[QK_K];
+    for (int g = 0; g < 16; g++) {
+        int ls = (int)lrintf(isc * sc[g]);
+        y->scales[g] = (int8_t)(ls < -128 ? -128 : ls > 127 ? 127 : ls);
+        float d = fp16_to_fp32(y->d) * y->scales[g];
+        for (int j = 0; j < 16; j++) {
+            int l = d != 0.0f ? (int)lrintf(x[16 * g + j] / d) : 0;
+            L[16 * g + j] = (uint8_t)((l < -32 ? -32 : l > 31 ? 31 : l) + 32);
+        }
+    }
+    for (int h = 0; h < 2; h++) {
+        uint8_t *ql = y->ql + 64 * h, *qh = y->qh + 32 * h;
+        const uint8_t *Lh = L + 128 * h;
+        for (int l = 0; l < 32; l++) {
+            ql[l] = (uint8_t)((Lh[l] & 0x0f) | (Lh[l + 64] & 0x0f) << 4);
+            ql[l + 32] = (uint8_t)((Lh[l + 32] & 0x0f) | (Lh[l + 96] & 0x0f) << 4);
+            qh[l] = (uint8_t)(Lh[l] >> 4 | (Lh[l + 32] >> 4) << 2 | (Lh[l + 64] >> 4) << 4 | (Lh[l + 96] >> 4) << 6);
+        }
+    }
+}
+
 int quantize_row(int type, void *out, const float *in, int64_t n) {
     const TypeInfo *ti = type_info(type);
     if (!ti || n < 0 || n % ti->block != 0) return -1;
@@ -486,6 +607,9 @@ int quantize_row(int type, void *out, const float *in, int64_t n) {
     case TYPE_Q4_1: for (int64_t b = 0; b < nb; b++) quantize_q4_1((BlockQ4_1 *)out + b, in + b * QK); return 0;
     case TYPE_Q8_0: for (int64_t b = 0; b < nb; b++) quantize_q8_0((BlockQ8_0 *)out + b, in + b * QK); return 0;
     case TYPE_NF4: for (int64_t b = 0; b < nb; b++) quantize_nf4((BlockNF4 *)out + b, in + b * QK_NF4); return 0;
+    case TYPE_Q4_K: for (int64_t b = 0; b < nb; b++) quantize_q4_K((BlockQ4_K *)out + b, in + b * QK_K); return 0;
+    case TYPE_Q5_K: for (int64_t b = 0; b < nb; b++) quantize_q5_K((BlockQ5_K *)out + b, in + b * QK_K); return 0;
+    case TYPE_Q6_K: for (int64_t b = 0; b < nb; b++) quantize_q6_K((BlockQ6_K *)out + b, in + b * QK_K); return 0;
     default: return -1;
     }
 }
@@ -540,32 +664,37 @@ void qmatrix_row(float *out, const QMatrix *W, int r) {
     dequantize_row(W->type, out, qmatrix_row_data(W, r), W->cols);
 }
 
-
 // ---------------------------------------------------------------------------------------------
 // Products, fast versions (make debug, -DSFT_REF, uses the _ref versions instead).
 #if !defined(SFT_REF)
 //
-// Two routes, chosen by the number of tokens T:
-// - T < TILE_MIN_T (generation: T = 1): each weight row is dequantized once into fp32 (SIMD per
-//   format) and dotted with every token row (forward), or added to every token's gradient row
-//   (backward). Memory-bound: the weights stream through once.
-// - T >= TILE_MIN_T (training, prompts): compute-bound products on bf16 pairs. Activations are
-//   rounded to bf16 once per call and packed into the scratch; weight rows are dequantized to
-//   bf16, a chunk at a time, into the thread's scratch, and AVX512-BF16's vdpbf16ps adds two
-//   products per lane per instruction (32 MACs each, 16 accumulators and more in registers).
-//   Measured on the 2-core Zen 4 that sets the targets, this beats the int8 route (vpdpbusd on
-//   Q8 activations), whose per-block scale conversions and multiplies cost as much as the
-//   products themselves; it is also one kernel for every weight type and needs no transposed
-//   copy in the backward pass. Rounding both factors to bf16 gives a relative error of at most
-//   2^-8 per product (bounds in test/test_quant.c); sums stay in fp32.
-//   Forward: lanes are 16 tokens; tile = 4 x 16 tokens x FWD_N rows. Backward: lanes are 16
-//   input columns; tile = 4 x 16 columns x BWD_N tokens, the weight rows interleaved in pairs.
+// Two routes, chosen by the number of tokens T (FWD_TILE_MIN_T, BWD_TILE_MIN_T):
+// - Few tokens (generation: T = 1): fp32. Each weight row is dequantized once (SIMD per format;
+//   for T = 1 and Q4_0, Q8_0, Q4_K, Q6_K in registers, fused with the dot product) and dotted
+//   with every token row (forward), or added to every token's gradient row (backward).
+//   Memory-bound: the weights stream through once.
+// - More tokens (training, prompts): compute-bound register-tiled products, on bf16 pairs for
+//   quantized weights where AVX512-BF16 exists, else in fp32 (see tile_pairs). Activations are
+//   rounded to bf16 once per call and packed into the pool's shared scratch; weight rows are
+//   dequantized to bf16, a chunk at a time, into the thread's own scratch; AVX512-BF16's
+//   vdpbf16ps adds two exact products per lane (32 MACs an instruction, 24 accumulators in
+//   registers). Why not llama.cpp's int8 route (Q8 activations, vpdpbusd): measured on the 2-core
+//   Zen 4 that sets the targets, its inner loop with the per-block scaling (vpdpbusd + vcvtdq2ps
+//   + vmulps + vfmadd231ps per 64 MACs) peaks at 113 GMAC/s a core, vdpbf16ps at 117; bf16 adds
+//   no per-block work in the inner loop, is one kernel for every weight type, and the backward
+//   pass needs no transposed or requantized copy of W (only rows interleaved in pairs). Rounding
+//   both factors to bf16 (8 significant bits) gives a relative error of at most 2^-7 per
+//   product (bounds in test/test_quant.c); sums stay in fp32.
+//   Forward: lanes are 16 tokens; tile = 4 x 16 tokens x FWD_N rows, over K-chunks of IN.
+//   Backward: lanes are 16 input columns; tile = 4 x 16 columns x BWD_N tokens, over chunks of
+//   BWD_OC rows of W, whose slices are interleaved in pairs of rows.
 // Both routes split the output rows (forward) or input columns (backward) among the threads, and
 // every output element is computed by one thread in an order fixed by the sizes alone, so results
-// do not depend on the thread count. Without AVX512-BF16 the same layouts run through plain C
-// loops (the same arithmetic, exact bf16 products, fp32 sums).
+// do not depend on the thread count. Without AVX-512 the fp32 tiles are plain C loops, which
+// compilers vectorize as they can.
 
-#define TILE_MIN_T 8      // tokens from which the bf16 tiles pay for packing
+#define FWD_TILE_MIN_T 5  // tokens from which the tiles beat fp32 rows (measured: forward,
+#define BWD_TILE_MIN_T 2  // T = 4 takes the same time both ways; backward, tiles win from T = 2)
 #define FWD_N 6           // rows of W per forward tile
 #define FWD_BLOCK 48      // rows of W per block of finished outputs (a multiple of FWD_N)
 #define BWD_N 6           // tokens per backward tile
@@ -764,7 +893,7 @@ static void dequantize_span(int type, float *out, const uint8_t *row, int i0, in
 // out[j], element 2j + 1 in the high half (0 when n is odd and 2j + 1 = n).
 static void to_bf16_pairs(uint32_t *out, const float *in, int n) {
     int i = 0;
-#if defined(__AVX512BF16__)
+#if HAVE_BF16_DOT
     for (; i + 32 <= n; i += 32)
         _mm512_storeu_si512(out + i / 2, (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(in + i + 16), _mm512_loadu_ps(in + i)));
     if (i < n) {  // the tail through masks, so that every element is rounded the same way
@@ -783,7 +912,7 @@ static void to_bf16_pairs(uint32_t *out, const float *in, int n) {
 // after them up to a multiple of 16.
 static void to_bf16_interleaved(uint32_t *out, const float *a, const float *b, int n) {
     int i = 0;
-#if defined(__AVX512BF16__)
+#if HAVE_BF16_DOT
     const __m512i idx = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8,
                                          23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
     for (; i < n; i += 16) {
@@ -797,38 +926,75 @@ static void to_bf16_interleaved(uint32_t *out, const float *a, const float *b, i
 #endif
 }
 
-// The products of two bf16 pairs, added to an fp32 sum the way vdpbf16ps does (high halves
-// first); both products are exact in fp32.
-static float bf16_pair_dot(float acc, uint32_t a, uint32_t b) {
-    acc += bf16_to_fp32((uint16_t)(a >> 16)) * bf16_to_fp32((uint16_t)(b >> 16));
-    acc += bf16_to_fp32((uint16_t)a) * bf16_to_fp32((uint16_t)b);
-    return acc;
+// --- The tiled products ----------------------------------------------------------------------
+//
+// Both tiled products multiply 32-bit words: a bf16 pair (two products per vdpbf16ps lane) when
+// `pairs` is set, else one fp32 value (one vfmadd231ps product). The pair route is taken for
+// quantized weights on CPUs with AVX512-BF16; F32, F16 and BF16 weights (and every type on other
+// CPUs) take the fp32 route, exact up to fp32 sums, at half the speed.
+
+static int tile_pairs(int type) {
+#if HAVE_BF16_DOT
+    return type != TYPE_F32 && type != TYPE_F16 && type != TYPE_BF16;
+#else
+    (void)type;
+    return 0;
+#endif
 }
 
-// --- The forward product -------------------------------------------------------------------
+// out[n] = the words of in[n]: fp32 values (pairs = 0) or bf16 pairs (pairs = 1, (n + 1) / 2 words).
+static void to_words(uint32_t *out, const float *in, int n, int pairs) {
+    if (pairs) to_bf16_pairs(out, in, n);
+    else memcpy(out, in, (size_t)n * sizeof(float));
+}
+
+#if defined(__AVX512F__)
+// acc + x . w for one word per lane.
+static inline __attribute__((always_inline)) __m512 madd_words(__m512 acc, __m512i x, __m512i w, const int pairs) {
+#if HAVE_BF16_DOT
+    if (pairs) return _mm512_dpbf16_ps(acc, (__m512bh)x, (__m512bh)w);
+#endif
+    (void)pairs;
+    return _mm512_fmadd_ps(_mm512_castsi512_ps(x), _mm512_castsi512_ps(w), acc);
+}
+#endif
+
+// The word at p, whatever was stored there (floats or bf16 pairs): read through memcpy, which
+// compilers turn into a plain load, so that no pointer is read as another type.
+static inline uint32_t word_at(const uint32_t *p) {
+    uint32_t w;
+    memcpy(&w, p, sizeof w);
+    return w;
+}
+
+// acc + x . w for one word, in plain C (fp32 words only: the pair route needs AVX512-BF16).
+static float madd_word_c(float acc, uint32_t x, uint32_t w) { return acc + f32_from_bits(x) * f32_from_bits(w); }
+
+// --- The forward product ---------------------------------------------------------------------
 
 typedef struct {
     float *out;            // (T, OUT)
     const float *bias;     // (OUT) or NULL
     const QMatrix *W;      // (OUT, IN)
     int T, TP;             // tokens; TP = T rounded up to 16
-    const uint32_t *x;     // bf16 pairs of inp: pair p of token t at x[p * TP + t], zeros for t >= T
+    int pairs;             // words are bf16 pairs (1) or fp32 values (0)
+    const uint32_t *x;     // words of inp: word k of token t at x[k * TP + t], zeros for t >= T
     float *partial;        // (OUT, TP) sums over the K-chunks done so far, when there are several
     int KC;                // elements of IN per K-chunk
 } Fwd;
 
-// One tile: tokens 16 * tv0 ... (M vectors of 16) x rows o0 ... o0 + nrows - 1, over the pairs
-// [p0, p0 + P) of the K-chunk; wb + n * P holds row o0 + n's pairs. The sums start from zero
+// One tile: tokens 16 * tv0 ... (M vectors of 16) x rows o0 ... o0 + nrows - 1, over the words
+// [k0, k0 + K) of the K-chunk; wb + n * K holds row o0 + n's words. The sums start from zero
 // (first K-chunk) or from f->partial, and go to dst + n * TP + token: f->partial, or at the last
 // K-chunk a staging block that fwd_flush then writes into out.
 typedef struct {
-    int o0, nrows, tv0, p0, P, first;
+    int o0, nrows, tv0, k0, K, first;
     const uint32_t *wb;
     float *dst;
 } FwdTile;
 
-#if defined(__AVX512BF16__)
-static inline __attribute__((always_inline)) void fwd_tile_avx512(const Fwd *f, const FwdTile *tl, const int M) {
+#if defined(__AVX512F__)
+static inline __attribute__((always_inline)) void fwd_tile_avx512(const Fwd *f, const FwdTile *tl, const int M, const int pairs) {
     __m512 acc[4][FWD_N];
 #pragma GCC unroll 4
     for (int m = 0; m < M; m++)
@@ -836,16 +1002,16 @@ static inline __attribute__((always_inline)) void fwd_tile_avx512(const Fwd *f, 
         for (int n = 0; n < FWD_N; n++)
             acc[m][n] = tl->first || n >= tl->nrows ? _mm512_setzero_ps()
                         : _mm512_loadu_ps(f->partial + (size_t)(tl->o0 + n) * f->TP + 16 * (tl->tv0 + m));
-    const uint32_t *x = f->x + (size_t)tl->p0 * f->TP + 16 * tl->tv0, *wb = tl->wb;
-    for (int p = 0; p < tl->P; p++, x += f->TP, wb++) {
-        __m512bh xv[4];
+    const uint32_t *x = f->x + (size_t)tl->k0 * f->TP + 16 * tl->tv0, *wb = tl->wb;
+    for (int k = 0; k < tl->K; k++, x += f->TP, wb++) {
+        __m512i xv[4];
 #pragma GCC unroll 4
-        for (int m = 0; m < M; m++) xv[m] = (__m512bh)_mm512_loadu_si512(x + 16 * m);
+        for (int m = 0; m < M; m++) xv[m] = _mm512_loadu_si512(x + 16 * m);
 #pragma GCC unroll 8
         for (int n = 0; n < FWD_N; n++) {
-            __m512bh wv = (__m512bh)_mm512_set1_epi32((int)wb[(size_t)n * tl->P]);
+            __m512i wv = _mm512_set1_epi32((int)word_at(wb + (size_t)n * tl->K));
 #pragma GCC unroll 4
-            for (int m = 0; m < M; m++) acc[m][n] = _mm512_dpbf16_ps(acc[m][n], xv[m], wv);
+            for (int m = 0; m < M; m++) acc[m][n] = madd_words(acc[m][n], xv[m], wv, pairs);
         }
     }
 #pragma GCC unroll 4
@@ -856,19 +1022,19 @@ static inline __attribute__((always_inline)) void fwd_tile_avx512(const Fwd *f, 
 }
 #endif
 
-// The same tile in plain C: the same sums in the same order.
+// The same tile in plain C (fp32 words).
 static void fwd_tile_c(const Fwd *f, const FwdTile *tl, int M) {
     float acc[4][FWD_N][16];
     for (int m = 0; m < M; m++)
         for (int n = 0; n < FWD_N; n++)
             for (int j = 0; j < 16; j++)
                 acc[m][n][j] = tl->first || n >= tl->nrows ? 0.0f : f->partial[(size_t)(tl->o0 + n) * f->TP + 16 * (tl->tv0 + m) + j];
-    for (int p = 0; p < tl->P; p++) {
-        const uint32_t *x = f->x + (size_t)(tl->p0 + p) * f->TP + 16 * tl->tv0;
+    for (int k = 0; k < tl->K; k++) {
+        const uint32_t *x = f->x + (size_t)(tl->k0 + k) * f->TP + 16 * tl->tv0;
         for (int n = 0; n < FWD_N; n++) {
-            uint32_t w = tl->wb[(size_t)n * tl->P + p];
+            uint32_t w = word_at(tl->wb + (size_t)n * tl->K + k);
             for (int m = 0; m < M; m++)
-                for (int j = 0; j < 16; j++) acc[m][n][j] = bf16_pair_dot(acc[m][n][j], x[16 * m + j], w);
+                for (int j = 0; j < 16; j++) acc[m][n][j] = madd_word_c(acc[m][n][j], word_at(x + 16 * m + j), w);
         }
     }
     for (int m = 0; m < M; m++)
@@ -876,41 +1042,51 @@ static void fwd_tile_c(const Fwd *f, const FwdTile *tl, int M) {
 }
 
 static void fwd_tile(const Fwd *f, const FwdTile *tl, int M) {
-#if defined(__AVX512BF16__)
-    switch (M) {
-    case 4: fwd_tile_avx512(f, tl, 4); return;
-    case 3: fwd_tile_avx512(f, tl, 3); return;
-    case 2: fwd_tile_avx512(f, tl, 2); return;
-    default: fwd_tile_avx512(f, tl, 1); return;
+#if defined(__AVX512F__)
+#if HAVE_BF16_DOT
+    if (f->pairs) {
+        switch (M) {
+        case 4: fwd_tile_avx512(f, tl, 4, 1); return;
+        case 3: fwd_tile_avx512(f, tl, 3, 1); return;
+        case 2: fwd_tile_avx512(f, tl, 2, 1); return;
+        default: fwd_tile_avx512(f, tl, 1, 1); return;
+        }
     }
-    (void)fwd_tile_c;  // compiled and checked everywhere, used where AVX512-BF16 is missing
+#endif
+    switch (M) {
+    case 4: fwd_tile_avx512(f, tl, 4, 0); return;
+    case 3: fwd_tile_avx512(f, tl, 3, 0); return;
+    case 2: fwd_tile_avx512(f, tl, 2, 0); return;
+    default: fwd_tile_avx512(f, tl, 1, 0); return;
+    }
+    (void)fwd_tile_c;  // compiled and checked everywhere, used where AVX-512 is missing
 #else
     fwd_tile_c(f, tl, M);
 #endif
 }
 
 #if defined(__AVX512F__)
-// r[i][j] becomes r[j][i]: four rounds of 2 x 2 block swaps (8, 4, 2, 1 lanes).
+// r[i][j] becomes r[j][i]: 1 x 1, 2 x 2, 4 x 4 and 8 x 8 blocks swapped in turn.
 static void transpose16(__m512 r[16]) {
     __m512 t[16];
-    for (int i = 0; i < 16; i += 2) {  // swap 1 x 1 blocks within pairs of rows
+    for (int i = 0; i < 16; i += 2) {
         t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
         t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
     }
-    for (int i = 0; i < 16; i += 4) {  // 2 x 2 blocks
+    for (int i = 0; i < 16; i += 4) {
         for (int k = 0; k < 2; k++) {
             __m512d a = _mm512_castps_pd(t[i + k]), b = _mm512_castps_pd(t[i + k + 2]);
             r[i + 2 * k] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, b));
             r[i + 2 * k + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, b));
         }
     }
-    for (int i = 0; i < 16; i += 8) {  // 4 x 4 blocks (128-bit lanes)
+    for (int i = 0; i < 16; i += 8) {
         for (int k = 0; k < 4; k++) {
             t[i + k] = _mm512_shuffle_f32x4(r[i + k], r[i + k + 4], 0x88);
             t[i + k + 4] = _mm512_shuffle_f32x4(r[i + k], r[i + k + 4], 0xdd);
         }
     }
-    for (int k = 0; k < 8; k++) {  // 8 x 8 blocks
+    for (int k = 0; k < 8; k++) {
         r[k] = _mm512_shuffle_f32x4(t[k], t[k + 8], 0x88);
         r[k + 8] = _mm512_shuffle_f32x4(t[k], t[k + 8], 0xdd);
     }
@@ -945,24 +1121,24 @@ static void fwd_flush(const Fwd *f, const float *stage, int o0, int nrows) {
 static void fwd_rows(void *ctx, int r0, int r1) {
     const Fwd *f = ctx;
     const QMatrix *W = f->W;
-    int IN = W->cols, KP = (f->KC + 1) / 2, NV = f->TP / 16;
-    float *tmp = scratch_local((size_t)f->KC * sizeof(float) + (size_t)FWD_N * KP * sizeof(uint32_t) +
+    int IN = W->cols, KW = f->pairs ? (f->KC + 1) / 2 : f->KC, NV = f->TP / 16;
+    float *tmp = scratch_local((size_t)f->KC * sizeof(float) + (size_t)FWD_N * KW * sizeof(uint32_t) +
                                (size_t)FWD_BLOCK * f->TP * sizeof(float));
     uint32_t *wb = (uint32_t *)(tmp + f->KC);
-    float *stage = (float *)(wb + (size_t)FWD_N * KP);
+    float *stage = (float *)(wb + (size_t)FWD_N * KW);
     for (int k0 = 0; k0 < IN; k0 += f->KC) {
-        int kn = IN - k0 < f->KC ? IN - k0 : f->KC, P = (kn + 1) / 2, last = k0 + kn >= IN;
+        int kn = IN - k0 < f->KC ? IN - k0 : f->KC, K = f->pairs ? (kn + 1) / 2 : kn, last = k0 + kn >= IN;
         for (int b0 = r0; b0 < r1; b0 += FWD_BLOCK) {
             int b1 = r1 - b0 < FWD_BLOCK ? r1 : b0 + FWD_BLOCK;
             for (int o0 = b0; o0 < b1; o0 += FWD_N) {
                 float *dst = last ? stage + (size_t)(o0 - b0) * f->TP : f->partial + (size_t)o0 * f->TP;
-                FwdTile tl = {o0, b1 - o0 < FWD_N ? b1 - o0 : FWD_N, 0, k0 / 2, P, k0 == 0, wb, dst};
+                FwdTile tl = {o0, b1 - o0 < FWD_N ? b1 - o0 : FWD_N, 0, f->pairs ? k0 / 2 : k0, K, k0 == 0, wb, dst};
                 for (int n = 0; n < FWD_N; n++) {
                     if (n < tl.nrows) {
                         dequantize_span(W->type, tmp, qmatrix_row_data(W, o0 + n), k0, kn);
-                        to_bf16_pairs(wb + (size_t)n * P, tmp, kn);
+                        to_words(wb + (size_t)n * K, tmp, kn, f->pairs);
                     } else {
-                        memset(wb + (size_t)n * P, 0, (size_t)P * sizeof(uint32_t));
+                        memset(wb + (size_t)n * K, 0, (size_t)K * sizeof(uint32_t));
                     }
                 }
                 for (tl.tv0 = 0; tl.tv0 < NV; tl.tv0 += 4) fwd_tile(f, &tl, NV - tl.tv0 < 4 ? NV - tl.tv0 : 4);
@@ -981,72 +1157,70 @@ typedef struct {
 static void pack_x(void *ctx, int t0, int t1) {
     PackX *px = ctx;
     Fwd *f = px->f;
-    int IN = f->W->cols, P = (IN + 1) / 2;
-    uint32_t *pairs = scratch_local((size_t)P * sizeof(uint32_t));
+    int IN = f->W->cols, K = f->pairs ? (IN + 1) / 2 : IN;
+    uint32_t *words = scratch_local((size_t)K * sizeof(uint32_t));
     uint32_t *x = (uint32_t *)f->x;
     for (int t = t0; t < t1; t++) {
-        if (t < f->T) to_bf16_pairs(pairs, px->inp + (size_t)t * IN, IN);
-        else memset(pairs, 0, (size_t)P * sizeof(uint32_t));
-        for (int p = 0; p < P; p++) x[(size_t)p * f->TP + t] = pairs[p];
+        if (t < f->T) to_words(words, px->inp + (size_t)t * IN, IN, f->pairs);
+        else memset(words, 0, (size_t)K * sizeof(uint32_t));
+        for (int k = 0; k < K; k++) memcpy(x + (size_t)k * f->TP + t, words + k, sizeof(uint32_t));
     }
 }
 
 static void matmul_tiles(float *out, const float *inp, const QMatrix *W, const float *bias, int T) {
-    int OUT = W->rows, IN = W->cols, TP = (int)round_up((size_t)T, 16);
-    // K-chunks keep the packed activations of a chunk (TP x KC bf16) within ~256 KB.
-    int KC = (int)(round_up((size_t)(256 * 1024 / 2 / TP), CHUNK_ALIGN));
+    int OUT = W->rows, IN = W->cols, TP = (int)round_up((size_t)T, 16), pairs = tile_pairs(W->type);
+    // K-chunks keep the packed activations of a chunk (TP x KC values) within ~256 KB.
+    int KC = (int)(round_up((size_t)(256 * 1024 / (pairs ? 2 : 4) / TP), CHUNK_ALIGN));
     if (KC < CHUNK_ALIGN) KC = CHUNK_ALIGN;
     if (KC >= IN) KC = (int)round_up((size_t)IN, 2);
-    size_t xbytes = round_up((size_t)(IN + 1) / 2 * TP * sizeof(uint32_t), 64);
+    size_t words = pairs ? (size_t)(IN + 1) / 2 : (size_t)IN;
+    size_t xbytes = round_up(words * TP * sizeof(uint32_t), 64);
     int chunks = (IN + KC - 1) / KC;
     uint8_t *s = scratch_shared(xbytes + (chunks > 1 ? (size_t)OUT * TP * sizeof(float) : 0));
-    Fwd f = {out, bias, W, T, TP, (const uint32_t *)s, chunks > 1 ? (float *)(s + xbytes) : NULL, KC};
+    Fwd f = {out, bias, W, T, TP, pairs, (const uint32_t *)s, chunks > 1 ? (float *)(s + xbytes) : NULL, KC};
     PackX px = {&f, inp};
     parallel_for(pack_x, &px, TP, 16);
     parallel_for(fwd_rows, &f, OUT, FWD_N);
 }
 
-// --- The backward product ------------------------------------------------------------------
+// --- The backward product --------------------------------------------------------------------
 
 typedef struct {
     float *dinp;           // (T, IN)
     const QMatrix *W;      // (OUT, IN)
-    int T, OP;             // tokens; OP = pairs of rows of W, (OUT + 1) / 2
-    const uint32_t *d;     // bf16 pairs of dout: pair q (rows 2q, 2q + 1) of token t at d[t * OP + q]
+    int T, pairs;          // tokens; words are bf16 pairs of rows (1) or fp32 values (0)
+    int OW;                // words of a row of dout: (OUT + 1) / 2 pairs, or OUT values
+    const uint32_t *d;     // words of dout: word q (rows 2q, 2q + 1, or row q) of token t at d[t * OW + q]
 } Bwd;
 
 // One tile: columns c0 + 16 m + lane (M vectors, the last one cut at ncols) x tokens
-// t0 ... t0 + N - 1, over the row pairs [q0, q0 + Q); wp + q * ldw holds the pairs of q0 + q.
+// t0 ... t0 + N - 1, over the words [q0, q0 + Q) of the chunk of rows; wp + q * ldw holds the
+// words (pairs of rows, or rows) of word q0 + q.
 typedef struct {
     int c0, ncols, t0, N, q0, Q;
     const uint32_t *wp;
     int ldw;
 } BwdTile;
 
-static void bwd_add(const Bwd *b, const float *acc, int t, int c, int n) {
-    float *dx = b->dinp + (size_t)t * b->W->cols + c;
-    for (int j = 0; j < n; j++) dx[j] += acc[j];
-}
-
-#if defined(__AVX512BF16__)
-static inline __attribute__((always_inline)) void bwd_tile_avx512(const Bwd *b, const BwdTile *tl, const int M) {
+#if defined(__AVX512F__)
+static inline __attribute__((always_inline)) void bwd_tile_avx512(const Bwd *b, const BwdTile *tl, const int M, const int pairs) {
     __m512 acc[4][BWD_N];
 #pragma GCC unroll 4
     for (int m = 0; m < M; m++)
 #pragma GCC unroll 8
         for (int n = 0; n < BWD_N; n++) acc[m][n] = _mm512_setzero_ps();
-    const uint32_t *wp = tl->wp, *d = b->d + (size_t)tl->t0 * b->OP + tl->q0;
+    const uint32_t *wp = tl->wp, *d = b->d + (size_t)tl->t0 * b->OW + tl->q0;
     int N = tl->N;
     for (int q = 0; q < tl->Q; q++, wp += tl->ldw, d++) {
-        __m512bh wv[4];
+        __m512i wv[4];
 #pragma GCC unroll 4
-        for (int m = 0; m < M; m++) wv[m] = (__m512bh)_mm512_loadu_si512(wp + 16 * m);
+        for (int m = 0; m < M; m++) wv[m] = _mm512_loadu_si512(wp + 16 * m);
 #pragma GCC unroll 8
         for (int n = 0; n < BWD_N; n++) {
             if (n < N) {
-                __m512bh dv = (__m512bh)_mm512_set1_epi32((int)d[(size_t)n * b->OP]);
+                __m512i dv = _mm512_set1_epi32((int)word_at(d + (size_t)n * b->OW));
 #pragma GCC unroll 4
-                for (int m = 0; m < M; m++) acc[m][n] = _mm512_dpbf16_ps(acc[m][n], wv[m], dv);
+                for (int m = 0; m < M; m++) acc[m][n] = madd_words(acc[m][n], wv[m], dv, pairs);
             }
         }
     }
@@ -1066,24 +1240,37 @@ static void bwd_tile_c(const Bwd *b, const BwdTile *tl, int M) {
     for (int q = 0; q < tl->Q; q++) {
         const uint32_t *wp = tl->wp + (size_t)q * tl->ldw;
         for (int n = 0; n < tl->N; n++) {
-            uint32_t dv = b->d[(size_t)(tl->t0 + n) * b->OP + tl->q0 + q];
+            uint32_t dv = word_at(b->d + (size_t)(tl->t0 + n) * b->OW + tl->q0 + q);
             for (int m = 0; m < M; m++)
-                for (int j = 0; j < 16; j++) acc[m][n][j] = bf16_pair_dot(acc[m][n][j], wp[16 * m + j], dv);
+                for (int j = 0; j < 16; j++) acc[m][n][j] = madd_word_c(acc[m][n][j], word_at(wp + 16 * m + j), dv);
         }
     }
     for (int m = 0; m < M; m++) {
         int left = tl->ncols - 16 * m;
-        for (int n = 0; n < tl->N; n++) bwd_add(b, acc[m][n], tl->t0 + n, tl->c0 + 16 * m, left < 16 ? left : 16);
+        for (int n = 0; n < tl->N; n++) {
+            float *dx = b->dinp + (size_t)(tl->t0 + n) * b->W->cols + tl->c0 + 16 * m;
+            for (int j = 0; j < 16 && j < left; j++) dx[j] += acc[m][n][j];
+        }
     }
 }
 
 static void bwd_tile(const Bwd *b, const BwdTile *tl, int M) {
-#if defined(__AVX512BF16__)
+#if defined(__AVX512F__)
+#if HAVE_BF16_DOT
+    if (b->pairs) {
+        switch (M) {
+        case 4: bwd_tile_avx512(b, tl, 4, 1); return;
+        case 3: bwd_tile_avx512(b, tl, 3, 1); return;
+        case 2: bwd_tile_avx512(b, tl, 2, 1); return;
+        default: bwd_tile_avx512(b, tl, 1, 1); return;
+        }
+    }
+#endif
     switch (M) {
-    case 4: bwd_tile_avx512(b, tl, 4); return;
-    case 3: bwd_tile_avx512(b, tl, 3); return;
-    case 2: bwd_tile_avx512(b, tl, 2); return;
-    default: bwd_tile_avx512(b, tl, 1); return;
+    case 4: bwd_tile_avx512(b, tl, 4, 0); return;
+    case 3: bwd_tile_avx512(b, tl, 3, 0); return;
+    case 2: bwd_tile_avx512(b, tl, 2, 0); return;
+    default: bwd_tile_avx512(b, tl, 1, 0); return;
     }
     (void)bwd_tile_c;
 #else
@@ -1092,26 +1279,29 @@ static void bwd_tile(const Bwd *b, const BwdTile *tl, int M) {
 }
 
 // Columns [c0, c1) of dinp, every token, BWD_OC rows of W at a time: the rows' slices [c0, c1)
-// are dequantized (reading each row's bytes in order) and interleaved in pairs of rows into
-// blocks of CB columns; then every token goes through each block.
+// are dequantized (reading each row's bytes in order) into words (interleaved in pairs of rows
+// for the bf16 route) in blocks of CB columns; then every token goes through each block.
 static void bwd_cols(void *ctx, int c0, int c1) {
     const Bwd *b = ctx;
     const QMatrix *W = b->W;
     int OUT = W->rows, bs = type_info(W->type)->block, CB = bs > BWD_CB ? bs : BWD_CB;
-    int n = c1 - c0, nblocks = (n + CB - 1) / CB, QMAX = BWD_OC / 2;
-    float *tmp = scratch_local(2 * round_up((size_t)n, 16) * sizeof(float) + (size_t)nblocks * QMAX * CB * sizeof(uint32_t));
-    float *wa = tmp, *wb = tmp + round_up((size_t)n, 16);
-    uint32_t *wp = (uint32_t *)(wb + round_up((size_t)n, 16));  // block k, pair q at wp + (k * QMAX + q) * CB
+    int n = c1 - c0, nblocks = (n + CB - 1) / CB, QMAX = b->pairs ? BWD_OC / 2 : BWD_OC;
+    size_t nr = round_up((size_t)n, 16);
+    float *tmp = scratch_local(2 * nr * sizeof(float) + (size_t)nblocks * QMAX * CB * sizeof(uint32_t));
+    float *wa = tmp, *wb = tmp + nr;
+    uint32_t *wp = (uint32_t *)(wb + nr);  // block k, word q at wp + (k * QMAX + q) * CB
     for (int oc0 = 0; oc0 < OUT; oc0 += BWD_OC) {
-        int on = OUT - oc0 < BWD_OC ? OUT - oc0 : BWD_OC, Q = (on + 1) / 2;
+        int on = OUT - oc0 < BWD_OC ? OUT - oc0 : BWD_OC, Q = b->pairs ? (on + 1) / 2 : on;
         for (int q = 0; q < Q; q++) {
-            int oa = oc0 + 2 * q;
+            int oa = oc0 + (b->pairs ? 2 * q : q);
             dequantize_span(W->type, wa, qmatrix_row_data(W, oa), c0, n);
-            if (oa + 1 < OUT) dequantize_span(W->type, wb, qmatrix_row_data(W, oa + 1), c0, n);
-            else memset(wb, 0, (size_t)n * sizeof(float));
+            if (b->pairs && oa + 1 < OUT) dequantize_span(W->type, wb, qmatrix_row_data(W, oa + 1), c0, n);
+            else if (b->pairs) memset(wb, 0, (size_t)n * sizeof(float));
             for (int k = 0; k < nblocks; k++) {
                 int cw = n - k * CB < CB ? n - k * CB : CB;
-                to_bf16_interleaved(wp + ((size_t)k * QMAX + q) * CB, wa + k * CB, wb + k * CB, cw);
+                uint32_t *dst = wp + ((size_t)k * QMAX + q) * CB;
+                if (b->pairs) to_bf16_interleaved(dst, wa + k * CB, wb + k * CB, cw);
+                else memcpy(dst, wa + k * CB, (size_t)cw * sizeof(float));
             }
         }
         for (int k = 0; k < nblocks; k++) {
@@ -1119,8 +1309,8 @@ static void bwd_cols(void *ctx, int c0, int c1) {
             for (int t0 = 0; t0 < b->T; t0 += BWD_N) {
                 for (int cv = 0; cv < cw; cv += 64) {
                     int ncols = cw - cv < 64 ? cw - cv : 64;
-                    BwdTile tl = {c0 + k * CB + cv, ncols, t0, b->T - t0 < BWD_N ? b->T - t0 : BWD_N, oc0 / 2, Q,
-                                  wp + (size_t)k * QMAX * CB + cv, CB};
+                    BwdTile tl = {c0 + k * CB + cv, ncols, t0, b->T - t0 < BWD_N ? b->T - t0 : BWD_N,
+                                  b->pairs ? oc0 / 2 : oc0, Q, wp + (size_t)k * QMAX * CB + cv, CB};
                     bwd_tile(b, &tl, (ncols + 15) / 16);
                 }
             }
@@ -1136,15 +1326,19 @@ typedef struct {
 static void pack_d(void *ctx, int t0, int t1) {
     PackD *pd = ctx;
     int OUT = pd->b->W->rows;
-    for (int t = t0; t < t1; t++) to_bf16_pairs((uint32_t *)pd->b->d + (size_t)t * pd->b->OP, pd->dout + (size_t)t * OUT, OUT);
+    for (int t = t0; t < t1; t++) to_bf16_pairs((uint32_t *)pd->b->d + (size_t)t * pd->b->OW, pd->dout + (size_t)t * OUT, OUT);
 }
 
 static void matmul_backward_tiles(float *dinp, const float *dout, const QMatrix *W, int T) {
-    int OP = (W->rows + 1) / 2, bs = type_info(W->type)->block;
-    uint32_t *d = scratch_shared((size_t)T * OP * sizeof(uint32_t));
-    Bwd b = {dinp, W, T, OP, d};
-    PackD pd = {&b, dout};
-    parallel_for(pack_d, &pd, T, 1);
+    int pairs = tile_pairs(W->type), bs = type_info(W->type)->block;
+    Bwd b = {dinp, W, T, pairs, pairs ? (W->rows + 1) / 2 : W->rows, NULL};
+    if (pairs) {
+        b.d = scratch_shared((size_t)T * b.OW * sizeof(uint32_t));
+        PackD pd = {&b, dout};
+        parallel_for(pack_d, &pd, T, 1);
+    } else {
+        b.d = (const uint32_t *)(const void *)dout;  // fp32 words: dout as it is
+    }
     parallel_for(bwd_cols, &b, W->cols, bs > 16 ? bs : 16);
 }
 
@@ -1197,11 +1391,95 @@ typedef struct {
     int T;
 } Rows;
 
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+// *s = row . x[n] for the formats that generation reads most, dequantizing in registers (the
+// values are those of dequantize_row); returns 0 for other formats.
+static int row_dot_avx512(float *s, int type, const uint8_t *row, const float *x, int n) {
+    __m512 a0 = _mm512_setzero_ps(), a1 = a0;
+    if (type == TYPE_Q4_0) {
+        const BlockQ4_0 *b = (const BlockQ4_0 *)row;
+        __m512i m15 = _mm512_set1_epi32(15), e8 = _mm512_set1_epi32(8);
+        for (int i = 0; i < n / QK; i++, x += QK) {
+            __m512 d = _mm512_set1_ps(half_scalar(b[i].d));
+            __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)b[i].qs));
+            __m512 w0 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_and_si512(v, m15), e8)), d);
+            __m512 w1 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_srli_epi32(v, 4), e8)), d);
+            a0 = _mm512_fmadd_ps(w0, _mm512_loadu_ps(x), a0);
+            a1 = _mm512_fmadd_ps(w1, _mm512_loadu_ps(x + 16), a1);
+        }
+    } else if (type == TYPE_Q8_0) {
+        const BlockQ8_0 *b = (const BlockQ8_0 *)row;
+        for (int i = 0; i < n / QK; i++, x += QK) {
+            __m512 d = _mm512_set1_ps(half_scalar(b[i].d));
+            __m512i v0 = _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)b[i].qs));
+            __m512i v1 = _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(b[i].qs + 16)));
+            a0 = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(v0), d), _mm512_loadu_ps(x), a0);
+            a1 = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(v1), d), _mm512_loadu_ps(x + 16), a1);
+        }
+    } else if (type == TYPE_Q4_K) {
+        const BlockQ4_K *b = (const BlockQ4_K *)row;
+        __m512i m15 = _mm512_set1_epi32(15);
+        for (int i = 0; i < n / QK_K; i++) {
+            float d = half_scalar(b[i].d), min = half_scalar(b[i].dmin);
+            for (int c = 0; c < 4; c++, x += 64) {
+                uint8_t sc, m;
+                const uint8_t *q = b[i].qs + 32 * c;
+                __m512i v0 = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)q));
+                __m512i v1 = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(q + 16)));
+                scale_min_k4(2 * c, b[i].scales, &sc, &m);
+                __m512 d1 = _mm512_set1_ps(d * sc), m1 = _mm512_set1_ps(min * m);
+                scale_min_k4(2 * c + 1, b[i].scales, &sc, &m);
+                __m512 d2 = _mm512_set1_ps(d * sc), m2 = _mm512_set1_ps(min * m);
+                a0 = _mm512_fmadd_ps(_mm512_sub_ps(_mm512_mul_ps(d1, _mm512_cvtepi32_ps(_mm512_and_si512(v0, m15))), m1), _mm512_loadu_ps(x), a0);
+                a1 = _mm512_fmadd_ps(_mm512_sub_ps(_mm512_mul_ps(d1, _mm512_cvtepi32_ps(_mm512_and_si512(v1, m15))), m1), _mm512_loadu_ps(x + 16), a1);
+                a0 = _mm512_fmadd_ps(_mm512_sub_ps(_mm512_mul_ps(d2, _mm512_cvtepi32_ps(_mm512_srli_epi32(v0, 4))), m2), _mm512_loadu_ps(x + 32), a0);
+                a1 = _mm512_fmadd_ps(_mm512_sub_ps(_mm512_mul_ps(d2, _mm512_cvtepi32_ps(_mm512_srli_epi32(v1, 4))), m2), _mm512_loadu_ps(x + 48), a1);
+            }
+        }
+    } else if (type == TYPE_Q6_K) {
+        const BlockQ6_K *b = (const BlockQ6_K *)row;
+        __m512i m15 = _mm512_set1_epi32(15), m3 = _mm512_set1_epi32(3), o = _mm512_set1_epi32(32);
+        for (int i = 0; i < n / QK_K; i++) {
+            float d = half_scalar(b[i].d);
+            for (int h = 0; h < 2; h++, x += 128) {
+                const uint8_t *ql = b[i].ql + 64 * h, *qh = b[i].qh + 32 * h;
+                const int8_t *sc = b[i].scales + 8 * h;
+                for (int l = 0; l < 32; l += 16) {
+                    int is = l / 16;
+                    __m512i va = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(ql + l)));
+                    __m512i vb = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(ql + 32 + l)));
+                    __m512i hb = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(qh + l)));
+                    __m512i q1 = _mm512_or_si512(_mm512_and_si512(va, m15), _mm512_slli_epi32(_mm512_and_si512(hb, m3), 4));
+                    __m512i q2 = _mm512_or_si512(_mm512_and_si512(vb, m15), _mm512_slli_epi32(_mm512_and_si512(_mm512_srli_epi32(hb, 2), m3), 4));
+                    __m512i q3 = _mm512_or_si512(_mm512_srli_epi32(va, 4), _mm512_slli_epi32(_mm512_and_si512(_mm512_srli_epi32(hb, 4), m3), 4));
+                    __m512i q4 = _mm512_or_si512(_mm512_srli_epi32(vb, 4), _mm512_slli_epi32(_mm512_srli_epi32(hb, 6), 4));
+                    a0 = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_set1_ps(d * sc[is]), _mm512_cvtepi32_ps(_mm512_sub_epi32(q1, o))), _mm512_loadu_ps(x + l), a0);
+                    a1 = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_set1_ps(d * sc[is + 2]), _mm512_cvtepi32_ps(_mm512_sub_epi32(q2, o))), _mm512_loadu_ps(x + l + 32), a1);
+                    a0 = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_set1_ps(d * sc[is + 4]), _mm512_cvtepi32_ps(_mm512_sub_epi32(q3, o))), _mm512_loadu_ps(x + l + 64), a0);
+                    a1 = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_set1_ps(d * sc[is + 6]), _mm512_cvtepi32_ps(_mm512_sub_epi32(q4, o))), _mm512_loadu_ps(x + l + 96), a1);
+                }
+            }
+        }
+    } else {
+        return 0;
+    }
+    *s = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
+    return 1;
+}
+#endif
+
 static void rows_forward(void *ctx, int r0, int r1) {
     const Rows *r = ctx;
     int OUT = r->W->rows, IN = r->W->cols;
     float *w = scratch_local((size_t)IN * sizeof(float));
     for (int o = r0; o < r1; o++) {
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+        float s;
+        if (r->T == 1 && row_dot_avx512(&s, r->W->type, qmatrix_row_data(r->W, o), r->inp, IN)) {
+            r->out[o] = r->bias ? s + r->bias[o] : s;
+            continue;
+        }
+#endif
         dequantize_span(r->W->type, w, qmatrix_row_data(r->W, o), 0, IN);
         for (int t = 0; t < r->T; t++) {
             float s = dot_f32(w, r->inp + (size_t)t * IN, IN);
@@ -1227,7 +1505,7 @@ void matmul(float *out, const float *inp, const QMatrix *W, const float *bias, i
 #else
     if (T <= 0 || W->rows <= 0 || W->cols <= 0) {
         matmul_ref(out, inp, W, bias, T);
-    } else if (T >= TILE_MIN_T) {
+    } else if (T >= FWD_TILE_MIN_T) {
         matmul_tiles(out, inp, W, bias, T);
     } else {
         Rows r = {out, inp, W, bias, T};
@@ -1241,7 +1519,7 @@ void matmul_backward_input(float *dinp, const float *dout, const QMatrix *W, int
     matmul_backward_input_ref(dinp, dout, W, T);
 #else
     if (T <= 0 || W->rows <= 0 || W->cols <= 0) return;
-    if (T >= TILE_MIN_T) {
+    if (T >= BWD_TILE_MIN_T) {
         matmul_backward_tiles(dinp, dout, W, T);
     } else {
         int bs = type_info(W->type)->block;

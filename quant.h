@@ -50,7 +50,8 @@ uint16_t fp32_to_bf16(float f);  // round to nearest even, as PyTorch does
 void dequantize_row(int type, float *out, const void *in, int64_t n);
 
 // out[row_bytes(type, n)] = in[n] quantized. Supported: F32, F16, BF16, Q4_0, Q4_1, Q8_0, NF4
-// (Q4_0/Q4_1/Q8_0 match ggml's quantize_row_*_ref). Returns -1 for other types.
+// (Q4_0/Q4_1/Q8_0 match ggml's quantize_row_*_ref), and Q4_K, Q5_K, Q6_K with simpler rules than
+// ggml's (same format, different bytes). Returns -1 for other types (Q5_0, Q5_1).
 int quantize_row(int type, void *out, const float *in, int64_t n);
 
 // A frozen weight matrix W[rows, cols] stored row after row in its own type:
@@ -61,6 +62,11 @@ typedef struct {
     int cols;          // IN: input features, a multiple of the type's block size
     const void *data;  // rows * row_bytes(type, cols) bytes (mapped from a file or owned elsewhere)
 } QMatrix;
+
+// The fast products run on the thread pool (threads.h) and use its scratch memory: call them
+// from one thread at a time, not from inside a parallel_for chunk. Their results do not depend
+// on the number of threads; they differ from the _ref versions by the rounding of the factors
+// to bf16 (when T is large enough, see quant.c), within the bounds tested in test/test_quant.c.
 
 // out[T, OUT] = inp[T, IN] @ W[OUT, IN]^T (+ bias[OUT] when bias is not NULL).
 void matmul(float *out, const float *inp, const QMatrix *W, const float *bias, int T);

@@ -535,6 +535,7 @@ typedef struct {
     long steps_this_run;
     long last_checkpoint;    // step of the last checkpoint written, 0 for none
     int tty;                 // stdout is a terminal: one live progress line
+    int line_open;           // the live line is on screen without its newline
 } Trainer;
 
 // What one optimizer step did.
@@ -684,7 +685,13 @@ static void format_duration(char *buf, size_t cap, double s) {
     else snprintf(buf, cap, "%ld:%02ld", t / 60, t % 60);
 }
 
-static void print_progress(const Trainer *tr, const StepStats *st) {
+// Ends the live progress line, if one is on screen, before other output.
+static void end_progress_line(Trainer *tr) {
+    if (tr->line_open) printf("\n");
+    tr->line_open = 0;
+}
+
+static void print_progress(Trainer *tr, const StepStats *st) {
     double elapsed = train_elapsed(tr), this_run = now_seconds() - tr->t0;
     double eta = this_run / (double)tr->steps_this_run * (double)(tr->total_steps - tr->step);
     double tps = st->seconds > 0 ? (double)st->tokens / st->seconds : 0;
@@ -702,6 +709,7 @@ static void print_progress(const Trainer *tr, const StepStats *st) {
            (tr->step - 1) / tr->steps_per_epoch + 1, epochs, tr->step, tr->total_steps, st->loss,
            st->lr, tps, el, et);
     fflush(stdout);
+    tr->line_open = 1;
 }
 
 static void log_step(Trainer *tr, const StepStats *st) {
@@ -718,7 +726,7 @@ static void log_eval(Trainer *tr, double loss) {
             tr->step, loss, exp(loss), train_elapsed(tr));
     fflush(tr->log);
     curve_add(&tr->eval_curve, (double)tr->step, loss);
-    if (tr->tty) printf("\n");
+    end_progress_line(tr);
     printf("eval step %ld/%ld loss %.6f ppl %.4g\n", tr->step, tr->total_steps, loss, exp(loss));
     fflush(stdout);
 }
@@ -830,8 +838,9 @@ static int write_bytes_atomic(const char *path, const void *data, size_t n, Err 
     AtomicFile af;
     if (atomic_open(&af, path, e) != 0) return -1;
     if (n && fwrite(data, 1, n, af.f) != n) {
+        int saved = errno;
         atomic_abort(&af);
-        return err_set(e, "%s: write failed", path);
+        return err_set(e, "%s: write failed: %s", path, strerror(saved));
     }
     return atomic_close(&af, e);
 }
@@ -1056,9 +1065,9 @@ static void curves_from_log(Trainer *tr, const char *text, size_t len) {
     }
 }
 
-// Loads the adapter, the moments and the log of checkpoint dir into tr (the adapter replaces
-// the freshly initialized one) and opens OUT/train_log.jsonl as the checkpoint's log.
-static int resume_from(Trainer *tr, const char *dir, Err *e) {
+// Loads the adapter, the moments and the loss curves of checkpoint dir into tr (the adapter
+// replaces the freshly initialized one); *log = its train_log.jsonl, to continue from.
+static int resume_from(Trainer *tr, const char *dir, char **log, size_t *log_len, Err *e) {
     long step = 0;
     double elapsed = 0;
     if (read_trainer_state(tr, dir, &step, &elapsed, e) != 0) return -1;
@@ -1073,15 +1082,10 @@ static int resume_from(Trainer *tr, const char *dir, Err *e) {
     char path[1100];
     snprintf(path, sizeof path, "%s/optimizer.bin", dir);
     if (load_optimizer(&tr->opt, path, e) != 0) return -1;
-    if (tr->opt.t != step) return err_set(e, "%s: %ld optimizer steps, but the checkpoint is of step %ld", path, tr->opt.t, step);
     snprintf(path, sizeof path, "%s/train_log.jsonl", dir);
-    size_t len;
-    char *log = read_file(path, &len, e);
-    if (!log) return -1;
-    curves_from_log(tr, log, len);
-    size_t wrote = fwrite(log, 1, len, tr->log);
-    free(log);
-    if (wrote != len || fflush(tr->log) != 0) return err_set(e, "%s/train_log.jsonl: write failed", tr->out);
+    *log = read_file(path, log_len, e);
+    if (!*log) return -1;
+    curves_from_log(tr, *log, *log_len);
     tr->step = step, tr->elapsed_before = elapsed, tr->last_checkpoint = step;
     return 0;
 }
@@ -1089,14 +1093,24 @@ static int resume_from(Trainer *tr, const char *dir, Err *e) {
 // ---------------------------------------------------------------------------------------------
 // The loop.
 
-static void die_at_step(const Trainer *tr, const StepStats *st) {
+static void die_at_step(Trainer *tr, const StepStats *st) {
     char last[1200];
     if (tr->last_checkpoint) snprintf(last, sizeof last, "the last good checkpoint is %s/checkpoint-%ld", tr->out, tr->last_checkpoint);
     else snprintf(last, sizeof last, "no checkpoint was saved (use --save-every N)");
-    if (tr->tty) printf("\n");
+    end_progress_line(tr);
     die("step %ld: the loss is %s (gradient norm %s): training stopped (try a lower --lr); %s", tr->step + 1,
         isnan(st->loss) ? "NaN" : isinf(st->loss) ? "infinite" : "finite",
         isnan(st->grad_norm) ? "NaN" : isinf(st->grad_norm) ? "infinite" : "finite", last);
+}
+
+// Adds to e what is left when a checkpoint could not be written (the disk is full, say).
+static int checkpoint_failed(const Trainer *tr, Err *e) {
+    char why[sizeof e->msg];
+    snprintf(why, sizeof why, "%s", e->msg);
+    if (tr->last_checkpoint)
+        return err_set(e, "step %ld: cannot save a checkpoint: %s; the last good checkpoint is %s/checkpoint-%ld",
+                       tr->step, why, tr->out, tr->last_checkpoint);
+    return err_set(e, "step %ld: cannot save a checkpoint: %s", tr->step, why);
 }
 
 static int eval_due(const Trainer *tr) {
@@ -1118,16 +1132,16 @@ static int train_loop(Trainer *tr, Err *e) {
         log_step(tr, &st);
         print_progress(tr, &st);
         if (eval_due(tr)) log_eval(tr, eval_loss(tr));
-        if (now_seconds() - tr->last_svg > 2 || tr->step == tr->total_steps) {
+        int save = (tr->o.save_every > 0 && tr->step % tr->o.save_every == 0) || train_interrupted ||
+                   tr->step == tr->total_steps;
+        if (save || now_seconds() - tr->last_svg > 2) {
             if (write_loss_svg(tr, e) != 0) return -1;
             tr->last_svg = now_seconds();
         }
-        int save = tr->o.save_every > 0 && tr->step % tr->o.save_every == 0;
-        if (save || train_interrupted || tr->step == tr->total_steps)
-            if (save_checkpoint(tr, e) != 0) return -1;
+        if (save && save_checkpoint(tr, e) != 0) return checkpoint_failed(tr, e);
         if (train_interrupted && tr->step < tr->total_steps) return 1;
     }
-    if (tr->tty) printf("\n");
+    end_progress_line(tr);
     return 0;
 }
 
@@ -1160,9 +1174,9 @@ static int same_file(const char *a, const char *b) {
     return stat(a, &sa) == 0 && stat(b, &sb) == 0 && sa.st_dev == sb.st_dev && sa.st_ino == sb.st_ino;
 }
 
-// Creates the output directory, refusing a non-empty one unless --overwrite or it is the
-// directory of the checkpoint we resume from; opens train_log.jsonl (fresh).
-static int open_out_dir(Trainer *tr, Err *e) {
+// Refuses an output directory that is not empty, unless --overwrite or it is the directory of
+// the checkpoint we resume from. Writes nothing.
+static int check_out_dir(Trainer *tr, Err *e) {
     const TrainOptions *o = &tr->o;
     char parent[1024] = "";
     if (o->resume) parent_dir(parent, sizeof parent, o->resume);
@@ -1175,11 +1189,19 @@ static int open_out_dir(Trainer *tr, Err *e) {
             return err_set(e, "--out %s: the directory is not empty; pass --overwrite to write into it, or "
                            "choose another --out", tr->out);
     }
+    return 0;
+}
+
+// Creates the output directory and OUT/train_log.jsonl, which starts as log[len] (a resumed
+// checkpoint's log) or empty.
+static int create_out_dir(Trainer *tr, const char *log, size_t len, Err *e) {
     if (make_dirs(tr->out, e) != 0) return -1;
     char path[1100];
     snprintf(path, sizeof path, "%s/train_log.jsonl", tr->out);
     tr->log = fopen(path, "wb");
     if (!tr->log) return err_set(e, "%s: cannot write: %s", path, strerror(errno));
+    if ((len && fwrite(log, 1, len, tr->log) != len) || fflush(tr->log) != 0)
+        return err_set(e, "%s: write failed: %s", path, strerror(errno));
     return 0;
 }
 
@@ -1270,13 +1292,11 @@ static void trainer_free(Trainer *tr) {
     free(tr->train_curve.x), free(tr->train_curve.y), free(tr->eval_curve.x), free(tr->eval_curve.y);
 }
 
-static int cmd_train(int argc, char **argv) {
-    Trainer *tr = xcalloc(1, sizeof *tr);
-    tr->o = train_parse_options(argc, argv);
-    tr->tty = isatty(fileno(stdout));
-    tr->order_epoch = -1;
+// Loads and checks everything (model, data, adapter, checkpoint) before writing anything, so
+// that bad input leaves --out untouched; then creates --out.
+static void trainer_setup(Trainer *tr) {
     Err e;
-    if (open_out_dir(tr, &e) != 0) die("%s", e.msg);
+    if (check_out_dir(tr, &e) != 0) die("%s", e.msg);
     threads_init(tr->o.threads);
     if (model_load(&tr->model, tr->o.model, tr->o.quant, &e) != 0) die("%s", e.msg);
     load_data(&tr->train, tr->o.data, tr);
@@ -1291,21 +1311,35 @@ static int cmd_train(int argc, char **argv) {
     tr->order = xmalloc((size_t)tr->train.n * sizeof(int));
     tr->model_fp = model_fingerprint(&tr->model);
     tr->data_fp = data_fingerprint(&tr->train);
-    if (tr->o.resume && resume_from(tr, tr->o.resume, &e) != 0) die("%s", e.msg);
+    char *log = NULL;
+    size_t log_len = 0;
+    if (tr->o.resume && resume_from(tr, tr->o.resume, &log, &log_len, &e) != 0) die("%s", e.msg);
+    if (create_out_dir(tr, log, log_len, &e) != 0) die("%s", e.msg);
+    free(log);
     int max_T = max_example_len(&tr->train);
     if (tr->has_eval && max_example_len(&tr->eval) > max_T) max_T = max_example_len(&tr->eval);
     tr->acts = activations_new(&tr->model.config, &tr->lora, max_T);
+}
+
+static int cmd_train(int argc, char **argv) {
+    Trainer *tr = xcalloc(1, sizeof *tr);
+    tr->o = train_parse_options(argc, argv);
+    tr->tty = isatty(fileno(stdout));
+    tr->order_epoch = -1;
+    trainer_setup(tr);
     print_plan(tr);
     if (tr->o.resume) fprintf(stderr, "resuming from %s at step %ld\n", tr->o.resume, tr->step);
 
+    Err e;
     struct sigaction sa;
     memset(&sa, 0, sizeof sa);
     sa.sa_handler = train_on_sigint;
     sigaction(SIGINT, &sa, NULL);
     int r = train_loop(tr, &e);
+    end_progress_line(tr);
     if (r < 0) die("%s", e.msg);
     if (r == 1) {
-        fprintf(stderr, "\ninterrupted: checkpoint saved in %s/checkpoint-%ld; continue with --resume %s/checkpoint-%ld\n",
+        fprintf(stderr, "interrupted: checkpoint saved in %s/checkpoint-%ld; continue with --resume %s/checkpoint-%ld\n",
                 tr->out, tr->step, tr->out, tr->step);
         trainer_free(tr);
         free(tr);
@@ -1725,7 +1759,9 @@ static void chat_turn(Generator *g, History *h, const char *line) {
     Err e;
     if (generate_answer(g, ids, n_ids, stdout, &answer, &e) != 0) {
         fprintf(stderr, "sft: %s; /reset starts a new conversation\n", e.msg);
-        free(h->msgs[--h->n].role), free(h->msgs[h->n].content);
+        h->n--;  // forget the unanswered message
+        free(h->msgs[h->n].role);
+        free(h->msgs[h->n].content);
     } else {
         printf("\n");
         fflush(stdout);

@@ -23,8 +23,10 @@ void parallel_for(RangeFn fn, void *ctx, int n, int align);
 // grown when more is asked for (the old contents are then lost), never shrunk, 64-byte aligned,
 // freed by threads_free. scratch_shared: one buffer that a kernel fills before parallel_for and
 // reads inside its chunks. scratch_local: the running thread's own buffer, for use inside a chunk
-// (worker k has slot k, the thread that calls parallel_for slot 0). Like xmalloc, both print
-// "out of memory" and exit when the system refuses (sizes are a few MB at most).
+// (worker k has slot k, the thread that calls parallel_for slot 0). A buffer is valid until the
+// next kernel asks for it, so a kernel that uses them (matmul does) must not be called from
+// inside another one's chunk. Like xmalloc, both print "out of memory" and exit when the system
+// refuses (sizes are a few MB at most).
 void *scratch_shared(size_t bytes);
 void *scratch_local(size_t bytes);
 

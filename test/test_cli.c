@@ -216,6 +216,19 @@ static void test_bad_input(void) {
     check(r == 1 && strstr(err, DIR "/full/x") && count_substr(err, "\n") == 1, "cli: an unwritable --out is refused",
           "exit %d: %s", r, err);
     free(err);
+    write_text(DIR "/bad.jsonl", "{\"prompt\": \"a\", \"completion\": \"b\"}\n{\"prompt\": 3}\n");
+    r = run(NULL, "%s train --model %s --data " DIR "/bad.jsonl --out " DIR "/bad_out", sft, model);
+    err = last_stderr();
+    FILE *f = fopen(DIR "/bad_out", "r");
+    check(r == 1 && strstr(err, "bad.jsonl:2") && count_substr(err, "\n") == 1 && !f,
+          "cli: a bad data line is named and --out is left untouched", "exit %d: %s", r, err);
+    if (f) fclose(f);
+    free(err);
+    r = run(NULL, "%s train --model %s --data " DIR "/one.jsonl --out " DIR "/bad_out --resume " DIR "/straight", sft, model);
+    err = last_stderr();
+    check(r == 1 && strstr(err, DIR "/straight") && count_substr(err, "\n") == 1,
+          "cli: --resume of a directory that is no checkpoint is refused", "exit %d: %s", r, err);
+    free(err);
     r = run(NULL, "%s train --model %s --data %s --out " DIR "/nan --lr 1e30 --max-steps 5 --grad-accum 1 --save-every 1 "
             "--max-grad-norm 0", sft, model, data);
     err = last_stderr();

@@ -102,12 +102,12 @@ static void fd_rope(uint64_t *rng) {
 
 typedef struct {
     float q[FT * FNH * FHS], k[FT * FNKV * FHS], v[FT * FNKV * FHS];
-    float out[FT * FNH * FHS], lse[FNH * FT], wout[FT * FNH * FHS];
+    float out[FT * FNH * FHS], lse[FNH * FT], wout[FT * FNH * FHS], work[4 * FT * FNKV * FHS];
 } AttCase;
 
 static double att_loss(void *p) {
     AttCase *c = p;
-    attention_forward(c->out, c->lse, c->q, c->k, c->v, FT, 0, FNH, FNKV, FHS);
+    attention_forward(c->out, c->lse, c->work, c->q, c->k, c->v, FT, 0, FNH, FNKV, FHS);
     return weighted(c->out, c->wout, FT * FNH * FHS);
 }
 
@@ -120,7 +120,7 @@ static void fd_attention(uint64_t *rng) {
     float dq[FT * FNH * FHS] = {0}, dk[FT * FNKV * FHS] = {0}, dv[FT * FNKV * FHS] = {0}, dsum[FNH * FT];
     float fq[FT * FNH * FHS], fk[FT * FNKV * FHS], fv[FT * FNKV * FHS];
     att_loss(&c);
-    attention_backward(dq, dk, dv, dsum, c.wout, c.out, c.q, c.k, c.v, c.lse, FT, FNH, FNKV, FHS);
+    attention_backward(dq, dk, dv, dsum, c.work, c.wout, c.out, c.q, c.k, c.v, c.lse, FT, FNH, FNKV, FHS);
     finite_diff(fq, c.q, FT * FNH * FHS, att_loss, &c);
     finite_diff(fk, c.k, FT * FNKV * FHS, att_loss, &c);
     finite_diff(fv, c.v, FT * FNKV * FHS, att_loss, &c);
@@ -131,6 +131,57 @@ static void fd_attention(uint64_t *rng) {
     float want[FNH * FHS];
     for (int h = 0; h < FNH; h++) memcpy(want + h * FHS, c.v + (h / 2) * FHS, FHS * sizeof(float));
     check_close("attention causal row 0 and head groups", c.out, want, FNH * FHS, 1e-6, 0);
+}
+
+// Attention at a real head size (64) and a length spanning several key blocks, against the
+// definition written out in double: S = q k^T / sqrt(HS), causal softmax, y = P v, and its gradient.
+static void attention_vs_naive(uint64_t *rng) {
+    enum { T = 100, NH = 4, NKV = 2, HS = 64, QD = NH * HS, KD = NKV * HS };
+    float *q = xmalloc(T * QD * 4), *k = xmalloc(T * KD * 4), *v = xmalloc(T * KD * 4), *dy = xmalloc(T * QD * 4);
+    float *y = xmalloc(T * QD * 4), *lse = xmalloc(NH * T * 4), *work = xmalloc(4 * T * KD * 4), *dsum = xmalloc(NH * T * 4);
+    float *dq = xcalloc(T * QD, 4), *dk = xcalloc(T * KD, 4), *dv = xcalloc(T * KD, 4);
+    float *wy = xcalloc(T * QD, 4), *wq = xcalloc(T * QD, 4), *wk = xcalloc(T * KD, 4), *wv = xcalloc(T * KD, 4);
+    fill(q, T * QD, rng, -0.5f, 0.5f), fill(k, T * KD, rng, -0.5f, 0.5f), fill(v, T * KD, rng, -1, 1), fill(dy, T * QD, rng, -1, 1);
+    attention_forward(y, lse, work, q, k, v, T, 0, NH, NKV, HS);
+    attention_backward(dq, dk, dv, dsum, work, dy, y, q, k, v, lse, T, NH, NKV, HS);
+    double *p = xmalloc(T * sizeof(double));
+    for (int h = 0; h < NH; h++) {
+        int g = h / (NH / NKV);
+        for (int i = 0; i < T; i++) {
+            const float *qi = q + i * QD + h * HS, *dyi = dy + i * QD + h * HS;
+            double m = -1e300, sum = 0, dpsum = 0, dp[T];
+            for (int j = 0; j <= i; j++) {
+                double sc = 0;
+                for (int d = 0; d < HS; d++) sc += (double)qi[d] * k[j * KD + g * HS + d];
+                p[j] = sc / 8.0;  // sqrt(64)
+                m = p[j] > m ? p[j] : m;
+            }
+            for (int j = 0; j <= i; j++) sum += p[j] = exp(p[j] - m);
+            for (int j = 0; j <= i; j++) {
+                p[j] /= sum;
+                dp[j] = 0;
+                for (int d = 0; d < HS; d++) {
+                    wy[i * QD + h * HS + d] += (float)(p[j] * v[j * KD + g * HS + d]);
+                    dp[j] += (double)dyi[d] * v[j * KD + g * HS + d];
+                }
+                dpsum += p[j] * dp[j];
+            }
+            for (int j = 0; j <= i; j++) {
+                double ds = p[j] * (dp[j] - dpsum) / 8.0;
+                for (int d = 0; d < HS; d++) {
+                    wq[i * QD + h * HS + d] += (float)(ds * k[j * KD + g * HS + d]);
+                    wk[j * KD + g * HS + d] += (float)(ds * qi[d]);
+                    wv[j * KD + g * HS + d] += (float)(p[j] * dyi[d]);
+                }
+            }
+        }
+    }
+    check_close("attention HS 64, T 100 vs definition: y", y, wy, T * QD, 1e-5, 1e-4);
+    check_close("attention HS 64, T 100 vs definition: dq", dq, wq, T * QD, 1e-5, 1e-4);
+    check_close("attention HS 64, T 100 vs definition: dk", dk, wk, T * KD, 1e-5, 1e-4);
+    check_close("attention HS 64, T 100 vs definition: dv", dv, wv, T * KD, 1e-5, 1e-4);
+    free(q), free(k), free(v), free(dy), free(y), free(lse), free(work), free(dsum), free(dq), free(dk), free(dv);
+    free(wy), free(wq), free(wk), free(wv), free(p);
 }
 
 typedef struct {
@@ -190,6 +241,7 @@ static void fd_crossentropy(uint64_t *rng) {
 typedef struct {
     float x[FT * FC], A[FR * FC], B[FOUT * FR], y[FT * FOUT], wout[FT * FOUT];
     float u[FT * FR], du[FT * FR], xdrop[FT * FC], bt[FR * FOUT], dA[FR * FC], dB[FOUT * FR];
+    uint32_t keep[FT];  // FC <= 32: one word per token
     LoraPair pair;
     LoraSite site;
 } LoraCase;
@@ -208,7 +260,7 @@ static void fd_lora(uint64_t *rng, float p) {
     fill(c->B, FOUT * FR, rng, -1, 1);
     fill(c->wout, FT * FOUT, rng, -1, 1);
     c->pair = (LoraPair){c->A, c->B, c->dA, c->dB, FC, FOUT};
-    c->site = (LoraSite){.pair = &c->pair, .u = c->u, .du = c->du, .xdrop = c->xdrop, .bt = c->bt, .scale = 1.5f,
+    c->site = (LoraSite){.pair = &c->pair, .u = c->u, .du = c->du, .xdrop = c->xdrop, .bt = c->bt, .keep = c->keep, .scale = 1.5f,
                          .R = FR, .p = p, .seed = 1234, .site = 17};
     float dx[FT * FC] = {0}, fx[FT * FC], fA[FR * FC], fB[FOUT * FR];
     lora_loss(c);
@@ -561,6 +613,7 @@ void test_model(void) {
     fd_rmsnorm(&rng);
     fd_rope(&rng);
     fd_attention(&rng);
+    attention_vs_naive(&rng);
     fd_swiglu(&rng);
     fd_crossentropy(&rng);
     fd_lora(&rng, 0.0f);

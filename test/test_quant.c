@@ -8,12 +8,14 @@
 // Tolerances of the products:
 // - matmul_ref vs a float64 product of the dequantized matrix: |err| <= 1e-5 * sum_j |w_j x_j|
 //   + 1e-30 (float accumulation over at most ~1000 terms: n * 2^-24 ~ 6e-5 worst case, ~1e-6 typical).
-// - fast vs ref: the fast products may round the activations (int8 blocks of 32 with an fp32
-//   scale, |x - x'| <= amax_block / 254, i.e. a relative error ~ 4e-3 per element) and, for the
-//   bf16 route, round both factors to bf16 (relative 2^-9 each). So per output we allow
-//   sum_j |w_j| * (amax_block(x)/254 + |x_j| * 2^-7) + 2e-5 * sum_j |w_j x_j|: an exact bound of
-//   the rounding of each factor, not a fitted number. A wrong block, scale or offset is off by far
-//   more than this (the tests print the max error).
+// - fast vs ref, F32/F16/BF16 weights: both are fp32 sums of exact fp32 products, in different
+//   orders: |err| <= 2e-5 * sum_j |w_j x_j|.
+// - fast vs ref, quantized weights: the fast products may round both factors to bf16 (8
+//   significant bits: relative error <= 2^-8 each, so <= 2^-7 + 2^-16 per product; quant.c's bf16
+//   route), then sum in fp32 (<= n * 2^-24 < 2^-13 relative for our n): |err| <= (2^-7 + 2^-12)
+//   * sum_j |w_j x_j|, the rounding of each factor bounded, not a fitted number. (An int8 route for the activations, as llama.cpp's, would need
+//   amax_block(x) / 254 * sum_j |w_j| more.) A wrong block, scale or offset is off by far more
+//   than this (QUANT_VERBOSE=1 prints the worst error / bound of each check).
 #include <math.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -272,8 +274,26 @@ static void test_quantize_hand(void) {
     uint8_t want8[4] = {0x80, 0x3f, 0x82, 0x3f};
     quantize_row(TYPE_BF16, got, x8, 2);
     check_bytes("quantize bf16", got, want8, 4);
-    check(quantize_row(TYPE_Q4_0, got, x, 31) == -1 && quantize_row(77, got, x, 32) == -1,
-          "quantize_row rejects", "accepted");
+    check(quantize_row(TYPE_Q4_0, got, x, 31) == -1 && quantize_row(77, got, x, 32) == -1 &&
+          quantize_row(TYPE_Q5_0, got, x, 32) == -1, "quantize_row rejects", "accepted");
+
+    // Our K-quantizers (not ggml's search, see quant.c) on a block of ones:
+    // Q4_K: every group spans [0, 1]: scale 1/15, min 0; the largest scale -> 63, d = fp16(1/945)
+    // = 0x1456, dmin = 0; 6-bit scales 63 packed as 0xff x4 (63 | top bits of groups 4-7),
+    // mins 0, 0x0f x4 (low bits of groups 4-7's scales); levels round(1 / (d*63)) = 15.
+    float ones[256];
+    for (int i = 0; i < 256; i++) ones[i] = 1.0f;
+    uint8_t kgot[210], k4[144] = {0x56, 0x14, 0x00, 0x00, 0xff, 0xff, 0xff, 0xff, 0, 0, 0, 0, 0x0f, 0x0f, 0x0f, 0x0f};
+    memset(k4 + 16, 0xff, 128);
+    quantize_row(TYPE_Q4_K, kgot, ones, 256);
+    check_bytes("quantize q4_K (ones)", kgot, k4, 144);
+    // Q6_K: group scale 1/-32, the largest -> -128, d = fp16(1/4096) = 0x0c00; levels
+    // round(1 / (2^-12 * -128)) = -32 -> 0 after the +32: ql = qh = 0, scales 0x80.
+    uint8_t k6[210] = {0};
+    memset(k6 + 192, 0x80, 16);
+    k6[209] = 0x0c;
+    quantize_row(TYPE_Q6_K, kgot, ones, 256);
+    check_bytes("quantize q6_K (ones)", kgot, k6, 210);
 }
 
 // Round trips on random data: the error of each element stays within what the format allows.
@@ -291,11 +311,17 @@ static void test_quantize_error(void) {
         {TYPE_Q4_0, 32, 1.0 / 8 + 1.0 / 2048, "q4_0 error <= |d|"},
         {TYPE_Q4_1, 32, 0.5 / 15 + 3.0 / 2048, "q4_1 error <= d/2"},
         {TYPE_NF4, 64, (1.0 - 0.6961928009986877) / 2 + 1e-6, "nf4 error <= half gap"},
+        // K-quants: half a step of the group (range/15, range/31, 2*amax/64) plus the rounding
+        // of the 6-bit (8-bit) scales, measured against the super-block's amax.
+        {TYPE_Q4_K, 256, 0.5 * 2 / 15 + 2.0 / 63, "q4_K error <= half a step"},
+        {TYPE_Q5_K, 256, 0.5 * 2 / 31 + 2.0 / 63, "q5_K error <= half a step"},
+        {TYPE_Q6_K, 256, 0.5 / 32 + 1.0 / 128, "q6_K error <= half a step"},
     };
     for (size_t k = 0; k < sizeof t / sizeof t[0]; k++) {
         quantize_row(t[k].type, q, x, N);
         dequantize_row(t[k].type, y, q, N);
         double worst = 0, sq = 0, sqx = 0;  // error / (amax of its block, or range for Q4_1)
+        double rms_bound[] = {0.02, 0.2, 0.12, 0.2, 0.12, 0.06, 0.04};  // per entry of t
         for (int b = 0; b < N / t[k].block; b++) {
             float amax = 0, mn = x[b * t[k].block], mx = mn;
             for (int j = 0; j < t[k].block; j++) {
@@ -313,7 +339,8 @@ static void test_quantize_error(void) {
                 sqx += (double)x[i] * x[i];
             }
         }
-        check(worst <= t[k].bound, t[k].name, "max error %.4g of the block's scale, bound %.4g", worst, t[k].bound);
+        check(worst <= t[k].bound && sqrt(sq / sqx) < rms_bound[k], t[k].name,
+              "max error %.4g of the block's scale (bound %.4g), relative rms %.4g", worst, t[k].bound, sqrt(sq / sqx));
         printf("    %s: max error %.4g of the block scale, relative rms %.4g\n", type_info(t[k].type)->name, worst, sqrt(sq / sqx));
     }
     free(x);
@@ -447,6 +474,7 @@ static void test_ref_vs_f64(void) {
 // The fast products against the references, on sizes with remainders, with the bound of the
 // header comment (1 thread); then the same outputs for 2 threads, bit for bit.
 static void fast_vs_ref(int type, int T, int OUT, int IN, uint64_t seed) {
+    int float_weights = type == TYPE_F32 || type == TYPE_F16 || type == TYPE_BF16;  // fp32 route
     uint8_t *data = random_matrix(type, OUT, IN, seed);
     QMatrix W = {type, OUT, IN, data};
     double *w = dequantized(&W);
@@ -465,15 +493,8 @@ static void fast_vs_ref(int type, int T, int OUT, int IN, uint64_t seed) {
     for (int t = 0; t < T; t++) {
         for (int o = 0; o < OUT; o++) {
             double b = 0;
-            for (int i0 = 0; i0 < IN; i0 += 32) {
-                double amax = 0;
-                int i1 = i0 + 32 < IN ? i0 + 32 : IN;
-                for (int i = i0; i < i1; i++) amax = fmax(amax, fabs(x[(size_t)t * IN + i]));
-                for (int i = i0; i < i1; i++) {
-                    double wi = fabs(w[(size_t)o * IN + i]), xi = fabs(x[(size_t)t * IN + i]);
-                    b += wi * (amax / 254 + xi * 0x1p-7) + 2e-5 * wi * xi;
-                }
-            }
+            for (int i = 0; i < IN; i++)
+                b += (float_weights ? 2e-5 : 0x1p-7 + 0x1p-12) * fabs(w[(size_t)o * IN + i] * x[(size_t)t * IN + i]);
             bound[t * OUT + o] = b + 2e-5 * fabs(bias[o]) + 1e-30;
         }
     }
@@ -494,15 +515,8 @@ static void fast_vs_ref(int type, int T, int OUT, int IN, uint64_t seed) {
     for (int t = 0; t < T; t++) {
         for (int i = 0; i < IN; i++) {
             double b = 2e-5 * fabs(dx0[(size_t)t * IN + i]);
-            for (int o0 = 0; o0 < OUT; o0 += 32) {
-                double amax = 0;
-                int o1 = o0 + 32 < OUT ? o0 + 32 : OUT;
-                for (int o = o0; o < o1; o++) amax = fmax(amax, fabs(dy[(size_t)t * OUT + o]));
-                for (int o = o0; o < o1; o++) {
-                    double wi = fabs(w[(size_t)o * IN + i]), di = fabs(dy[(size_t)t * OUT + o]);
-                    b += wi * (amax / 254 + di * 0x1p-7) + 2e-5 * wi * di;
-                }
-            }
+            for (int o = 0; o < OUT; o++)
+                b += (float_weights ? 2e-5 : 0x1p-7 + 0x1p-12) * fabs(w[(size_t)o * IN + i] * dy[(size_t)t * OUT + o]);
             bound[(size_t)t * IN + i] = b + 1e-30;
         }
     }
