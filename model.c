@@ -897,12 +897,16 @@ double model_forward_backward(Model *m, struct Lora *lora, Activations *a, const
     backward = backward && lora;
 
     embed_forward(a->x, tokens, &m->w.embed, T);
+    float *xL = a->x;
     for (int l = 0; l < c->L; l++) {
-        LayerBufs b = layer_bufs(a, c, lora, l);
+        // Without a backward pass nothing needs keeping: every layer runs in layer 0's arrays (the
+        // others stay untouched and cost no memory), the residual stream alternating x[0], x[1].
+        LayerBufs b = layer_bufs(a, c, lora, backward ? l : 0);
+        if (!backward) b.x = xL, b.xout = a->x + (size_t)((l + 1) % 2) * a->max_T * c->C;
         block_forward(&ps, l, &b, T, 0);
+        xL = b.xout;
     }
 
-    const float *xL = a->x + (size_t)c->L * a->max_T * c->C;
     if (backward) memset(a->dres, 0, (size_t)T * c->C * sizeof(float));
     int n = 0, targets[LOSS_CHUNK];
     double loss = 0;

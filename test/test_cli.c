@@ -85,7 +85,8 @@ static int setup(void) {
     snprintf(other_model, sizeof other_model, DIR "/other.gguf");
     snprintf(data, sizeof data, DIR "/one.jsonl");
     snprintf(data3, sizeof data3, DIR "/three.jsonl");
-    write_text(data, "{\"prompt\": \"Hi\", \"completion\": \"xyzzy!\"}\n");
+    write_text(data, "{\"messages\": [{\"role\": \"user\", \"content\": \"Hi\"}, {\"role\": \"assistant\", \"content\": "
+                     "\"xyzzy!\"}, {\"role\": \"user\", \"content\": \"Ho\"}, {\"role\": \"assistant\", \"content\": \"plugh.\"}]}\n");
     write_text(data3, "{\"prompt\": \"a\", \"completion\": \"one\"}\n"
                       "{\"messages\": [{\"role\": \"user\", \"content\": \"b\"}, {\"role\": \"assistant\", \"content\": \"two\"}]}\n"
                       "\n"
@@ -96,14 +97,15 @@ static int setup(void) {
     return r1 == 0 && r2 == 0;
 }
 
-// Trains on one example until the loss is small, then greedy generation answers with it.
+// Trains on one two-turn conversation until the loss is small; then greedy generation and chat
+// give its answers.
 static void test_memorize(void) {
     char *out = NULL;
     int r = run(&out, "%s train --model %s --data %s --out " DIR "/mem --lr 1e-2 --dropout 0 --grad-accum 1 "
                 "--max-steps 120 --rank 4 --alpha 8 --threads 1", sft, model, data);
     char *err = last_stderr();
     double loss = last_loss(out);
-    check(r == 0 && loss >= 0 && loss < 0.05, "cli: train memorizes one answer", "exit %d, last loss %g; %s", r, loss, err);
+    check(r == 0 && loss >= 0 && loss < 0.05, "cli: train memorizes a conversation", "exit %d, last loss %g; %s", r, loss, err);
     check(strncmp(out, "step 1/120 loss ", 16) == 0, "cli: one plain 'step N/M loss X lr Y' line per step",
           "stdout starts '%.40s'", out);
     check(strstr(err, "trainable parameters") && strstr(err, "120 optimizer steps"), "cli: train prints the plan",
@@ -128,10 +130,14 @@ static void test_memorize(void) {
     r = run(&out, "%s generate --model %s --prompt Hi --temp 0 --max-new 20", sft, model);
     check(r == 0 && strcmp(out, "xyzzy!\n") != 0, "cli: without the adapter the answer differs", "exit %d, got '%s'", r, out);
     free(out);
-    // chat through a pipe: two turns, /reset, the same first turn again gives the same answer
-    r = run(&out, "printf 'Hi\\nHi\\n/reset\\nHi\\n' | %s chat --model %s --lora " DIR "/mem --temp 0 --max-new 12", sft, model);
-    check(r == 0 && strncmp(out, "xyzzy!\n", 7) == 0 && count_substr(out, "\n") == 3 && strstr(out + 7, "\nxyzzy!\n"),
-          "cli: chat through a pipe, with /reset", "exit %d, got '%s'", r, out);
+    // chat through a pipe: the second turn runs on the cached first one; /reset starts afresh
+    r = run(&out, "printf 'Hi\\nHo\\n/reset\\nHi\\n' | %s chat --model %s --lora " DIR "/mem --temp 0 --max-new 12", sft, model);
+    check(r == 0 && strcmp(out, "xyzzy!\nplugh.\nxyzzy!\n") == 0, "cli: chat through a pipe: two turns, /reset",
+          "exit %d, got '%s'", r, out);
+    free(out);
+    r = run(&out, "%s generate --model %s --lora " DIR "/mem --data %s --temp 0 --max-new 12", sft, model, data);
+    check(r == 0 && strcmp(out, "{\"prompt\": \"Ho\", \"response\": \"plugh.\"}\n") == 0,
+          "cli: generate --data answers the last user turn", "exit %d, got '%s'", r, out);
     free(out);
     r = run(&out, "%s generate --model %s --lora " DIR "/mem --data %s --temp 0 --max-new 12", sft, model, data3);
     check(r == 0 && count_substr(out, "{\"prompt\": ") == 3 && strstr(out, "{\"prompt\": \"b\", \"response\": \""),

@@ -224,14 +224,10 @@ static void save_checks(void) {
     lora_free(&a);
 }
 
-// `sft grads` on the tied fixture: the loss line and every gradient tensor against the reference
-// (tolerances as in test_model.c: tight for the _ref kernels, bf16-level for the fast ones).
+// `sft grads` on the tied fixture (F32 weights): the loss line and every gradient tensor against
+// the reference.
 static void grads_cli(void) {
-#ifdef SFT_REF
     const double tol_loss = 1e-5, tol_grads = 1e-4;
-#else
-    const double tol_loss = 3e-3, tol_grads = 1e-1;
-#endif
     char cmd[1024], *out = NULL;
     const char *dir = scratch_dir("grads");
     snprintf(cmd, sizeof cmd, "%s grads --model " FIXTURES "/tied/model --lora " FIXTURES "/tied/adapter --data "
