@@ -84,8 +84,7 @@ void rmsnorm_forward(float *out, float *rstd, const float *inp, const float *w, 
 
 // dinp[T, C] += <- dout[T, C], inp[T, C], rstd[T], w[C]
 // y = x r w with r = (mean(x^2) + eps)^-1/2:  dx = r w dy - x r^3 / C * sum(dy w x)
-void rmsnorm_backward(float *dinp, const float *dout, const float *inp, const float *rstd, const float *w, int T,
-                             int C) {
+void rmsnorm_backward(float *dinp, const float *dout, const float *inp, const float *rstd, const float *w, int T, int C) {
     for (int t = 0; t < T; t++) {
         const float *x = inp + (size_t)t * C, *dy = dout + (size_t)t * C;
         float *dx = dinp + (size_t)t * C;
@@ -225,6 +224,9 @@ static void attention_forward_items(void *ctx, int start, int end) {
     }
 }
 
+// Causal grouped-query attention: query head h uses kv head h / (NH / NKV), scale 1 / sqrt(HS).
+// out[T, NH*HS], lse[NH, T] (or NULL) <- q[T, NH*HS] at positions pos0.., k, v [pos0+T, NKV*HS];
+// work[NKV*HS*(pos0+T)]: the keys transposed. Row i sees keys 0..pos0+i, one thread per (h, i).
 void attention_forward(float *out, float *lse, float *work, const float *q, const float *k, const float *v, int T,
                        int pos0, int NH, int NKV, int HS) {
     transpose_heads(work, k, pos0 + T, NKV, HS);
@@ -327,6 +329,9 @@ static void attention_backward_kv_items(void *ctx, int start, int end) {
     }
 }
 
+// dq[T, NH*HS], dk, dv [T, NKV*HS] +=, dsum[NH, T] <- dout, out [T, NH*HS], q, k, v, lse[NH, T];
+// work[4*T*NKV*HS]. The softmax is recomputed from q, k and lse; every output is summed by one
+// thread in a fixed order: dq by (head, row), dk and dv by (kv head, block of key rows).
 void attention_backward(float *dq, float *dk, float *dv, float *dsum, float *work, const float *dout, const float *out,
                         const float *q, const float *k, const float *v, const float *lse, int T, int NH, int NKV,
                         int HS) {
@@ -661,7 +666,7 @@ static void block_backward(const Pass *ps, int l, const LayerBufs *b, const Grad
     // MLP: xout = xmid + down(silu(gate(ln)) * up(ln)), ln = rmsnorm(xmid)
     rmsnorm_apply(b->ln, b->xmid, b->rstd2, lw->ffn_norm, T, C);
     if (recompute_ff) mlp_gate_up(ps, l, b, T);
-    swiglu_forward(b->h, b->gate, b->up, T * FF);
+    if (sd.pair) swiglu_forward(b->h, b->gate, b->up, T * FF);  // down_proj's input, for its adapter
     memset(g->dh, 0, (size_t)T * FF * sizeof(float));
     linear_backward(g->dh, g->dres, b->h, &lw->wdown, &sd, T);
     memset(g->dgate, 0, (size_t)T * FF * sizeof(float));
@@ -710,6 +715,7 @@ struct Activations {
     float *gate;      // [L_ff, max_T, FF] gate_proj output
     float *up;        // [L_ff, max_T, FF] up_proj output
     float *lora_u;    // [L, LORA_NTARGETS, max_T, R] A dropout(x) of each adapted projection (R = 0: none)
+    uint32_t *keep;   // [L, LORA_NTARGETS, max_T, in / 32] dropout masks, bit set = kept (only with dropout)
     // scratch
     float *ln;        // [max_T, C]
     float *h;         // [max_T, FF]
@@ -721,7 +727,6 @@ struct Activations {
     float *att_work;  // [4 * max_T * NKV*HS] attention scratch
     float *dres, *dln, *datt, *dq, *dk, *dv, *dsum, *dh, *dgate, *dup;  // GradBufs, for max_T
     // the loss at target positions, LOSS_CHUNK at a time
-    uint32_t *keep;   // [L, LORA_NTARGETS, max_T, in / 32] dropout masks (only with dropout)
     int *pos;         // [max_T] positions t - 1 of the targets t
     float *head_x;    // [LOSS_CHUNK, C] residual rows at those positions
     float *head_rstd; // [LOSS_CHUNK] final RMSNorm
@@ -730,7 +735,7 @@ struct Activations {
     float *logits;    // [LOSS_CHUNK, V] logits, then their gradient
     double *row_loss; // [LOSS_CHUNK]
     float *cos, *sin; // [max_T, HS/2] RoPE tables
-    float *mem;       // the one allocation behind every float array above
+    float *mem;       // the one allocation behind every float array above (keep, pos, row_loss: their own)
 };
 
 // Carves n floats from *p.
@@ -842,6 +847,8 @@ static void crossentropy_rows(void *ctx, int start, int end) {
     }
 }
 
+// Returns sum_r row_loss[r], row_loss[n] = logsumexp(logits[r]) - logits[r, targets[r]] <- logits[n, V],
+// which is overwritten: with backward, by grad_scale * (softmax - onehot(target)). One thread per row.
 double crossentropy(float *logits, double *row_loss, const int *targets, int n, int V, float grad_scale, int backward) {
     XentArgs a = {logits, row_loss, targets, V, grad_scale, backward};
     parallel_for(crossentropy_rows, &a, n, 1);
@@ -891,9 +898,10 @@ double model_forward_backward(Model *m, struct Lora *lora, Activations *a, const
     const Config *c = &m->config;
     int T = positions_needed(c, tokens, mask, T_in, a->max_T);
     if (T < 0 || (lora && (lora->R != a->R || lora->L != c->L))) return NAN;
+    if (lora && dropout_seed != 0 && lora->dropout > 0 && !a->keep) return NAN;
     if (T == 0) return 0;
     Pass ps = {c, &m->w, lora, 0, dropout_seed, a->xdrop, a->keep, a->lora_du, a->lora_bt, a->att_work, a->cos, a->sin};
-    if (lora && dropout_seed != 0 && lora->dropout > 0 && a->keep) ps.p = lora->dropout;
+    if (lora && dropout_seed != 0 && lora->dropout > 0) ps.p = lora->dropout;
     backward = backward && lora;
 
     embed_forward(a->x, tokens, &m->w.embed, T);

@@ -86,8 +86,9 @@ int model_load_tokenizer(Tokenizer *tok, const char *path, Err *e);
 // Compute (model.c). Training and evaluation run whole sequences; generation runs with a KV cache.
 struct Lora;
 
-// Everything the forward pass saves for the backward pass, for sequences of up to max_T tokens.
-// Allocated once; no allocation happens inside forward or backward.
+// Everything the forward pass saves for the backward pass, for sequences of up to max_T tokens,
+// sized for the adapter's rank and dropout. Allocated once; no allocation happens inside forward
+// or backward. A forward pass alone (backward = 0) touches only one layer's share of it.
 typedef struct Activations Activations;
 Activations *activations_new(const Config *c, const struct Lora *lora, int max_T);
 void activations_free(Activations *a);
@@ -102,6 +103,9 @@ Activations *activations_new_budget(const Config *c, const struct Lora *lora, in
 // (the caller zeroes the grads and sets grad_scale = 1 / target tokens of the optimizer step).
 // dropout_seed = 0 means no dropout; otherwise LoRA dropout masks come from
 // rng_hash_uniform(dropout_seed, ...), so they do not depend on the thread count.
+// Only positions up to the last target run (later ones cannot change the loss).
+// Returns NAN, computing nothing, for a token id outside [0, V), T > max_T, or an adapter whose
+// rank or dropout (> 0 needs room for masks) differs from the one a was made for.
 double model_forward_backward(Model *m, struct Lora *lora, Activations *a, const int *tokens,
                               const unsigned char *mask, int T, float grad_scale, int backward,
                               uint64_t dropout_seed);
@@ -114,8 +118,9 @@ void kvcache_reset(KVCache *kv);   // forget every token
 int kvcache_len(const KVCache *kv);
 
 // Runs tokens[n] at the positions after those already in the cache (a prompt when n > 1, one new
-// token when n = 1), appends their keys and values, and writes the last token's logits[V].
-// Returns -1 when the cache would overflow its max_T.
+// token when n = 1), appends their keys and values, and writes the last token's logits[V]
+// (logits may be NULL: only the cache is filled). Returns -1, changing nothing, when the cache
+// would overflow its max_T, or for a token id outside [0, V) or an adapter of another model.
 int model_infer(Model *m, const struct Lora *lora, KVCache *kv, const int *tokens, int n, float *logits);
 
 // The kernels of model.c, public for the finite-difference tests (test/test_model.c).

@@ -704,6 +704,15 @@ void qmatrix_row(float *out, const QMatrix *W, int r) {
 
 static size_t round_up(size_t n, size_t m) { return (n + m - 1) / m * m; }
 
+// Loops over the registers of a tile must be unrolled completely, or the accumulators spill.
+#if defined(__clang__)
+#define UNROLL _Pragma("clang loop unroll(full)")
+#elif defined(__GNUC__)
+#define UNROLL _Pragma("GCC unroll 8")
+#else
+#define UNROLL
+#endif
+
 // --- SIMD dequantization ---------------------------------------------------------------------
 
 #if defined(__AVX512F__) && defined(__AVX512BW__)
@@ -767,11 +776,15 @@ static void dq_q8_0_avx512(float *y, const BlockQ8_0 *x) {
     _mm512_storeu_ps(y + 16, _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b)), d));
 }
 
-// y[32] = d1 * q - m1 for 32 integers q (as ggml writes it: a product, then a difference).
+// d * q - m for 16 integers q (as ggml writes it: a product, then a difference).
+static __m512 scaled_min(__m512i q, float d, float m) {
+    return _mm512_sub_ps(_mm512_mul_ps(_mm512_set1_ps(d), _mm512_cvtepi32_ps(q)), _mm512_set1_ps(m));
+}
+
+// y[32] = d1 * q - m1 for 32 integers q.
 static void store_scaled_min(float *y, __m512i q0, __m512i q1, float d1, float m1) {
-    __m512 d = _mm512_set1_ps(d1), m = _mm512_set1_ps(m1);
-    _mm512_storeu_ps(y, _mm512_sub_ps(_mm512_mul_ps(d, _mm512_cvtepi32_ps(q0)), m));
-    _mm512_storeu_ps(y + 16, _mm512_sub_ps(_mm512_mul_ps(d, _mm512_cvtepi32_ps(q1)), m));
+    _mm512_storeu_ps(y, scaled_min(q0, d1, m1));
+    _mm512_storeu_ps(y + 16, scaled_min(q1, d1, m1));
 }
 
 static void dq_q4_K_avx512(float *y, const BlockQ4_K *x) {
@@ -811,25 +824,33 @@ static void dq_q5_K_avx512(float *y, const BlockQ5_K *x) {
     }
 }
 
+// q[k] = the values minus 32 of elements l + 32k ... l + 32k + 15 (k = 0..3) of one half of a
+// Q6_K block (ql, qh: that half's bytes), as dequantize_q6_K assembles them.
+static void q6_ints(__m512i q[4], const uint8_t *ql, const uint8_t *qh, int l) {
+    __m512i m15 = _mm512_set1_epi32(15), m3 = _mm512_set1_epi32(3), o = _mm512_set1_epi32(32);
+    __m512i a = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(ql + l)));
+    __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(ql + 32 + l)));
+    __m512i h = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(qh + l)));
+    __m512i lo[4] = {_mm512_and_si512(a, m15), _mm512_and_si512(b, m15), _mm512_srli_epi32(a, 4), _mm512_srli_epi32(b, 4)};
+UNROLL
+    for (int k = 0; k < 4; k++) {
+        __m512i hi = _mm512_and_si512(_mm512_srli_epi32(h, 2 * k), m3);
+        q[k] = _mm512_sub_epi32(_mm512_or_si512(lo[k], _mm512_slli_epi32(hi, 4)), o);
+    }
+}
+
+// scale * q, as floats.
+static __m512 scaled(__m512i q, float scale) { return _mm512_mul_ps(_mm512_set1_ps(scale), _mm512_cvtepi32_ps(q)); }
+
 static void dq_q6_K_avx512(float *y, const BlockQ6_K *x) {
     float d = half_scalar(x->d);
-    __m512i m15 = _mm512_set1_epi32(15), m3 = _mm512_set1_epi32(3), o = _mm512_set1_epi32(32);
     for (int h = 0; h < 2; h++, y += 128) {
-        const uint8_t *ql = x->ql + 64 * h, *qh = x->qh + 32 * h;
         const int8_t *sc = x->scales + 8 * h;
         for (int l = 0; l < 32; l += 16) {
-            int is = l / 16;
-            __m512i a = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(ql + l)));
-            __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(ql + 32 + l)));
-            __m512i hb = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(qh + l)));
-            __m512i q1 = _mm512_or_si512(_mm512_and_si512(a, m15), _mm512_slli_epi32(_mm512_and_si512(hb, m3), 4));
-            __m512i q2 = _mm512_or_si512(_mm512_and_si512(b, m15), _mm512_slli_epi32(_mm512_and_si512(_mm512_srli_epi32(hb, 2), m3), 4));
-            __m512i q3 = _mm512_or_si512(_mm512_srli_epi32(a, 4), _mm512_slli_epi32(_mm512_and_si512(_mm512_srli_epi32(hb, 4), m3), 4));
-            __m512i q4 = _mm512_or_si512(_mm512_srli_epi32(b, 4), _mm512_slli_epi32(_mm512_srli_epi32(hb, 6), 4));
-            _mm512_storeu_ps(y + l, _mm512_mul_ps(_mm512_set1_ps(d * sc[is]), _mm512_cvtepi32_ps(_mm512_sub_epi32(q1, o))));
-            _mm512_storeu_ps(y + l + 32, _mm512_mul_ps(_mm512_set1_ps(d * sc[is + 2]), _mm512_cvtepi32_ps(_mm512_sub_epi32(q2, o))));
-            _mm512_storeu_ps(y + l + 64, _mm512_mul_ps(_mm512_set1_ps(d * sc[is + 4]), _mm512_cvtepi32_ps(_mm512_sub_epi32(q3, o))));
-            _mm512_storeu_ps(y + l + 96, _mm512_mul_ps(_mm512_set1_ps(d * sc[is + 6]), _mm512_cvtepi32_ps(_mm512_sub_epi32(q4, o))));
+            __m512i q[4];
+            q6_ints(q, x->ql + 64 * h, x->qh + 32 * h, l);
+UNROLL
+            for (int k = 0; k < 4; k++) _mm512_storeu_ps(y + l + 32 * k, scaled(q[k], d * sc[l / 16 + 2 * k]));
         }
     }
 }
@@ -979,14 +1000,13 @@ typedef struct {
     int T, TP;             // tokens; TP = T rounded up to 16
     int pairs;             // words are bf16 pairs (1) or fp32 values (0)
     const uint32_t *x;     // words of inp: word k of token t at x[k * TP + t], zeros for t >= T
-    float *partial;        // (OUT, TP) sums over the K-chunks done so far, when there are several
     int KC;                // elements of IN per K-chunk
 } Fwd;
 
 // One tile: tokens 16 * tv0 ... (M vectors of 16) x rows o0 ... o0 + nrows - 1, over the words
 // [k0, k0 + K) of the K-chunk; wb + n * K holds row o0 + n's words. The sums start from zero
-// (first K-chunk) or from f->partial, and go to dst + n * TP + token: f->partial, or at the last
-// K-chunk a staging block that fwd_flush then writes into out.
+// (first K-chunk) or from dst + n * TP + token, and go back there: a block of the thread's
+// staging buffer, which fwd_flush writes into out after the last K-chunk.
 typedef struct {
     int o0, nrows, tv0, k0, K, first;
     const uint32_t *wb;
@@ -996,27 +1016,27 @@ typedef struct {
 #if defined(__AVX512F__)
 static inline __attribute__((always_inline)) void fwd_tile_avx512(const Fwd *f, const FwdTile *tl, const int M, const int pairs) {
     __m512 acc[4][FWD_N];
-#pragma GCC unroll 4
+UNROLL
     for (int m = 0; m < M; m++)
-#pragma GCC unroll 8
+UNROLL
         for (int n = 0; n < FWD_N; n++)
             acc[m][n] = tl->first || n >= tl->nrows ? _mm512_setzero_ps()
-                        : _mm512_loadu_ps(f->partial + (size_t)(tl->o0 + n) * f->TP + 16 * (tl->tv0 + m));
+                        : _mm512_loadu_ps(tl->dst + (size_t)n * f->TP + 16 * (tl->tv0 + m));
     const uint32_t *x = f->x + (size_t)tl->k0 * f->TP + 16 * tl->tv0, *wb = tl->wb;
     for (int k = 0; k < tl->K; k++, x += f->TP, wb++) {
         __m512i xv[4];
-#pragma GCC unroll 4
+UNROLL
         for (int m = 0; m < M; m++) xv[m] = _mm512_loadu_si512(x + 16 * m);
-#pragma GCC unroll 8
+UNROLL
         for (int n = 0; n < FWD_N; n++) {
             __m512i wv = _mm512_set1_epi32((int)word_at(wb + (size_t)n * tl->K));
-#pragma GCC unroll 4
+UNROLL
             for (int m = 0; m < M; m++) acc[m][n] = madd_words(acc[m][n], xv[m], wv, pairs);
         }
     }
-#pragma GCC unroll 4
+UNROLL
     for (int m = 0; m < M; m++)
-#pragma GCC unroll 8
+UNROLL
         for (int n = 0; n < FWD_N; n++)
             if (n < tl->nrows) _mm512_storeu_ps(tl->dst + (size_t)n * f->TP + 16 * (tl->tv0 + m), acc[m][n]);
 }
@@ -1028,7 +1048,7 @@ static void fwd_tile_c(const Fwd *f, const FwdTile *tl, int M) {
     for (int m = 0; m < M; m++)
         for (int n = 0; n < FWD_N; n++)
             for (int j = 0; j < 16; j++)
-                acc[m][n][j] = tl->first || n >= tl->nrows ? 0.0f : f->partial[(size_t)(tl->o0 + n) * f->TP + 16 * (tl->tv0 + m) + j];
+                acc[m][n][j] = tl->first || n >= tl->nrows ? 0.0f : tl->dst[(size_t)n * f->TP + 16 * (tl->tv0 + m) + j];
     for (int k = 0; k < tl->K; k++) {
         const uint32_t *x = f->x + (size_t)(tl->k0 + k) * f->TP + 16 * tl->tv0;
         for (int n = 0; n < FWD_N; n++) {
@@ -1104,7 +1124,8 @@ static void fwd_flush(const Fwd *f, const float *stage, int o0, int nrows) {
             for (int i = 0; i < 16; i++) r[i] = _mm512_loadu_ps(stage + (size_t)(n0 + i) * f->TP + t);
             transpose16(r);
             __m512 b = f->bias ? _mm512_loadu_ps(f->bias + o0 + n0) : _mm512_setzero_ps();
-            for (int i = 0; i < 16; i++) _mm512_storeu_ps(f->out + (size_t)(t + i) * OUT + o0 + n0, f->bias ? _mm512_add_ps(r[i], b) : r[i]);
+            for (int i = 0; i < 16; i++)
+                _mm512_storeu_ps(f->out + (size_t)(t + i) * OUT + o0 + n0, f->bias ? _mm512_add_ps(r[i], b) : r[i]);
         }
     }
 #endif
@@ -1116,8 +1137,9 @@ static void fwd_flush(const Fwd *f, const float *stage, int o0, int nrows) {
     }
 }
 
-// Rows [r0, r1) of the output, every token: K-chunk by K-chunk, blocks of FWD_BLOCK rows, FWD_N
-// rows at a time.
+// Rows [r0, r1) of the output, every token: blocks of FWD_BLOCK rows, K-chunk by K-chunk (so
+// that the chunk of packed activations stays in the cache while the block's rows go through it),
+// FWD_N rows at a time; the block's sums wait in the thread's staging buffer.
 static void fwd_rows(void *ctx, int r0, int r1) {
     const Fwd *f = ctx;
     const QMatrix *W = f->W;
@@ -1126,13 +1148,13 @@ static void fwd_rows(void *ctx, int r0, int r1) {
                                (size_t)FWD_BLOCK * f->TP * sizeof(float));
     uint32_t *wb = (uint32_t *)(tmp + f->KC);
     float *stage = (float *)(wb + (size_t)FWD_N * KW);
-    for (int k0 = 0; k0 < IN; k0 += f->KC) {
-        int kn = IN - k0 < f->KC ? IN - k0 : f->KC, K = f->pairs ? (kn + 1) / 2 : kn, last = k0 + kn >= IN;
-        for (int b0 = r0; b0 < r1; b0 += FWD_BLOCK) {
-            int b1 = r1 - b0 < FWD_BLOCK ? r1 : b0 + FWD_BLOCK;
+    for (int b0 = r0; b0 < r1; b0 += FWD_BLOCK) {
+        int b1 = r1 - b0 < FWD_BLOCK ? r1 : b0 + FWD_BLOCK;
+        for (int k0 = 0; k0 < IN; k0 += f->KC) {
+            int kn = IN - k0 < f->KC ? IN - k0 : f->KC, K = f->pairs ? (kn + 1) / 2 : kn;
             for (int o0 = b0; o0 < b1; o0 += FWD_N) {
-                float *dst = last ? stage + (size_t)(o0 - b0) * f->TP : f->partial + (size_t)o0 * f->TP;
-                FwdTile tl = {o0, b1 - o0 < FWD_N ? b1 - o0 : FWD_N, 0, f->pairs ? k0 / 2 : k0, K, k0 == 0, wb, dst};
+                FwdTile tl = {o0, b1 - o0 < FWD_N ? b1 - o0 : FWD_N, 0, f->pairs ? k0 / 2 : k0, K, k0 == 0, wb,
+                              stage + (size_t)(o0 - b0) * f->TP};
                 for (int n = 0; n < FWD_N; n++) {
                     if (n < tl.nrows) {
                         dequantize_span(W->type, tmp, qmatrix_row_data(W, o0 + n), k0, kn);
@@ -1143,8 +1165,8 @@ static void fwd_rows(void *ctx, int r0, int r1) {
                 }
                 for (tl.tv0 = 0; tl.tv0 < NV; tl.tv0 += 4) fwd_tile(f, &tl, NV - tl.tv0 < 4 ? NV - tl.tv0 : 4);
             }
-            if (last) fwd_flush(f, stage, b0, b1 - b0);
         }
+        fwd_flush(f, stage, b0, b1 - b0);
     }
 }
 
@@ -1174,10 +1196,8 @@ static void matmul_tiles(float *out, const float *inp, const QMatrix *W, const f
     if (KC < CHUNK_ALIGN) KC = CHUNK_ALIGN;
     if (KC >= IN) KC = (int)round_up((size_t)IN, 2);
     size_t words = pairs ? (size_t)(IN + 1) / 2 : (size_t)IN;
-    size_t xbytes = round_up(words * TP * sizeof(uint32_t), 64);
-    int chunks = (IN + KC - 1) / KC;
-    uint8_t *s = scratch_shared(xbytes + (chunks > 1 ? (size_t)OUT * TP * sizeof(float) : 0));
-    Fwd f = {out, bias, W, T, TP, pairs, (const uint32_t *)s, chunks > 1 ? (float *)(s + xbytes) : NULL, KC};
+    uint32_t *x = scratch_shared(words * TP * sizeof(uint32_t));
+    Fwd f = {out, bias, W, T, TP, pairs, x, KC};
     PackX px = {&f, inp};
     parallel_for(pack_x, &px, TP, 16);
     parallel_for(fwd_rows, &f, OUT, FWD_N);
@@ -1205,23 +1225,24 @@ typedef struct {
 #if defined(__AVX512F__)
 static inline __attribute__((always_inline)) void bwd_tile_avx512(const Bwd *b, const BwdTile *tl, const int M, const int pairs) {
     __m512 acc[4][BWD_N];
-#pragma GCC unroll 4
+UNROLL
     for (int m = 0; m < M; m++)
-#pragma GCC unroll 8
+UNROLL
         for (int n = 0; n < BWD_N; n++) acc[m][n] = _mm512_setzero_ps();
-    const uint32_t *wp = tl->wp, *d = b->d + (size_t)tl->t0 * b->OW + tl->q0;
+    // Tokens past the last one read zeros, so that the loop has no branch.
+    static const uint32_t zeros[BWD_OC] = {0};
+    const uint32_t *d[BWD_N], *wp = tl->wp;
     int N = tl->N;
-    for (int q = 0; q < tl->Q; q++, wp += tl->ldw, d++) {
+    for (int n = 0; n < BWD_N; n++) d[n] = n < N ? b->d + (size_t)(tl->t0 + n) * b->OW + tl->q0 : zeros;
+    for (int q = 0; q < tl->Q; q++, wp += tl->ldw) {
         __m512i wv[4];
-#pragma GCC unroll 4
+UNROLL
         for (int m = 0; m < M; m++) wv[m] = _mm512_loadu_si512(wp + 16 * m);
-#pragma GCC unroll 8
+UNROLL
         for (int n = 0; n < BWD_N; n++) {
-            if (n < N) {
-                __m512i dv = _mm512_set1_epi32((int)word_at(d + (size_t)n * b->OW));
-#pragma GCC unroll 4
-                for (int m = 0; m < M; m++) acc[m][n] = madd_words(acc[m][n], wv[m], dv, pairs);
-            }
+            __m512i dv = _mm512_set1_epi32((int)word_at(d[n] + q));
+UNROLL
+            for (int m = 0; m < M; m++) acc[m][n] = madd_words(acc[m][n], wv[m], dv, pairs);
         }
     }
     for (int m = 0; m < M; m++) {
@@ -1427,36 +1448,28 @@ static int row_dot_avx512(float *s, int type, const uint8_t *row, const float *x
                 __m512i v0 = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)q));
                 __m512i v1 = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(q + 16)));
                 scale_min_k4(2 * c, b[i].scales, &sc, &m);
-                __m512 d1 = _mm512_set1_ps(d * sc), m1 = _mm512_set1_ps(min * m);
+                float d1 = d * sc, m1 = min * m;
                 scale_min_k4(2 * c + 1, b[i].scales, &sc, &m);
-                __m512 d2 = _mm512_set1_ps(d * sc), m2 = _mm512_set1_ps(min * m);
-                a0 = _mm512_fmadd_ps(_mm512_sub_ps(_mm512_mul_ps(d1, _mm512_cvtepi32_ps(_mm512_and_si512(v0, m15))), m1), _mm512_loadu_ps(x), a0);
-                a1 = _mm512_fmadd_ps(_mm512_sub_ps(_mm512_mul_ps(d1, _mm512_cvtepi32_ps(_mm512_and_si512(v1, m15))), m1), _mm512_loadu_ps(x + 16), a1);
-                a0 = _mm512_fmadd_ps(_mm512_sub_ps(_mm512_mul_ps(d2, _mm512_cvtepi32_ps(_mm512_srli_epi32(v0, 4))), m2), _mm512_loadu_ps(x + 32), a0);
-                a1 = _mm512_fmadd_ps(_mm512_sub_ps(_mm512_mul_ps(d2, _mm512_cvtepi32_ps(_mm512_srli_epi32(v1, 4))), m2), _mm512_loadu_ps(x + 48), a1);
+                float d2 = d * sc, m2 = min * m;
+                a0 = _mm512_fmadd_ps(scaled_min(_mm512_and_si512(v0, m15), d1, m1), _mm512_loadu_ps(x), a0);
+                a1 = _mm512_fmadd_ps(scaled_min(_mm512_and_si512(v1, m15), d1, m1), _mm512_loadu_ps(x + 16), a1);
+                a0 = _mm512_fmadd_ps(scaled_min(_mm512_srli_epi32(v0, 4), d2, m2), _mm512_loadu_ps(x + 32), a0);
+                a1 = _mm512_fmadd_ps(scaled_min(_mm512_srli_epi32(v1, 4), d2, m2), _mm512_loadu_ps(x + 48), a1);
             }
         }
     } else if (type == TYPE_Q6_K) {
         const BlockQ6_K *b = (const BlockQ6_K *)row;
-        __m512i m15 = _mm512_set1_epi32(15), m3 = _mm512_set1_epi32(3), o = _mm512_set1_epi32(32);
         for (int i = 0; i < n / QK_K; i++) {
             float d = half_scalar(b[i].d);
             for (int h = 0; h < 2; h++, x += 128) {
-                const uint8_t *ql = b[i].ql + 64 * h, *qh = b[i].qh + 32 * h;
                 const int8_t *sc = b[i].scales + 8 * h;
                 for (int l = 0; l < 32; l += 16) {
-                    int is = l / 16;
-                    __m512i va = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(ql + l)));
-                    __m512i vb = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(ql + 32 + l)));
-                    __m512i hb = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(qh + l)));
-                    __m512i q1 = _mm512_or_si512(_mm512_and_si512(va, m15), _mm512_slli_epi32(_mm512_and_si512(hb, m3), 4));
-                    __m512i q2 = _mm512_or_si512(_mm512_and_si512(vb, m15), _mm512_slli_epi32(_mm512_and_si512(_mm512_srli_epi32(hb, 2), m3), 4));
-                    __m512i q3 = _mm512_or_si512(_mm512_srli_epi32(va, 4), _mm512_slli_epi32(_mm512_and_si512(_mm512_srli_epi32(hb, 4), m3), 4));
-                    __m512i q4 = _mm512_or_si512(_mm512_srli_epi32(vb, 4), _mm512_slli_epi32(_mm512_srli_epi32(hb, 6), 4));
-                    a0 = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_set1_ps(d * sc[is]), _mm512_cvtepi32_ps(_mm512_sub_epi32(q1, o))), _mm512_loadu_ps(x + l), a0);
-                    a1 = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_set1_ps(d * sc[is + 2]), _mm512_cvtepi32_ps(_mm512_sub_epi32(q2, o))), _mm512_loadu_ps(x + l + 32), a1);
-                    a0 = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_set1_ps(d * sc[is + 4]), _mm512_cvtepi32_ps(_mm512_sub_epi32(q3, o))), _mm512_loadu_ps(x + l + 64), a0);
-                    a1 = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_set1_ps(d * sc[is + 6]), _mm512_cvtepi32_ps(_mm512_sub_epi32(q4, o))), _mm512_loadu_ps(x + l + 96), a1);
+                    __m512i q[4];
+                    q6_ints(q, b[i].ql + 64 * h, b[i].qh + 32 * h, l);
+                    a0 = _mm512_fmadd_ps(scaled(q[0], d * sc[l / 16]), _mm512_loadu_ps(x + l), a0);
+                    a1 = _mm512_fmadd_ps(scaled(q[1], d * sc[l / 16 + 2]), _mm512_loadu_ps(x + l + 32), a1);
+                    a0 = _mm512_fmadd_ps(scaled(q[2], d * sc[l / 16 + 4]), _mm512_loadu_ps(x + l + 64), a0);
+                    a1 = _mm512_fmadd_ps(scaled(q[3], d * sc[l / 16 + 6]), _mm512_loadu_ps(x + l + 96), a1);
                 }
             }
         }

@@ -90,9 +90,9 @@ int main(int argc, char **argv) {
                 for (int backward = 0; backward < 2; backward++) {
                     Job j = {&W, out, inp, dout, dinp, T, backward, 0};
                     threads_init(1);
-                    double t1 = seconds_per_call(&j, 0.3);
+                    double t1 = seconds_per_call(&j, 0.5);
                     threads_init(2);
-                    double t2 = seconds_per_call(&j, 0.3);
+                    double t2 = seconds_per_call(&j, 0.5);
                     double tr = 0;
                     if (with_ref) {
                         threads_init(1);

@@ -7,15 +7,18 @@
 //
 // Tolerances of the products:
 // - matmul_ref vs a float64 product of the dequantized matrix: |err| <= 1e-5 * sum_j |w_j x_j|
-//   + 1e-30 (float accumulation over at most ~1000 terms: n * 2^-24 ~ 6e-5 worst case, ~1e-6 typical).
+//   (fp32 sums of at most ~1000 terms: n * 2^-24 ~ 6e-5 worst case, ~1e-6 typical).
 // - fast vs ref, F32/F16/BF16 weights: both are fp32 sums of exact fp32 products, in different
 //   orders: |err| <= 2e-5 * sum_j |w_j x_j|.
 // - fast vs ref, quantized weights: the fast products may round both factors to bf16 (8
 //   significant bits: relative error <= 2^-8 each, so <= 2^-7 + 2^-16 per product; quant.c's bf16
 //   route), then sum in fp32 (<= n * 2^-24 < 2^-13 relative for our n): |err| <= (2^-7 + 2^-12)
-//   * sum_j |w_j x_j|, the rounding of each factor bounded, not a fitted number. (An int8 route for the activations, as llama.cpp's, would need
-//   amax_block(x) / 254 * sum_j |w_j| more.) A wrong block, scale or offset is off by far more
-//   than this (QUANT_VERBOSE=1 prints the worst error / bound of each check).
+//   * sum_j |w_j x_j|, the rounding of each factor bounded, not a fitted number. (An int8 route
+//   for the activations, as llama.cpp's, would need amax_block(x) / 254 * sum_j |w_j| more.)
+//   A wrong block, scale or offset is off by far more than this (QUANT_VERBOSE=1 prints the
+//   worst error / bound of each check; the largest is ~0.9, on one-term sums).
+// The thread pool: parallel_for covers [0, n) once, with aligned chunks, for 0 to 3 threads, and
+// the products give the same bits for 1 and 2 threads.
 #include <math.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -540,6 +543,7 @@ static void test_fast_vs_ref(void) {
     fast_vs_ref(TYPE_Q4_0, 64, 67, 256, 77);   // full tiles of tokens and rows
     fast_vs_ref(TYPE_Q4_0, 520, 7, 768, 78);   // several K-chunks (long sequences)
     fast_vs_ref(TYPE_Q6_K, 530, 3, 768, 79);
+    fast_vs_ref(TYPE_BF16, 130, 5, 768, 82);   // several K-chunks in fp32
     fast_vs_ref(TYPE_F32, 9, 5, 37, 80);       // odd sizes: half-empty bf16 pairs, cut vectors
     fast_vs_ref(TYPE_F16, 20, 33, 45, 81);
     if (saved > 1) threads_init(saved); else threads_free();
