@@ -777,7 +777,7 @@ static void dq_q8_0_avx512(float *y, const BlockQ8_0 *x) {
 }
 
 // d * q - m for 16 integers q (as ggml writes it: a product, then a difference).
-static __m512 scaled_min(__m512i q, float d, float m) {
+static inline __m512 scaled_min(__m512i q, float d, float m) {
     return _mm512_sub_ps(_mm512_mul_ps(_mm512_set1_ps(d), _mm512_cvtepi32_ps(q)), _mm512_set1_ps(m));
 }
 
@@ -826,7 +826,7 @@ static void dq_q5_K_avx512(float *y, const BlockQ5_K *x) {
 
 // q[k] = the values minus 32 of elements l + 32k ... l + 32k + 15 (k = 0..3) of one half of a
 // Q6_K block (ql, qh: that half's bytes), as dequantize_q6_K assembles them.
-static void q6_ints(__m512i q[4], const uint8_t *ql, const uint8_t *qh, int l) {
+static inline void q6_ints(__m512i q[4], const uint8_t *ql, const uint8_t *qh, int l) {
     __m512i m15 = _mm512_set1_epi32(15), m3 = _mm512_set1_epi32(3), o = _mm512_set1_epi32(32);
     __m512i a = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(ql + l)));
     __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(ql + 32 + l)));
@@ -840,7 +840,7 @@ UNROLL
 }
 
 // scale * q, as floats.
-static __m512 scaled(__m512i q, float scale) { return _mm512_mul_ps(_mm512_set1_ps(scale), _mm512_cvtepi32_ps(q)); }
+static inline __m512 scaled(__m512i q, float scale) { return _mm512_mul_ps(_mm512_set1_ps(scale), _mm512_cvtepi32_ps(q)); }
 
 static void dq_q6_K_avx512(float *y, const BlockQ6_K *x) {
     float d = half_scalar(x->d);
@@ -1245,10 +1245,13 @@ UNROLL
             for (int m = 0; m < M; m++) acc[m][n] = madd_words(acc[m][n], wv[m], dv, pairs);
         }
     }
+UNROLL
     for (int m = 0; m < M; m++) {
         int left = tl->ncols - 16 * m;
         __mmask16 mask = (__mmask16)(left >= 16 ? 0xffff : (1u << left) - 1);
-        for (int n = 0; n < N; n++) {
+UNROLL
+        for (int n = 0; n < BWD_N; n++) {
+            if (n >= N) continue;
             float *dx = b->dinp + (size_t)(tl->t0 + n) * b->W->cols + tl->c0 + 16 * m;
             _mm512_mask_storeu_ps(dx, mask, _mm512_add_ps(_mm512_maskz_loadu_ps(mask, dx), acc[m][n]));
         }
