@@ -7,7 +7,7 @@
 #   make demo       teach a small model to answer in the "だぬ" style
 CC     ?= cc
 OPT    ?= -O2 -march=native
-CFLAGS += -std=c11 -Wall -Wextra -D_POSIX_C_SOURCE=200809L -pthread
+CFLAGS += -std=c11 -Wall -Wextra -D_POSIX_C_SOURCE=200809L -D_DARWIN_C_SOURCE -pthread
 LDLIBS  = -lm -pthread
 LIB     = $(filter-out sft.c,$(wildcard *.c))
 HDR     = $(wildcard *.h)
