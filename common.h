@@ -40,6 +40,8 @@ float rng_normal(uint64_t *state);   // standard normal (Box-Muller)
 // A counter-based draw: the same (seed, a, b, c) always gives the same value in [0, 1), whatever
 // the order or the thread it is asked from (dropout masks).
 float rng_hash_uniform(uint64_t seed, uint64_t a, uint64_t b, uint64_t c);
+// bits[(n + 31) / 32]: bit c (c < n) set when rng_hash_uniform(seed, a, b, c) >= p; bits past n clear.
+void rng_hash_bits(uint32_t *bits, uint64_t seed, uint64_t a, uint64_t b, int n, float p);
 
 // Atomic file replacement: write into a temporary file beside `path`, then atomic_close fsyncs
 // it and renames it over `path`, so a reader sees the old file or the new one, never half of one.

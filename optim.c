@@ -1,8 +1,9 @@
 // optim.c: AdamW, learning-rate schedules and global gradient-norm clipping (see optim.h).
 //
-// Plain sequential loops: the adapter has a few million parameters at most, so the step costs
-// next to nothing beside the forward and backward passes, and a fixed order keeps every result
-// independent of --threads. Read sft.c's training loop next.
+// Plain loops: the adapter has a few million parameters at most, so the step costs next to
+// nothing beside the forward and backward passes. AdamW updates each parameter on its own, so it
+// runs on the thread pool without its results depending on --threads; sums (the gradient norm)
+// run in a fixed order on one thread. Read sft.c's training loop next.
 #include "optim.h"
 
 #include <math.h>
@@ -10,6 +11,7 @@
 #include <string.h>
 
 #include "common.h"
+#include "threads.h"
 
 void adamw_init(AdamW *opt, size_t n, double beta1, double beta2, double eps, double weight_decay) {
     opt->beta1 = beta1;
@@ -30,25 +32,43 @@ void adamw_free(AdamW *opt) {
 
 // params[n] are updated in place from grads[n]; the scalars follow PyTorch (Python floats, i.e.
 // double), the per-element arithmetic is float as in a float32 tensor.
+// The constants of one step, and the arrays it updates.
+typedef struct {
+    AdamW *opt;
+    float *params;
+    const float *grads;
+    size_t base;                 // parameters base + [0, n) in this call (parallel_for counts in int)
+    float decay, step_size, bc2_sqrt, b2, eps, one_b1, one_b2;
+} AdamWStep;
+
+static void adamw_range(void *ctx, int start, int end) {
+    const AdamWStep *s = ctx;
+    float *m_ = s->opt->m, *v_ = s->opt->v;
+    for (size_t i = s->base + (size_t)start; i < s->base + (size_t)end; i++) {
+        float g = s->grads[i];
+        float p = s->params[i] * s->decay;
+        float m = m_[i] + s->one_b1 * (g - m_[i]);
+        float v = v_[i] * s->b2 + s->one_b2 * g * g;
+        float denom = sqrtf(v) / s->bc2_sqrt + s->eps;
+        s->params[i] = p - s->step_size * (m / denom);
+        m_[i] = m;
+        v_[i] = v;
+    }
+}
+
 void adamw_step(AdamW *opt, float *params, const float *grads, float lr) {
     opt->t += 1;
     double bc1 = 1.0 - pow(opt->beta1, (double)opt->t);
     double bc2 = 1.0 - pow(opt->beta2, (double)opt->t);
-    float decay = (float)(1.0 - (double)lr * opt->weight_decay);
-    float step_size = (float)((double)lr / bc1);
-    float bc2_sqrt = (float)sqrt(bc2);
-    float b2 = (float)opt->beta2, eps = (float)opt->eps;
-    float one_b1 = (float)(1.0 - opt->beta1), one_b2 = (float)(1.0 - opt->beta2);
-    for (size_t i = 0; i < opt->n; i++) {
-        float g = grads[i];
-        float p = params[i] * decay;
-        float m = opt->m[i] + one_b1 * (g - opt->m[i]);
-        float v = opt->v[i] * b2 + one_b2 * g * g;
-        float denom = sqrtf(v) / bc2_sqrt + eps;
-        params[i] = p - step_size * (m / denom);
-        opt->m[i] = m;
-        opt->v[i] = v;
-    }
+    AdamWStep s = {.opt = opt, .params = params, .grads = grads};
+    s.decay = (float)(1.0 - (double)lr * opt->weight_decay);
+    s.step_size = (float)((double)lr / bc1);
+    s.bc2_sqrt = (float)sqrt(bc2);
+    s.b2 = (float)opt->beta2, s.eps = (float)opt->eps;
+    s.one_b1 = (float)(1.0 - opt->beta1), s.one_b2 = (float)(1.0 - opt->beta2);
+    size_t block = (size_t)1 << 30;
+    for (s.base = 0; s.base < opt->n; s.base += block)
+        parallel_for(adamw_range, &s, (int)(opt->n - s.base < block ? opt->n - s.base : block), 64);
 }
 
 int schedule_from_name(const char *name) {

@@ -102,7 +102,7 @@ static void fd_rope(uint64_t *rng) {
 
 typedef struct {
     float q[FT * FNH * FHS], k[FT * FNKV * FHS], v[FT * FNKV * FHS];
-    float out[FT * FNH * FHS], lse[FNH * FT], wout[FT * FNH * FHS], work[4 * FT * FNKV * FHS];
+    float out[FT * FNH * FHS], lse[FNH * FT], wout[FT * FNH * FHS], work[4 * 16 * FNKV * FHS];  // P(FT) = 16
 } AttCase;
 
 static double att_loss(void *p) {
@@ -138,7 +138,7 @@ static void fd_attention(uint64_t *rng) {
 static void attention_vs_naive(uint64_t *rng) {
     enum { T = 100, NH = 4, NKV = 2, HS = 64, QD = NH * HS, KD = NKV * HS };
     float *q = xmalloc(T * QD * 4), *k = xmalloc(T * KD * 4), *v = xmalloc(T * KD * 4), *dy = xmalloc(T * QD * 4);
-    float *y = xmalloc(T * QD * 4), *lse = xmalloc(NH * T * 4), *work = xmalloc(4 * T * KD * 4), *dsum = xmalloc(NH * T * 4);
+    float *y = xmalloc(T * QD * 4), *lse = xmalloc(NH * T * 4), *work = xmalloc(4 * 112 * KD * 4), *dsum = xmalloc(NH * T * 4);
     float *dq = xcalloc(T * QD, 4), *dk = xcalloc(T * KD, 4), *dv = xcalloc(T * KD, 4);
     float *wy = xcalloc(T * QD, 4), *wq = xcalloc(T * QD, 4), *wk = xcalloc(T * KD, 4), *wv = xcalloc(T * KD, 4);
     fill(q, T * QD, rng, -0.5f, 0.5f), fill(k, T * KD, rng, -0.5f, 0.5f), fill(v, T * KD, rng, -1, 1), fill(dy, T * QD, rng, -1, 1);

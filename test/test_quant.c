@@ -14,7 +14,8 @@
 //   significant bits: relative error <= 2^-8 each, so <= 2^-7 + 2^-16 per product; quant.c's bf16
 //   route), then sum in fp32 (<= n * 2^-24 < 2^-13 relative for our n): |err| <= (2^-7 + 2^-12)
 //   * sum_j |w_j x_j|, the rounding of each factor bounded, not a fitted number. (An int8 route
-//   for the activations, as llama.cpp's, would need amax_block(x) / 254 * sum_j |w_j| more.)
+//   for the activations, as llama.cpp's, would need amax_block(x) / 254 * sum_j |w_j| more, and
+//   would break test_model.c's token-by-token logits, which expect fp32 products for T < 8.)
 //   A wrong block, scale or offset is off by far more than this (QUANT_VERBOSE=1 prints the
 //   worst error / bound of each check; the largest is ~0.9, on one-term sums).
 // The thread pool: parallel_for covers [0, n) once, with aligned chunks, for 0 to 3 threads, and
@@ -530,6 +531,30 @@ static void fast_vs_ref(int type, int T, int OUT, int IN, uint64_t seed) {
     free(data), free(w), free(x), free(bias), free(dy), free(got), free(want), free(got2), free(bound), free(dx0);
 }
 
+// A NaN or an infinity in a token's activations makes that token's outputs non-finite, on every
+// route (none may round it away).
+static void test_fast_nonfinite(void) {
+    const int types[] = {TYPE_Q4_0, TYPE_Q8_0, TYPE_Q4_K, TYPE_F32}, Ts[] = {1, 3, 17}, OUT = 5, IN = 256;
+    const float vals[] = {NAN, INFINITY};
+    int finite = 0;
+    for (size_t k = 0; k < sizeof types / sizeof types[0]; k++) {
+        uint8_t *data = random_matrix(types[k], OUT, IN, 300 + k);
+        QMatrix W = {types[k], OUT, IN, data};
+        for (int a = 0; a < 3; a++) {
+            for (int v = 0; v < 2; v++) {
+                int T = Ts[a];
+                float *x = random_floats((size_t)T * IN, 400 + k, 1.0f), *out = xmalloc((size_t)T * OUT * 4);
+                x[(size_t)(T - 1) * IN + 40] = vals[v];
+                matmul(out, x, &W, NULL, T);
+                for (int o = 0; o < OUT; o++) finite += isfinite(out[(size_t)(T - 1) * OUT + o]) != 0;
+                free(x), free(out);
+            }
+        }
+        free(data);
+    }
+    check(finite == 0, "matmul: a NaN or inf activation gives non-finite outputs", "%d outputs finite", finite);
+}
+
 static void test_fast_vs_ref(void) {
     int saved = threads_count();
     for (size_t k = 0; k < sizeof ALL_TYPES / sizeof ALL_TYPES[0]; k++) {
@@ -539,6 +564,7 @@ static void test_fast_vs_ref(void) {
         if (bs == 256) ins[0] = 256, ins[1] = 768, ins[2] = 1280;
         const int Ts[3] = {1, 3, 17}, outs[3] = {1, 7, 33};
         for (int a = 0; a < 3; a++) fast_vs_ref(type, Ts[a], outs[(a + 1) % 3], ins[a], 1000 + 10 * k + a);
+        fast_vs_ref(type, 1, 5, ins[2], 1000 + 10 * k + 3);  // generation: many blocks a row
     }
     fast_vs_ref(TYPE_Q4_0, 64, 67, 256, 77);   // full tiles of tokens and rows
     fast_vs_ref(TYPE_Q4_0, 520, 7, 768, 78);   // several K-chunks (long sequences)
@@ -605,4 +631,5 @@ void test_quant(void) {
     test_ref_vs_f64();
     test_threads();
     test_fast_vs_ref();
+    test_fast_nonfinite();
 }

@@ -425,19 +425,8 @@ static void test_qwen_basics(const Tokenizer *tok) {
     check(n < 0 && strstr(e.msg, "UTF-8") && ids == NULL, "qwen: invalid UTF-8 text is an error", "n %d '%s'", n, e.msg);
 }
 
-// Time limits are for optimized builds; sanitizer and -O0 builds get five times as long.
-static double time_scale(void) {
-#if defined(__SANITIZE_ADDRESS__) || !defined(__OPTIMIZE__)
-    return 5;
-#elif defined(__has_feature)
-#if __has_feature(address_sanitizer)
-    return 5;
-#endif
-#endif
-    return 1;
-}
 
-static void test_speed(const Tokenizer *tok) {
+static void test_long_word(const Tokenizer *tok) {
     // A 100 KB word without spaces (pseudo-random letters): BPE must not be quadratic.
     size_t n = 100000;
     char *w = xmalloc(n + 1);
@@ -450,23 +439,10 @@ static void test_speed(const Tokenizer *tok) {
     int m = tokenizer_encode(tok, w, n, &ids, &e);
     double dt = now_seconds() - t0;
     char *d = tokenizer_decode(tok, ids, m);
-    check(m > 0 && dt < 1.0 * time_scale() && strcmp(d, w) == 0, "qwen: 100 KB word in < 1 s, decodes back", "%d ids in %.3f s", m, dt);
-    printf("    (100 KB word: %d tokens in %.3f s)\n", m, dt);
+    // Not a speed test (make bench measures speed): quadratic merging would take minutes here,
+    // the heap takes milliseconds, so a 30 s bound separates them on any machine or sanitizer.
+    check(m > 0 && dt < 30 && strcmp(d, w) == 0, "qwen: 100 KB word is not quadratic, decodes back", "%d ids in %.3f s", m, dt);
     free(d), free(ids), free(w);
-
-    // ~1 MB of mixed text: the 20 KB document of the corpus, repeated.
-    Texts t;
-    if (texts_read(&t, "test/tokenizer/corpus.inp") != 0 || t.n == 0) return;
-    size_t one = t.len[t.n - 1], reps = 1000000 / one + 1, total = one * reps;
-    char *big = xmalloc(total + 1);
-    for (size_t r = 0; r < reps; r++) memcpy(big + r * one, t.text[t.n - 1], one);
-    t0 = now_seconds();
-    m = tokenizer_encode(tok, big, total, &ids, &e);
-    dt = now_seconds() - t0;
-    check(m > 0 && (double)total / dt * time_scale() > 1e6, "qwen: at least 1 MB/s on mixed text", "%.2f MB/s", (double)total / dt / 1e6);
-    printf("    (%.1f MB of mixed text: %.2f MB/s, %d tokens)\n", (double)total / 1e6, (double)total / dt / 1e6, m);
-    free(ids), free(big);
-    texts_free(&t);
 }
 
 // sft tokenize, with tokenizer.json, a directory and a GGUF file that sft init writes.
@@ -501,13 +477,9 @@ static void test_tokenize_cli(void) {
 void test_tokenizer(void) {
     Tokenizer tok;
     Err e;
-    double t0 = now_seconds();
     int rc = tokenizer_load(&tok, "data/tokenizer.json", &e);
-    double dt = now_seconds() - t0;
     check(rc == 0, "qwen: load data/tokenizer.json", "%s", e.msg);
     if (rc != 0) return;
-    check(dt < 1.0 * time_scale(), "qwen: load in < 1 s", "%.3f s", dt);
-    printf("    (loaded in %.3f s)\n", dt);
     test_qwen_basics(&tok);
     check_ids_file(&tok, "qwen: Hugging Face's ids for the 46 llama.cpp texts", "test/tokenizer/qwen2.inp", "test/tokenizer/qwen2.out");
     check_ids_file(&tok, "qwen: reference ids for the 44 corpus texts", "test/tokenizer/corpus.inp", "test/tokenizer/corpus.out");
@@ -515,7 +487,7 @@ void test_tokenizer(void) {
     check_round_trip(&tok, "qwen: decode(encode(x)) == NFC(x), corpus", "test/tokenizer/corpus.inp", "test/tokenizer/corpus.nfc");
     check_round_trip(&tok, "qwen: decode(encode(x)) == x, llama.cpp texts", "test/tokenizer/qwen2.inp", "test/tokenizer/qwen2.inp");
     test_decode(&tok);
-    test_speed(&tok);
+    test_long_word(&tok);
     tokenizer_free(&tok);
     test_nfc_conformance();
     test_small_vocab();
