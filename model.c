@@ -16,6 +16,12 @@
 #include "lora.h"
 #include "threads.h"
 
+// Products are rounded as written (no fused multiply-add), as in quant.c, so that results do not
+// depend on the compiler; gcc's -std=c11 already means that.
+#if defined(__clang__)
+#pragma STDC FP_CONTRACT OFF
+#endif
+
 #define LOSS_CHUNK 64          // target positions whose logits [LOSS_CHUNK, V] exist at one time
 #define INFER_CHUNK 32         // prompt tokens run through the model at one time in model_infer
 #define ACT_BUDGET ((size_t)512 << 20)  // bytes of Activations above which layers recompute gate/up

@@ -135,25 +135,33 @@ static void fd_attention(uint64_t *rng) {
 
 // Attention at a real head size (64) and a length spanning several key blocks, against the
 // definition written out in double: S = q k^T / sqrt(HS), causal softmax, y = P v, and its gradient.
-static void attention_vs_naive(uint64_t *rng) {
-    enum { T = 100, NH = 4, NKV = 2, HS = 64, QD = NH * HS, KD = NKV * HS };
-    float *q = xmalloc(T * QD * 4), *k = xmalloc(T * KD * 4), *v = xmalloc(T * KD * 4), *dy = xmalloc(T * QD * 4);
-    float *y = xmalloc(T * QD * 4), *lse = xmalloc(NH * T * 4), *work = xmalloc(4 * 112 * KD * 4), *dsum = xmalloc(NH * T * 4);
-    float *dq = xcalloc(T * QD, 4), *dk = xcalloc(T * KD, 4), *dv = xcalloc(T * KD, 4);
-    float *wy = xcalloc(T * QD, 4), *wq = xcalloc(T * QD, 4), *wk = xcalloc(T * KD, 4), *wv = xcalloc(T * KD, 4);
-    fill(q, T * QD, rng, -0.5f, 0.5f), fill(k, T * KD, rng, -0.5f, 0.5f), fill(v, T * KD, rng, -1, 1), fill(dy, T * QD, rng, -1, 1);
+// Attention forward and backward against its definition in double, for sizes that take each path of
+// model.c: the tiles of 8 query rows x 16 keys (HS a multiple of 16, or not: the tiles' scalar
+// tail), and one row at a time (fewer than 8 tokens). Then the forward of the last rows alone, at
+// positions pos0.. against the cached keys, as generation runs a prompt after earlier tokens.
+// Tolerance: 1e-5 + 1e-4 relative (float sums of <= 100 terms of magnitude ~1).
+static void attention_vs_definition(uint64_t *rng, int T, int NH, int NKV, int HS) {
+    int QD = NH * HS, KD = NKV * HS, P = (T + 15) / 16 * 16;
+    float *q = xmalloc((size_t)T * QD * 4), *k = xmalloc((size_t)T * KD * 4), *v = xmalloc((size_t)T * KD * 4);
+    float *dy = xmalloc((size_t)T * QD * 4), *y = xmalloc((size_t)T * QD * 4), *lse = xmalloc((size_t)NH * T * 4);
+    float *work = xmalloc((size_t)4 * P * KD * 4), *dsum = xmalloc((size_t)NH * T * 4);
+    float *dq = xcalloc((size_t)T * QD, 4), *dk = xcalloc((size_t)T * KD, 4), *dv = xcalloc((size_t)T * KD, 4);
+    float *wy = xcalloc((size_t)T * QD, 4), *wq = xcalloc((size_t)T * QD, 4), *wk = xcalloc((size_t)T * KD, 4);
+    float *wv = xcalloc((size_t)T * KD, 4);
+    fill(q, (size_t)T * QD, rng, -0.5f, 0.5f), fill(k, (size_t)T * KD, rng, -0.5f, 0.5f);
+    fill(v, (size_t)T * KD, rng, -1, 1), fill(dy, (size_t)T * QD, rng, -1, 1);
     attention_forward(y, lse, work, q, k, v, T, 0, NH, NKV, HS);
     attention_backward(dq, dk, dv, dsum, work, dy, y, q, k, v, lse, T, NH, NKV, HS);
-    double *p = xmalloc(T * sizeof(double));
+    double *p = xmalloc((size_t)T * sizeof(double)), *dp = xmalloc((size_t)T * sizeof(double)), scale = 1 / sqrt(HS);
     for (int h = 0; h < NH; h++) {
         int g = h / (NH / NKV);
         for (int i = 0; i < T; i++) {
-            const float *qi = q + i * QD + h * HS, *dyi = dy + i * QD + h * HS;
-            double m = -1e300, sum = 0, dpsum = 0, dp[T];
+            const float *qi = q + (size_t)i * QD + h * HS, *dyi = dy + (size_t)i * QD + h * HS;
+            double m = -1e300, sum = 0, dpsum = 0;
             for (int j = 0; j <= i; j++) {
                 double sc = 0;
-                for (int d = 0; d < HS; d++) sc += (double)qi[d] * k[j * KD + g * HS + d];
-                p[j] = sc / 8.0;  // sqrt(64)
+                for (int d = 0; d < HS; d++) sc += (double)qi[d] * k[(size_t)j * KD + g * HS + d];
+                p[j] = sc * scale;
                 m = p[j] > m ? p[j] : m;
             }
             for (int j = 0; j <= i; j++) sum += p[j] = exp(p[j] - m);
@@ -161,27 +169,34 @@ static void attention_vs_naive(uint64_t *rng) {
                 p[j] /= sum;
                 dp[j] = 0;
                 for (int d = 0; d < HS; d++) {
-                    wy[i * QD + h * HS + d] += (float)(p[j] * v[j * KD + g * HS + d]);
-                    dp[j] += (double)dyi[d] * v[j * KD + g * HS + d];
+                    wy[(size_t)i * QD + h * HS + d] += (float)(p[j] * v[(size_t)j * KD + g * HS + d]);
+                    dp[j] += (double)dyi[d] * v[(size_t)j * KD + g * HS + d];
                 }
                 dpsum += p[j] * dp[j];
             }
             for (int j = 0; j <= i; j++) {
-                double ds = p[j] * (dp[j] - dpsum) / 8.0;
+                double ds = p[j] * (dp[j] - dpsum) * scale;
                 for (int d = 0; d < HS; d++) {
-                    wq[i * QD + h * HS + d] += (float)(ds * k[j * KD + g * HS + d]);
-                    wk[j * KD + g * HS + d] += (float)(ds * qi[d]);
-                    wv[j * KD + g * HS + d] += (float)(p[j] * dyi[d]);
+                    wq[(size_t)i * QD + h * HS + d] += (float)(ds * k[(size_t)j * KD + g * HS + d]);
+                    wk[(size_t)j * KD + g * HS + d] += (float)(ds * qi[d]);
+                    wv[(size_t)j * KD + g * HS + d] += (float)(p[j] * dyi[d]);
                 }
             }
         }
     }
-    check_close("attention HS 64, T 100 vs definition: y", y, wy, T * QD, 1e-5, 1e-4);
-    check_close("attention HS 64, T 100 vs definition: dq", dq, wq, T * QD, 1e-5, 1e-4);
-    check_close("attention HS 64, T 100 vs definition: dk", dk, wk, T * KD, 1e-5, 1e-4);
-    check_close("attention HS 64, T 100 vs definition: dv", dv, wv, T * KD, 1e-5, 1e-4);
+    char name[96];
+    const char *what[4] = {"y", "dq", "dk", "dv"};
+    const float *got[4] = {y, dq, dk, dv}, *want[4] = {wy, wq, wk, wv};
+    for (int c = 0; c < 4; c++) {
+        snprintf(name, sizeof name, "attention T %d, NH %d, NKV %d, HS %d vs definition: %s", T, NH, NKV, HS, what[c]);
+        check_close(name, got[c], want[c], (size_t)T * (c < 2 ? QD : KD), 1e-5, 1e-4);
+    }
+    int pos0 = T / 3, T2 = T - pos0;  // the last T2 rows, after pos0 cached ones
+    attention_forward(y, NULL, work, q + (size_t)pos0 * QD, k, v, T2, pos0, NH, NKV, HS);
+    snprintf(name, sizeof name, "attention T %d, NH %d, NKV %d, HS %d: rows %d.. at pos0 %d", T, NH, NKV, HS, pos0, pos0);
+    check_close(name, y, wy + (size_t)pos0 * QD, (size_t)T2 * QD, 1e-5, 1e-4);
     free(q), free(k), free(v), free(dy), free(y), free(lse), free(work), free(dsum), free(dq), free(dk), free(dv);
-    free(wy), free(wq), free(wk), free(wv), free(p);
+    free(wy), free(wq), free(wk), free(wv), free(p), free(dp);
 }
 
 typedef struct {
@@ -285,6 +300,107 @@ static void fd_lora(uint64_t *rng, float p) {
               "%d dropped, %d scaled of %d", dropped, scaled, FT * FC);
     }
     free(c);
+}
+
+// SiLU and the cross-entropy against their definitions in double, with lengths that take both the
+// vectorized blocks of 16 and the scalar tail, and gate values past the range where model.c's
+// exp_f clamps (|x| > 87). Tolerances: 1e-6 relative (exp_f is within 2 ulp of e^x) plus 1e-6
+// absolute (clamped values stay below 1e-36).
+static void swiglu_crossentropy_vs_definition(uint64_t *rng) {
+    enum { N = 87, ROWS = 3, V = 1005 };
+    float g[N], u[N], dh[N], h[N], dg[N] = {0}, du[N] = {0}, wh[N], wdg[N], wdu[N];
+    fill(g, N, rng, -8, 8), fill(u, N, rng, -2, 2), fill(dh, N, rng, -1, 1);
+    g[3] = -100, g[20] = 100, g[40] = -88.5f, g[86] = 90;
+    swiglu_forward(h, g, u, N);
+    swiglu_backward(dg, du, dh, g, u, N);
+    for (int i = 0; i < N; i++) {
+        double s = 1 / (1 + exp(-(double)g[i]));
+        wh[i] = (float)(g[i] * s * u[i]);
+        wdg[i] = (float)(dh[i] * u[i] * s * (1 + g[i] * (1 - s)));
+        wdu[i] = (float)(dh[i] * g[i] * s);
+    }
+    check_close("swiglu (87 values, |gate| up to 100) vs definition: h", h, wh, N, 1e-6, 1e-6);
+    check_close("swiglu vs definition: dgate", dg, wdg, N, 1e-6, 1e-5);
+    check_close("swiglu vs definition: dup", du, wdu, N, 1e-6, 1e-5);
+    float *z = xmalloc(ROWS * V * 4), *want = xmalloc(ROWS * V * 4);
+    double row[ROWS], wloss = 0;
+    int targets[ROWS] = {0, 517, V - 1};
+    fill(z, ROWS * V, rng, -10, 10);
+    for (int r = 0; r < ROWS; r++) {
+        double m = -1e300, sum = 0;
+        for (int i = 0; i < V; i++) m = z[r * V + i] > m ? z[r * V + i] : m;
+        for (int i = 0; i < V; i++) sum += exp(z[r * V + i] - m);
+        wloss += m + log(sum) - z[r * V + targets[r]];
+        for (int i = 0; i < V; i++) want[r * V + i] = (float)(0.5 * (exp(z[r * V + i] - m) / sum - (i == targets[r])));
+    }
+    double loss = crossentropy(z, row, targets, ROWS, V, 0.5f, 1);
+    check(fabs(loss - wloss) < 1e-6 * wloss, "crossentropy (V 1005) vs definition: loss", "got %.9g want %.9g", loss, wloss);
+    check_close("crossentropy (V 1005) vs definition: gradient", z, want, ROWS * V, 1e-8, 1e-5);
+    free(z), free(want);
+}
+
+// lora_forward and lora_backward against their definitions in double, with sizes that take the
+// vectorized blocks (16 columns, 4 rows of the rank) and every tail (in 40, out 37, rank 5), with
+// and without dropout (masks: rng_hash_uniform, as lora.h says). Tolerance: 1e-5 absolute and
+// relative (float sums of <= 40 terms of magnitude ~1).
+static void lora_vs_definition(uint64_t *rng) {
+    enum { T = 9, IN = 40, OUT = 37, R = 5 };
+    for (int pass = 0; pass < 2; pass++) {
+        float p = pass ? 0.25f : 0.0f, scale = 1.5f, keep_scale = 1 / (1 - p);
+        float x[T * IN], A[R * IN], B[OUT * R], y[T * OUT], dy[T * OUT], dx[T * IN] = {0}, dA[R * IN] = {0};
+        float dB[OUT * R] = {0}, u[T * R], du[T * R], xdrop[T * IN], bt[R * IN];
+        float wy[T * OUT], wdx[T * IN], wdA[R * IN], wdB[OUT * R];
+        uint32_t keep[T * 2];
+        double xd[T * IN], wu[T * R], wdu[T * R];
+        fill(x, T * IN, rng, -2, 2), fill(A, R * IN, rng, -1, 1), fill(B, OUT * R, rng, -1, 1);
+        fill(y, T * OUT, rng, -1, 1), fill(dy, T * OUT, rng, -1, 1);
+        memcpy(wy, y, sizeof y);
+        LoraPair pair = {A, B, dA, dB, IN, OUT};
+        LoraSite site = {.pair = &pair, .u = u, .du = du, .xdrop = xdrop, .bt = bt, .keep = keep, .scale = scale,
+                         .R = R, .p = p, .seed = 99, .site = 5};
+        lora_forward(y, &site, x, T, IN, OUT);
+        lora_backward(dx, &site, dy, x, T, IN, OUT);
+        for (int t = 0; t < T; t++) {
+            for (int i = 0; i < IN; i++)
+                xd[t * IN + i] = p == 0 || rng_hash_uniform(99, 5, (uint64_t)t, (uint64_t)i) >= p ? x[t * IN + i] * (double)keep_scale : 0;
+            for (int r = 0; r < R; r++) {
+                double a = 0, b = 0;
+                for (int i = 0; i < IN; i++) a += (double)A[r * IN + i] * xd[t * IN + i];
+                for (int o = 0; o < OUT; o++) b += (double)B[o * R + r] * dy[t * OUT + o];
+                wu[t * R + r] = a, wdu[t * R + r] = scale * b;
+            }
+            for (int o = 0; o < OUT; o++) {
+                double a = 0;
+                for (int r = 0; r < R; r++) a += (double)B[o * R + r] * wu[t * R + r];
+                wy[t * OUT + o] = (float)(wy[t * OUT + o] + scale * a);
+            }
+            for (int i = 0; i < IN; i++) {
+                double a = 0;
+                for (int r = 0; r < R; r++) a += wdu[t * R + r] * A[r * IN + i];
+                wdx[t * IN + i] = xd[t * IN + i] != 0 || p == 0 ? (float)(a * keep_scale) : 0.0f;
+            }
+        }
+        for (int r = 0; r < R; r++) {
+            for (int i = 0; i < IN; i++) {
+                double a = 0;
+                for (int t = 0; t < T; t++) a += wdu[t * R + r] * xd[t * IN + i];
+                wdA[r * IN + i] = (float)a;
+            }
+            for (int o = 0; o < OUT; o++) {
+                double a = 0;
+                for (int t = 0; t < T; t++) a += (double)dy[t * OUT + o] * wu[t * R + r];
+                wdB[o * R + r] = (float)(scale * a);
+            }
+        }
+        char name[80];
+        const char *what[4] = {"y", "dx", "dA", "dB"};
+        const float *got[4] = {y, dx, dA, dB}, *want[4] = {wy, wdx, wdA, wdB};
+        const size_t n[4] = {T * OUT, T * IN, R * IN, OUT * R};
+        for (int c = 0; c < 4; c++) {
+            snprintf(name, sizeof name, "lora (dropout %g) vs definition: %s", p, what[c]);
+            check_close(name, got[c], want[c], n[c], 1e-5, 1e-5);
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -611,7 +727,11 @@ void test_model(void) {
     fd_rmsnorm(&rng);
     fd_rope(&rng);
     fd_attention(&rng);
-    attention_vs_naive(&rng);
+    attention_vs_definition(&rng, 100, 4, 2, 64);
+    attention_vs_definition(&rng, 21, 6, 3, 24);
+    attention_vs_definition(&rng, 7, 4, 2, 64);
+    swiglu_crossentropy_vs_definition(&rng);
+    lora_vs_definition(&rng);
     fd_swiglu(&rng);
     fd_crossentropy(&rng);
     fd_lora(&rng, 0.0f);
