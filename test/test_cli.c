@@ -98,24 +98,24 @@ static int setup(void) {
 }
 
 // Trains on one two-turn conversation until the loss is small; then greedy generation and chat
-// give its answers. 160 steps, not fewer: at lr 1e-2 the loss curve is chaotic, so its end at 120
-// steps depended on the rounding of the kernels (0.04 to 0.16 across builds and CPUs for seed 42;
-// at 160 steps <= 0.033 for 8 seeds x the AVX-512, AVX2 and plain C builds).
+// give its answers. lr 5e-3 and 240 steps: at lr 1e-2 the loss curve was chaotic and its end
+// depended on the rounding of the kernels; with these settings the last loss was 0.0015-0.0037
+// for 11 seeds (measured), far below the 0.05 the check asks.
 static void test_memorize(void) {
     char *out = NULL;
-    int r = run(&out, "%s train --model %s --data %s --out " DIR "/mem --lr 1e-2 --dropout 0 --grad-accum 1 "
-                "--max-steps 160 --rank 4 --alpha 8 --threads 1", sft, model, data);
+    int r = run(&out, "%s train --model %s --data %s --out " DIR "/mem --lr 5e-3 --dropout 0 --grad-accum 1 "
+                "--max-steps 240 --rank 4 --alpha 8 --threads 1", sft, model, data);
     char *err = last_stderr();
     double loss = last_loss(out);
     check(r == 0 && loss >= 0 && loss < 0.05, "cli: train memorizes a conversation", "exit %d, last loss %g; %s", r, loss, err);
-    check(strncmp(out, "step 1/160 loss ", 16) == 0, "cli: one plain 'step N/M loss X lr Y' line per step",
+    check(strncmp(out, "step 1/240 loss ", 16) == 0, "cli: one plain 'step N/M loss X lr Y' line per step",
           "stdout starts '%.40s'", out);
-    check(strstr(err, "trainable parameters") && strstr(err, "160 optimizer steps"), "cli: train prints the plan",
+    check(strstr(err, "trainable parameters") && strstr(err, "240 optimizer steps"), "cli: train prints the plan",
           "stderr: %s", err);
     free(out), free(err);
     size_t n;
     char *log = slurp(DIR "/mem/train_log.jsonl", &n);
-    check(log && count_substr(log, "\"step\": ") == 160 && strstr(log, "\"elapsed_s\"") && strstr(log, "\"tokens\"") &&
+    check(log && count_substr(log, "\"step\": ") == 240 && strstr(log, "\"elapsed_s\"") && strstr(log, "\"tokens\"") &&
           strstr(log, "\"grad_norm\""), "cli: train_log.jsonl has one line per step", "%.200s", log ? log : "(missing)");
     free(log);
     char *svg = slurp(DIR "/mem/loss.svg", &n);
