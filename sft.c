@@ -1,7 +1,7 @@
 // sft.c: the command line. main() reads the command name and hands the arguments to one
 // cmd_* function; each parses its options, loads what it needs, runs, and decides the exit status.
 //
-// The path of one training step: main -> cmd_train -> train_step (below) -> model_forward
+// The path of one training step: main -> cmd_train -> train_loop -> train_step (below) -> model_forward
 // (model.c) -> block_forward -> matmul (quant.c) -> the dot product of one row.
 #include <dirent.h>
 #include <errno.h>
