@@ -1,8 +1,8 @@
 // sft.c: the command line. main() reads the command name and hands the arguments to one
 // cmd_* function; each parses its options, loads what it needs, runs, and decides the exit status.
 //
-// The path of one training step: main -> cmd_train -> train_loop -> train_step (below) -> model_forward
-// (model.c) -> block_forward -> matmul (quant.c) -> the dot product of one row.
+// The path of one training step: main -> cmd_train -> train_loop -> train_step (below) ->
+// model_forward_backward (model.c) -> block_forward -> matmul (quant.c) -> one row's dot product.
 #include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
