@@ -3,6 +3,7 @@
 #   make debug      -O0 -g3, reference kernels (step through it in gdb / VSCode)
 #   make test       unit tests, reference comparisons and command-line tests
 #   make test-asan  the same under AddressSanitizer + UndefinedBehaviorSanitizer
+#   make test-ref   the same with the scalar reference kernels (strict float64 checks on Q4_0/Q8_0)
 #   make bench      speed and memory figures on models of Qwen2.5-0.5B's shapes (bench.json)
 #   make demo       teach a small model to answer in the "だぬ" style
 CC     ?= cc
@@ -34,6 +35,11 @@ test/bench test/bench_kernels: sft test/bench.c test/bench_kernels.c
 	$(CC) $(OPT) $(CFLAGS) -o test/bench test/bench.c $(LIB) $(LDLIBS)
 	$(CC) $(OPT) $(CFLAGS) -o test/bench_kernels test/bench_kernels.c $(LIB) $(LDLIBS)
 
+test-ref:
+	$(MAKE) -B sft test/run OPT="-O2 -DSFT_REF"
+	./test/run
+	$(MAKE) -B sft test/run
+
 bench: sft test/bench test/bench_kernels
 	./test/bench.sh
 
@@ -43,4 +49,4 @@ demo: sft
 clean:
 	rm -rf sft test/run test/bench test/bench_kernels test/tmp bench.json
 
-.PHONY: debug test test-asan bench demo clean
+.PHONY: debug test test-asan test-ref bench demo clean
