@@ -1,4 +1,7 @@
-// common.c: error messages, overflow-safe sizes, checked allocation, whole-file reads, a clock.
+// common.c: error messages, overflow-safe sizes, checked allocation, whole-file reads, a clock,
+// SplitMix64 random numbers (sequential and counter-based), atomic file writes and mkdir -p.
+//
+// Leaves out: anything about models or tensors. Read common.h for the contracts, model.h next.
 #include "common.h"
 
 #include <errno.h>

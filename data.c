@@ -278,20 +278,6 @@ static int record_example(Example *ex, const Record *r, const Tokenizer *tok, Lo
 // ---------------------------------------------------------------------------------------------
 // Showing an example token by token.
 
-// The byte that a code point of a byte-level token string ("Ġ" = U+0120 for " ") stands for, as
-// in GPT-2's bytes_to_unicode: printable Latin-1 bytes are themselves; the other 68 bytes are
-// mapped, in order, to U+0100..U+0143. Returns -1 for any other code point.
-static int byte_of_codepoint(unsigned cp) {
-    if ((cp >= 33 && cp <= 126) || (cp >= 161 && cp <= 172) || (cp >= 174 && cp <= 255)) return (int)cp;
-    if (cp < 256 || cp >= 256 + 68) return -1;
-    unsigned k = cp - 256;
-    for (int b = 0; b < 256; b++) {
-        int printable = (b >= 33 && b <= 126) || (b >= 161 && b <= 172) || (b >= 174);
-        if (!printable && k-- == 0) return b;
-    }
-    return -1;
-}
-
 // Length of the UTF-8 sequence at s[0..n) by its lead byte when it is complete, else 0.
 static size_t utf8_seq_len(const unsigned char *s, size_t n) {
     size_t need = s[0] < 0x80 ? 1 : s[0] >= 0xF0 && s[0] < 0xF5 ? 4 : s[0] >= 0xE0 ? 3 : s[0] >= 0xC2 ? 2 : 0;
@@ -299,24 +285,6 @@ static size_t utf8_seq_len(const unsigned char *s, size_t n) {
     for (size_t i = 1; i < need; i++)
         if ((s[i] & 0xC0) != 0x80) return 0;
     return need;
-}
-
-// Decodes a byte-level token string into out (cap >= strlen(s)); returns the byte count, or -1
-// when s is not byte-level text (then the caller shows s itself).
-static int token_bytes(unsigned char *out, const char *str) {
-    const unsigned char *s = (const unsigned char *)str;
-    size_t n = strlen(str), i = 0;
-    int k = 0;
-    while (i < n) {
-        size_t len = utf8_seq_len(s + i, n - i);
-        if (len == 0 || len > 2) return -1;  // byte-level code points are below U+0800
-        unsigned cp = len == 1 ? s[i] : ((unsigned)(s[i] & 0x1F) << 6) | (s[i + 1] & 0x3F);
-        int b = byte_of_codepoint(cp);
-        if (b < 0) return -1;
-        out[k++] = (unsigned char)b;
-        i += len;
-    }
-    return k;
 }
 
 // Writes bytes as a quoted string: \n \t \r \\ \" escaped, other control bytes and bytes of
@@ -349,13 +317,12 @@ void data_print_example(FILE *f, const Dataset *ds, int k, const Tokenizer *tok)
         int id = ex->tokens[t];
         int known = id >= 0 && id < tok->n_vocab;
         const char *s = known ? tok->vocab[id] : "?";
+        const unsigned char *bytes = (const unsigned char *)s;
         size_t n = strlen(s);
-        unsigned char *bytes = xmalloc(n + 1);
-        int nb = known && tok->token_type[id] == TOKEN_NORMAL ? token_bytes(bytes, s) : -1;
+        if (known && tok->token_type[id] == TOKEN_NORMAL) bytes = tokenizer_token_bytes(tok, id, &n);
         fprintf(f, "%5d %7d %-5s ", t, id, ex->mask[t] ? "train" : "-");
-        print_escaped(f, nb >= 0 ? bytes : (const unsigned char *)s, nb >= 0 ? (size_t)nb : n);
+        print_escaped(f, bytes, n);
         fputc('\n', f);
-        free(bytes);
     }
 }
 

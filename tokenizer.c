@@ -884,8 +884,7 @@ static size_t utf8_lossy(char *out, size_t cap, const unsigned char *in, size_t 
     return o;
 }
 
-// The bytes of id (no U+FFFD replacement yet); NULL for ids out of range.
-static const unsigned char *token_bytes(const Tokenizer *tok, int id, size_t *len) {
+const unsigned char *tokenizer_token_bytes(const Tokenizer *tok, int id, size_t *len) {
     if (id < 0 || id >= tok->n_vocab) {
         *len = 0;
         return NULL;
@@ -897,13 +896,13 @@ static const unsigned char *token_bytes(const Tokenizer *tok, int id, size_t *le
 char *tokenizer_decode(const Tokenizer *tok, const int *ids, int n) {
     size_t total = 0, len, used;
     for (int k = 0; k < n; k++) {
-        token_bytes(tok, ids[k], &len);
+        tokenizer_token_bytes(tok, ids[k], &len);
         total += len;
     }
     unsigned char *raw = xmalloc(total + 1);
     size_t at = 0;
     for (int k = 0; k < n; k++) {  // ids out of range are skipped, as tokenizers does
-        const unsigned char *b = token_bytes(tok, ids[k], &len);
+        const unsigned char *b = tokenizer_token_bytes(tok, ids[k], &len);
         if (b) memcpy(raw + at, b, len);
         at += len;
     }
@@ -916,7 +915,7 @@ char *tokenizer_decode(const Tokenizer *tok, const int *ids, int n) {
 
 int decode_stream_push(DecodeStream *s, const Tokenizer *tok, int id, char *out, int cap) {
     size_t len, used, n;
-    const unsigned char *b = token_bytes(tok, id, &len);
+    const unsigned char *b = tokenizer_token_bytes(tok, id, &len);
     if (!b || cap <= 0) return 0;
     unsigned char small[1024], *buf = small;
     if (size_add(&n, len, (size_t)s->n_pending) < 0) return 0;

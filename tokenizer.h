@@ -44,6 +44,12 @@ char *tokenizer_nfc(const char *text, size_t len, size_t *out_len);
 // Id of an exact token string (e.g. "<|im_end|>"), or -1.
 int tokenizer_token_id(const Tokenizer *tok, const char *s);
 
+// The bytes id decodes to, before any U+FFFD replacement (a token may hold part of a UTF-8
+// character): what its byte-level characters stand for ("Ġthe" -> " the"), or its own string when
+// it is not all byte-level. *len bytes, not NUL-terminated, owned by tok; NULL (*len = 0) for ids
+// out of range.
+const unsigned char *tokenizer_token_bytes(const Tokenizer *tok, int id, size_t *len);
+
 // ids to UTF-8 as Hugging Face decodes (invalid UTF-8 becomes U+FFFD); malloc'ed, NUL-terminated.
 char *tokenizer_decode(const Tokenizer *tok, const int *ids, int n);
 
