@@ -97,7 +97,6 @@ typedef struct {
     uint64_t n_tensors;
     size_t *sizes;           // [n_tensors] bytes of each tensor
     size_t alignment;
-    uint64_t next_offset;    // data offset of the next tensor info
     uint64_t cur;            // tensor being written
     size_t cur_written;      // bytes of it written so far
     int failed;              // a write failed: close reports it

@@ -3,8 +3,8 @@
 //
 // The path of one training step: main -> cmd_train -> train_loop -> train_step (below) ->
 // model_forward_backward (model.c) -> block_forward -> matmul (quant.c) -> one row's dot product.
-// Leaves out: the work itself (data.c, model.c, lora.c, optim.c, modelfile.c do it); this file
-// only wires options to those calls. Read cmd_train and train_step first; README.md has the usage.
+// The training loop, its checkpoints, logs and loss.svg live here too. Leaves out: the model, the
+// data and the file formats (model.c, data.c, lora.c, modelfile.c). Read main, then cmd_train.
 #include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
