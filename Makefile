@@ -7,7 +7,12 @@
 #   make bench      speed and memory figures on models of Qwen2.5-0.5B's shapes (bench.json)
 #   make demo       teach a small model to answer in the "だぬ" style
 CC     ?= cc
+# x86-64: the CPU's own instruction set (AVX2, AVX-512); arm64: NEON is always there.
+ifeq ($(shell uname -m),x86_64)
 OPT    ?= -O2 -march=native
+else
+OPT    ?= -O2
+endif
 CFLAGS += -std=c11 -Wall -Wextra -D_POSIX_C_SOURCE=200809L -D_DARWIN_C_SOURCE -pthread
 LDLIBS  = -lm -pthread
 LIB     = $(filter-out sft.c,$(wildcard *.c))

@@ -35,7 +35,7 @@ out=$(mktemp -d)
 t0=$(date +%s.%N)
 ./sft train --model "$q4" --data data/danu.jsonl --out "$out/run" --threads "$threads" >/dev/null 2>&1
 t1=$(date +%s.%N)
-emit article_job "{\"seconds\": $(echo "$t1 - $t0" | bc)}"
+emit article_job "{\"seconds\": $(awk "BEGIN { printf \"%.2f\", $t1 - $t0 }")}"
 
 # Tokenizer throughput on mixed text (the tokenizer test corpus, repeated to ~4 MB).
 for i in $(seq 1 84); do cat test/tokenizer/corpus.inp test/tokenizer/random.inp; done > "$out/mixed.txt"
