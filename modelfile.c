@@ -643,6 +643,8 @@ static int fit_type(int type, int64_t cols) {
 
 struct ModelStorage {
     Source src;        // open files: stored-type matrices point into their mappings
+    int src_open;      // src is still open (closed after loading when nothing points into it)
+    int in_place;      // matrices used in place from src's mappings
     void **bufs;       // [n_bufs] converted matrices and F32 vectors
     int n_bufs, cap_bufs;
     int noted;         // the fallback note was printed
@@ -671,7 +673,10 @@ static int load_matrix(QMatrix *W, ModelStorage *s, const SrcTensor *t, int want
     }
     *W = (QMatrix){fitted, (int)t->rows, (int)t->cols, t->data};
     size_t align = fitted == TYPE_F32 ? 4 : 2;
-    if (fitted == t->type && (uintptr_t)t->data % align == 0) return 0;  // used in place
+    if (fitted == t->type && (uintptr_t)t->data % align == 0) {  // used in place
+        s->in_place++;
+        return 0;
+    }
     size_t n = row_bytes(fitted, t->cols) * (size_t)t->rows;
     RowJob j = {.fill = FILL_SOURCE, .src = t, .type = fitted, .cols = t->cols, .out = storage_alloc(s, n)};
     W->data = j.out;
@@ -711,6 +716,7 @@ int model_load(Model *m, const char *path, int quant, Err *e) {
         return -1;
     }
     m->storage = s;
+    s->src_open = 1;
     m->path = xstrdup(path);
     m->arch = xstrdup("qwen2");
     m->config = s->src.c;
@@ -723,8 +729,15 @@ int model_load(Model *m, const char *path, int quant, Err *e) {
     if (rc == 0 && !m->config.tied) rc = load_matrix(&m->w.lm_head, s, &s->src.t[S_OUTPUT], quant, e);
     if (rc == 0) m->w.out_norm = load_vector(s, &s->src.t[S_OUT_NORM]);
     for (int l = 0; l < m->config.L && rc == 0; l++) rc = load_layer(&m->w.layers[l], s, l, quant, e);
-    if (rc != 0) model_free(m);
-    return rc;
+    if (rc != 0) {
+        model_free(m);
+        return rc;
+    }
+    if (s->in_place == 0) {  // everything was converted: give the file's pages back (a BF16 model: ~1 GB)
+        source_close(&s->src);
+        s->src_open = 0;
+    }
+    return 0;
 }
 
 void model_free(Model *m) {
@@ -733,7 +746,7 @@ void model_free(Model *m) {
         tokenizer_free(&m->tok);
         for (int i = 0; i < s->n_bufs; i++) free(s->bufs[i]);
         free(s->bufs);
-        source_close(&s->src);
+        if (s->src_open) source_close(&s->src);
         free(s);
     }
     free(m->w.layers);
