@@ -1317,7 +1317,7 @@ typedef struct {
 // (first K-chunk) or from dst + n * TP + token, and go back there: a block of the thread's
 // staging buffer, which fwd_flush writes into out after the last K-chunk.
 typedef struct {
-    int o0, nrows, tv0, k0, K, first;
+    int nrows, tv0, k0, K, first;
     const uint32_t *wb;
     float *dst;
 } FwdTile;
@@ -1573,7 +1573,7 @@ static void fwd_rows(void *ctx, int r0, int r1) {
         for (int k0 = 0; k0 < IN; k0 += f->KC) {
             int kn = IN - k0 < f->KC ? IN - k0 : f->KC, K = f->pairs ? (kn + 1) / 2 : kn;
             for (int o0 = b0; o0 < b1; o0 += FWD_N) {
-                FwdTile tl = {o0, b1 - o0 < FWD_N ? b1 - o0 : FWD_N, 0, f->pairs ? k0 / 2 : k0, K, k0 == 0, wb,
+                FwdTile tl = {b1 - o0 < FWD_N ? b1 - o0 : FWD_N, 0, f->pairs ? k0 / 2 : k0, K, k0 == 0, wb,
                               stage + (size_t)(o0 - b0) * f->TP};
                 for (int n = 0; n < FWD_N; n++) {
                     if (n < tl.nrows) {
