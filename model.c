@@ -1,6 +1,7 @@
 // model.c: the Qwen2 forward and backward passes with LoRA adapters, and inference with a KV cache.
 //
-// Training runs one sequence of T tokens at a time (model_forward_backward): the forward pass
+// Training runs a batch of sequences at a time (model_forward_backward_batch), their rows stacked
+// into one [T, ...] array for every matrix product, each attending only to itself: the forward pass
 // saves what the backward pass needs in one Activations struct; logits and the loss are computed
 // only at positions whose next token is a target, a few positions at a time; the backward pass
 // runs back to the LoRA matrices only (frozen weights get neither gradient nor storage).
@@ -23,7 +24,7 @@
 #endif
 
 #define LOSS_CHUNK 64          // target positions whose logits [LOSS_CHUNK, V] exist at one time
-#define INFER_CHUNK 32         // prompt tokens run through the model at one time in model_infer
+#define INFER_CHUNK 256        // prompt tokens run through the model at one time in model_infer
 #define ACT_BUDGET ((size_t)512 << 20)  // bytes of Activations above which layers recompute gate/up
 #define ATT_BLOCK 64           // keys scored at one time by the attention kernels
 #define ATT_QB 8               // query rows of an attention tile (the tile code names 8 sums)
@@ -900,7 +901,36 @@ typedef struct {
     float *lora_bt;            // [R, max(C, FF, NH*HS)] scratch: B^T, then dB^T
     float *att_work;           // [4 * padded(T) * NKV*HS] attention scratch (transposed heads)
     const float *cos, *sin;    // [max_T, HS/2]
+    const int *seg;            // [B + 1] the sequences of the pass: rows seg[b] .. seg[b+1]-1 of every
+    int B;                     // [T, ...] array; each attends only to itself, its positions start at 0
 } Pass;
+
+// RoPE and attention see one sequence at a time: the rows of sequence b, at its own positions
+// (pos0.. for the one sequence of generation, 0.. in training). lse and dsum [NH, T_b] of each
+// sequence lie one after the other.
+static void rope_forward_seqs(const Pass *ps, float *x, int H, int pos0) {
+    size_t D = (size_t)H * ps->c->HS;
+    for (int b = 0; b < ps->B; b++)
+        rope_forward(x + ps->seg[b] * D, ps->cos, ps->sin, ps->seg[b + 1] - ps->seg[b], pos0, H, ps->c->HS);
+}
+
+static void rope_backward_seqs(const Pass *ps, float *dx, int H) {
+    size_t D = (size_t)H * ps->c->HS;
+    for (int b = 0; b < ps->B; b++)
+        rope_backward(dx + ps->seg[b] * D, ps->cos, ps->sin, ps->seg[b + 1] - ps->seg[b], H, ps->c->HS);
+}
+
+// out, lse <- q, k, v of layer buffers (k, v hold pos0 earlier positions first, generation only)
+static void attention_forward_seqs(const Pass *ps, float *out, float *lse, const float *q, const float *k,
+                                   const float *v, int pos0) {
+    const Config *c = ps->c;
+    size_t QD = (size_t)c->NH * c->HS, KD = (size_t)c->NKV * c->HS;
+    for (int b = 0; b < ps->B; b++) {
+        size_t o = (size_t)ps->seg[b];
+        attention_forward(out + o * QD, lse ? lse + o * c->NH : NULL, ps->att_work, q + o * QD, k + o * KD, v + o * KD,
+                          ps->seg[b + 1] - ps->seg[b], pos0, c->NH, c->NKV, c->HS);
+    }
+}
 
 // Words of dropout masks per token of each target's input, and where (l, target)'s masks start.
 static size_t keep_words(const Config *c, int target) {
@@ -954,9 +984,9 @@ static void block_forward(const Pass *ps, int l, const LayerBufs *b, int T, int 
     linear_forward(b->q, b->ln, &lw->wq, lw->bq, &sq, T);
     linear_forward(k, b->ln, &lw->wk, lw->bk, &sk, T);
     linear_forward(v, b->ln, &lw->wv, lw->bv, &sv, T);
-    rope_forward(b->q, ps->cos, ps->sin, T, pos0, c->NH, c->HS);
-    rope_forward(k, ps->cos, ps->sin, T, pos0, c->NKV, c->HS);
-    attention_forward(b->att, b->lse, ps->att_work, b->q, b->k, b->v, T, pos0, c->NH, c->NKV, c->HS);
+    rope_forward_seqs(ps, b->q, c->NH, pos0);
+    rope_forward_seqs(ps, k, c->NKV, pos0);
+    attention_forward_seqs(ps, b->att, b->lse, b->q, b->k, b->v, pos0);
     linear_forward(b->xmid, b->att, &lw->wo, NULL, &so, T);
     residual_add(b->xmid, b->x, (size_t)T * C);
 
@@ -1011,10 +1041,14 @@ static void block_backward(const Pass *ps, int l, const LayerBufs *b, const Grad
     memset(g->dq, 0, (size_t)T * QD * sizeof(float));
     memset(g->dk, 0, (size_t)T * KD * sizeof(float));
     memset(g->dv, 0, (size_t)T * KD * sizeof(float));
-    attention_backward(g->dq, g->dk, g->dv, g->dsum, ps->att_work, g->datt, b->att, b->q, b->k, b->v, b->lse, T, c->NH,
-                       c->NKV, c->HS);
-    rope_backward(g->dq, ps->cos, ps->sin, T, c->NH, c->HS);
-    rope_backward(g->dk, ps->cos, ps->sin, T, c->NKV, c->HS);
+    for (int s = 0; s < ps->B; s++) {
+        size_t o = (size_t)ps->seg[s];
+        attention_backward(g->dq + o * QD, g->dk + o * KD, g->dv + o * KD, g->dsum + o * c->NH, ps->att_work,
+                           g->datt + o * QD, b->att + o * QD, b->q + o * QD, b->k + o * KD, b->v + o * KD,
+                           b->lse + o * c->NH, ps->seg[s + 1] - ps->seg[s], c->NH, c->NKV, c->HS);
+    }
+    rope_backward_seqs(ps, g->dq, c->NH);
+    rope_backward_seqs(ps, g->dk, c->NKV);
     rmsnorm_apply(b->ln, b->x, b->rstd1, lw->attn_norm, T, C);
     memset(g->dln, 0, (size_t)T * C * sizeof(float));
     linear_backward(dln_or_null, g->dq, b->ln, &lw->wq, &sq, T);
@@ -1055,6 +1089,8 @@ struct Activations {
     float *att_work;  // [4 * padded(max_T) * NKV*HS] attention scratch
     float *dres, *dln, *datt, *dq, *dk, *dv, *dsum, *dh, *dgate, *dup;  // GradBufs, for max_T
     // the loss at target positions, LOSS_CHUNK at a time
+    int *tokens;      // [max_T] the tokens of the sequences of a pass, one after the other
+    int *seg;         // [max_T + 1] where each sequence starts in them (and where the last ends)
     int *pos;         // [max_T] positions t - 1 of the targets t
     float *head_x;    // [LOSS_CHUNK, C] residual rows at those positions
     float *head_rstd; // [LOSS_CHUNK] final RMSNorm
@@ -1063,7 +1099,8 @@ struct Activations {
     float *logits;    // [LOSS_CHUNK, V] logits, then their gradient
     double *row_loss; // [LOSS_CHUNK]
     float *cos, *sin; // [max_T, HS/2] RoPE tables
-    float *mem;       // the one allocation behind every float array above (keep, pos, row_loss: their own)
+    float *mem;       // the one allocation behind every float array above (keep, the int arrays, row_loss:
+                      // their own)
 };
 
 // Carves n floats from *p.
@@ -1116,16 +1153,22 @@ Activations *activations_new_budget(const Config *c, const struct Lora *lora, in
     activation_floats(c, R, dropout, max_T, a->L_ff, a);
     if (dropout) a->keep = xmalloc(keep_offset(c, c->L, 0, max_T) * sizeof(uint32_t));
     a->pos = xmalloc((size_t)max_T * sizeof(int));
+    a->tokens = xmalloc((size_t)max_T * sizeof(int));
+    a->seg = xmalloc(((size_t)max_T + 1) * sizeof(int));
     a->row_loss = xmalloc(LOSS_CHUNK * sizeof(double));
     rope_tables(a->cos, a->sin, max_T, c->HS, c->rope_theta);
     return a;
 }
+
+int activations_max_T(const Activations *a) { return a->max_T; }
 
 void activations_free(Activations *a) {
     if (!a) return;
     free(a->mem);
     free(a->keep);
     free(a->pos);
+    free(a->tokens);
+    free(a->seg);
     free(a->row_loss);
     free(a);
 }
@@ -1230,8 +1273,8 @@ static double head_loss_chunk(Model *m, Activations *a, float *dres, const float
 
 // Checks tokens and mask; returns the number of positions the loss depends on (the last target
 // index: later positions influence nothing), 0 when there is no target, -1 on bad input.
-static int positions_needed(const Config *c, const int *tokens, const unsigned char *mask, int T, int max_T) {
-    if (T < 0 || T > max_T) return -1;
+static int positions_needed(const Config *c, const int *tokens, const unsigned char *mask, int T) {
+    if (T < 0) return -1;
     int last = 0;
     for (int t = 0; t < T; t++) {
         if (tokens[t] < 0 || tokens[t] >= c->V) return -1;
@@ -1240,19 +1283,57 @@ static int positions_needed(const Config *c, const int *tokens, const unsigned c
     return last;
 }
 
+// Lays the sequences out one after the other: seg[B + 1] row offsets (each cut after its last
+// target), their tokens in a->tokens; returns the rows in all, or -1 on bad input or past max_T.
+static int stack_sequences(Activations *a, const Config *c, const Sequence *seqs, int B) {
+    if (B < 0 || B > a->max_T) return -1;
+    a->seg[0] = 0;
+    for (int b = 0; b < B; b++) {
+        int n = positions_needed(c, seqs[b].tokens, seqs[b].mask, seqs[b].T);
+        if (n < 0 || seqs[b].T > a->max_T || n > a->max_T - a->seg[b]) return -1;
+        memcpy(a->tokens + a->seg[b], seqs[b].tokens, (size_t)n * sizeof(int));
+        a->seg[b + 1] = a->seg[b] + n;
+    }
+    return a->seg[B];
+}
+
+// Sum of the NLLs of every target of the sequences, after the last layer (x[T, C], rows as in
+// a->seg); with backward, their gradient lands in a->dres.
+static double head_loss(Model *m, Activations *a, const float *x, const Sequence *seqs, int B, float grad_scale,
+                        int backward) {
+    int n = 0, targets[LOSS_CHUNK];
+    double loss = 0;
+    for (int b = 0; b < B; b++) {
+        int T = a->seg[b + 1] - a->seg[b];
+        for (int t = 1; t <= T; t++) {
+            if (seqs[b].mask[t]) a->pos[n] = a->seg[b] + t - 1, targets[n++] = seqs[b].tokens[t];
+            if (n == LOSS_CHUNK) loss += head_loss_chunk(m, a, a->dres, x, a->pos, targets, n, grad_scale, backward), n = 0;
+        }
+    }
+    if (n > 0) loss += head_loss_chunk(m, a, a->dres, x, a->pos, targets, n, grad_scale, backward);
+    return loss;
+}
+
 double model_forward_backward(Model *m, struct Lora *lora, Activations *a, const int *tokens,
-                              const unsigned char *mask, int T_in, float grad_scale, int backward,
+                              const unsigned char *mask, int T, float grad_scale, int backward,
                               uint64_t dropout_seed) {
+    Sequence s = {tokens, mask, T};
+    return model_forward_backward_batch(m, lora, a, &s, 1, grad_scale, backward, dropout_seed);
+}
+
+double model_forward_backward_batch(Model *m, struct Lora *lora, Activations *a, const Sequence *seqs, int B,
+                                    float grad_scale, int backward, uint64_t dropout_seed) {
     const Config *c = &m->config;
-    int T = positions_needed(c, tokens, mask, T_in, a->max_T);
+    int T = stack_sequences(a, c, seqs, B);
     if (T < 0 || (lora && (lora->R != a->R || lora->L != c->L))) return NAN;
     if (lora && dropout_seed != 0 && lora->dropout > 0 && !a->keep) return NAN;
     if (T == 0) return 0;
-    Pass ps = {c, &m->w, lora, 0, dropout_seed, a->xdrop, a->keep, a->lora_du, a->lora_bt, a->att_work, a->cos, a->sin};
+    Pass ps = {c, &m->w, lora, 0, dropout_seed, a->xdrop, a->keep, a->lora_du, a->lora_bt, a->att_work, a->cos, a->sin,
+               a->seg, B};
     if (lora && dropout_seed != 0 && lora->dropout > 0) ps.p = lora->dropout;
     backward = backward && lora;
 
-    embed_forward(a->x, tokens, &m->w.embed, T);
+    embed_forward(a->x, a->tokens, &m->w.embed, T);
     float *xL = a->x;
     for (int l = 0; l < c->L; l++) {
         // Without a backward pass nothing needs keeping: every layer runs in layer 0's arrays (the
@@ -1264,15 +1345,7 @@ double model_forward_backward(Model *m, struct Lora *lora, Activations *a, const
     }
 
     if (backward) memset(a->dres, 0, (size_t)T * c->C * sizeof(float));
-    int n = 0, targets[LOSS_CHUNK];
-    double loss = 0;
-    for (int t = 1; t <= T; t++) {
-        if (mask[t]) a->pos[n] = t - 1, targets[n++] = tokens[t];
-        if (n == LOSS_CHUNK || (t == T && n > 0)) {
-            loss += head_loss_chunk(m, a, a->dres, xL, a->pos, targets, n, grad_scale, backward);
-            n = 0;
-        }
-    }
+    double loss = head_loss(m, a, xL, seqs, B, grad_scale, backward);
     if (!backward) return loss;
 
     GradBufs g = {a->dres, a->dln, a->datt, a->dq, a->dk, a->dv, a->dsum, a->dh, a->dgate, a->dup};
@@ -1342,7 +1415,8 @@ int kvcache_len(const KVCache *kv) { return kv->n; }
 static void infer_chunk(Model *m, const Lora *lora, KVCache *kv, const int *tokens, int n, float *logits) {
     const Config *c = &m->config;
     size_t KD = (size_t)c->NKV * c->HS;
-    Pass ps = {c, &m->w, lora, 0, 0, NULL, NULL, NULL, kv->lora_bt, kv->att_work, kv->cos, kv->sin};
+    int seg[2] = {0, n};
+    Pass ps = {c, &m->w, lora, 0, 0, NULL, NULL, NULL, kv->lora_bt, kv->att_work, kv->cos, kv->sin, seg, 1};
     embed_forward(kv->x, tokens, &m->w.embed, n);
     for (int l = 0; l < c->L; l++) {
         LayerBufs b = {

@@ -92,6 +92,7 @@ struct Lora;
 typedef struct Activations Activations;
 Activations *activations_new(const Config *c, const struct Lora *lora, int max_T);
 void activations_free(Activations *a);
+int activations_max_T(const Activations *a);  // the tokens a pass may have
 // The same with a memory budget in bytes: layers whose MLP activations do not fit recompute
 // gate_proj and up_proj in the backward pass instead of keeping them (activations_new: 512 MiB).
 Activations *activations_new_budget(const Config *c, const struct Lora *lora, int max_T, size_t budget);
@@ -109,6 +110,18 @@ Activations *activations_new_budget(const Config *c, const struct Lora *lora, in
 double model_forward_backward(Model *m, struct Lora *lora, Activations *a, const int *tokens,
                               const unsigned char *mask, int T, float grad_scale, int backward,
                               uint64_t dropout_seed);
+
+// The same for B sequences at once, the sum over all of them: their tokens (each cut after its last
+// target) stacked into one pass of sum T tokens <= max_T, every matrix product over all rows, each
+// sequence attending only to itself (positions from 0). Results equal the sum of B single calls up
+// to float rounding; the dropout masks are those of one sequence of the stacked tokens.
+typedef struct {
+    const int *tokens;           // [T]
+    const unsigned char *mask;   // [T] mask[t] = 1: token t is a target (mask[0] ignored)
+    int T;
+} Sequence;
+double model_forward_backward_batch(Model *m, struct Lora *lora, Activations *a, const Sequence *seqs, int B,
+                                    float grad_scale, int backward, uint64_t dropout_seed);
 
 // Keys and values of the tokens seen so far, for generation.
 typedef struct KVCache KVCache;

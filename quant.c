@@ -2151,6 +2151,22 @@ static void rows_backward(void *ctx, int c0, int c1) {
 }
 #endif  // !SFT_REF
 
+const char *kernel_path(void) {
+#if defined(SFT_REF)
+    return "reference (scalar definitions, -DSFT_REF)";
+#elif HAVE_BF16_DOT
+    return "avx512-bf16 (bf16 tiles, vdpbf16ps)";
+#elif defined(__AVX512F__)
+    return "avx512 (fp32 tiles)";
+#elif HAVE_AVX2
+    return "avx2-fma (fp32 tiles)";
+#elif HAVE_NEON
+    return "neon (fp32 tiles)";
+#else
+    return "portable C (fp32 tiles)";
+#endif
+}
+
 void matmul(float *out, const float *inp, const QMatrix *W, const float *bias, int T) {
 #if defined(SFT_REF)
     matmul_ref(out, inp, W, bias, T);

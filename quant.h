@@ -77,6 +77,10 @@ void matmul_ref(float *out, const float *inp, const QMatrix *W, const float *bia
 void matmul_backward_input(float *dinp, const float *dout, const QMatrix *W, int T);
 void matmul_backward_input_ref(float *dinp, const float *dout, const QMatrix *W, int T);
 
+// The kernels the products run on in this build and on this CPU, in words ("avx512-bf16 ...",
+// "avx2-fma ...", "reference ...", ...), for sft info and the training plan.
+const char *kernel_path(void);
+
 // out[C] = row r of W dequantized (embedding lookup).
 void qmatrix_row(float *out, const QMatrix *W, int r);
 

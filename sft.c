@@ -75,20 +75,24 @@ static double parse_double(const char *s, const char *name, double lo, double hi
 
 static const char *info_help =
     "usage: sft info --model PATH\n"
+    "       sft info --kernels\n"
     "  --model PATH   a GGUF file or a Hugging Face model directory (required)\n"
+    "  --kernels      print only the kernels the matrix products use on this CPU\n"
     "Validates the whole model, then prints its architecture, hyperparameters, tokenizer,\n"
-    "every tensor (shape, type, bytes) and the totals.\n";
+    "every tensor (shape, type, bytes), the totals and the kernels in use.\n";
 
 static int cmd_info(int argc, char **argv) {
     const char *model = NULL, *v;
     for (int i = 1; i < argc; i++) {
         if (strcmp(argv[i], "--help") == 0 || strcmp(argv[i], "-h") == 0) fputs(info_help, stdout), exit(0);
+        else if (strcmp(argv[i], "--kernels") == 0) return printf("%s\n", kernel_path()), 0;
         else if ((v = opt_value(argc, argv, &i, "--model"))) model = v;
         else die("info: unknown option '%s' (sft info --help lists them)", argv[i]);
     }
     if (!model) die("info: --model is required (sft info --help)");
     Err e;
     if (model_info(stdout, model, &e) != 0) die("%s", e.msg);
+    printf("kernels: %s\n", kernel_path());
     return 0;
 }
 
@@ -319,18 +323,52 @@ static void eval_load(Model *m, Lora *lora, Dataset *ds, const EvalOptions *o) {
                 ds->n, max_len);
 }
 
+// Examples run through the model as batches of stacked sequences (model_forward_backward_batch):
+// consecutive examples while their tokens fit in PACK_TOKENS (or in the longest one), so that
+// every matrix product of the model sees many rows at once even when the examples are short.
+#define PACK_TOKENS 256
+#define PACK_SEQS 64     // sequences of one pass at most
+
+// Tokens of the Activations for examples up to `longest` tokens, `per_pass` examples a pass at most.
+static int pack_tokens(const Dataset *ds, int per_pass) {
+    int longest = 2, sum = 0;
+    for (int i = 0; i < ds->n; i++) longest = ds->ex[i].T > longest ? ds->ex[i].T : longest;
+    for (int i = 0; i < ds->n && i < per_pass; i++) sum += ds->ex[i].T;  // a rough bound for short data sets
+    int cap = sum < PACK_TOKENS ? (sum > 2 ? sum : 2) : PACK_TOKENS;
+    return longest > cap ? longest : cap;
+}
+
+// Sum of the NLLs of the examples ex[n] (pointers), in passes of at most a's max_T tokens; with
+// backward, their gradient (scaled by grad_scale) is added to lora->grads. The passes are counted
+// in *pass; pass p draws its dropout masks from dropout_seed(seed, step, p), none when seed is 0.
+static uint64_t dropout_seed(uint64_t seed, long s, int j);
+static double run_examples(Model *m, Lora *lora, Activations *a, const Example *const *ex, int n, float grad_scale,
+                           int backward, uint64_t seed, long step, int *pass) {
+    Sequence seqs[PACK_SEQS];
+    int max_T = activations_max_T(a);
+    double sum = 0;
+    for (int i = 0; i < n; (*pass)++) {
+        int B = 0, T = 0;
+        while (i < n && B < PACK_SEQS && (B == 0 || T + ex[i]->T <= max_T)) {
+            seqs[B++] = (Sequence){ex[i]->tokens, ex[i]->mask, ex[i]->T};
+            T += ex[i++]->T;
+        }
+        sum += model_forward_backward_batch(m, lora, a, seqs, B, grad_scale, backward,
+                                            seed ? dropout_seed(seed, step, *pass) : 0);
+    }
+    return sum;
+}
+
 // The mean NLL over every target of the data set; with backward, lora->grads holds its gradient.
 static double dataset_loss(Model *m, Lora *lora, const Dataset *ds, int backward, const char *path) {
-    int max_T = 2;
-    for (int i = 0; i < ds->n; i++) max_T = ds->ex[i].T > max_T ? ds->ex[i].T : max_T;
-    Activations *a = activations_new(&m->config, lora, max_T);
+    Activations *a = activations_new(&m->config, lora, pack_tokens(ds, ds->n));
+    const Example **ex = xmalloc((size_t)ds->n * sizeof *ex);
+    for (int i = 0; i < ds->n; i++) ex[i] = &ds->ex[i];
     if (lora) lora_zero_grad(lora);
-    double sum = 0;
-    for (int i = 0; i < ds->n; i++) {
-        const Example *ex = &ds->ex[i];
-        sum += model_forward_backward(m, lora, a, ex->tokens, ex->mask, ex->T, (float)(1.0 / ds->n_targets), backward, 0);
-        if (!isfinite(sum)) die("%s:%d: the loss is not finite (a token id past the model's vocabulary?)", path, ex->line);
-    }
+    int passes = 0;
+    double sum = run_examples(m, lora, a, ex, ds->n, (float)(1.0 / ds->n_targets), backward, 0, 0, &passes);
+    if (!isfinite(sum)) die("%s: the loss is not finite (a token id past the model's vocabulary?)", path);
+    free(ex);
     activations_free(a);
     return sum / (double)ds->n_targets;
 }
@@ -376,9 +414,9 @@ static int cmd_grads(int argc, char **argv) {
 // =============================================================================================
 // sft train: options, the plan, the training loop, checkpoints, train_log.jsonl and loss.svg.
 // Read cmd_train first, then train_loop -> train_step; checkpoints and the log come after them.
-// One optimizer step = batch x grad-accum examples, each run forward and backward on its own
-// (no padding), gradients summed with grad_scale = 1 / target tokens of the step; then global
-// norm clipping and AdamW (optim.c). The data order of epoch E and the dropout masks of step S
+// One optimizer step = batch x grad-accum examples, run forward and backward as stacked sequences
+// (run_examples: no padding, each example attends only to itself), gradients summed with
+// grad_scale = 1 / target tokens of the step; then global norm clipping and AdamW (optim.c). The data order of epoch E and the dropout masks of step S
 // are functions of (seed, E, S), so a resumed run sees exactly what an uninterrupted one sees.
 
 // The one mutable global of sft: the SIGINT handler can reach nothing else. The training loop
@@ -513,6 +551,8 @@ static void curve_add(Curve *c, double x, double y) {
     c->x[c->n] = x, c->y[c->n] = y, c->n++;
 }
 
+#define TPS_WINDOW 10  // steps the tok/s of the progress line averages over
+
 typedef struct {
     TrainOptions o;
     char out[1024];          // the output directory
@@ -538,6 +578,8 @@ typedef struct {
     long last_checkpoint;    // step of the last checkpoint written, 0 for none
     int tty;                 // stdout is a terminal: one live progress line
     int line_open;           // the live line is on screen without its newline
+    long win_tokens[TPS_WINDOW];     // tokens and seconds of the last TPS_WINDOW steps, for the tok/s
+    double win_seconds[TPS_WINDOW];  // of the progress line (one step alone jumps with its length)
 } Trainer;
 
 // What one optimizer step did.
@@ -646,14 +688,13 @@ static void train_step(Trainer *tr, StepStats *st) {
         st->seconds = now_seconds() - t;
         return;
     }
-    float grad_scale = (float)(1.0 / (double)st->targets);
+    const Example *ex[PACK_SEQS];
     double nll = 0;
-    for (int j = 0; j < count; j++) {
-        const Example *ex = &tr->train.ex[tr->order[first + j]];
-        uint64_t ds = tr->o.dropout > 0 ? dropout_seed(tr->o.seed, tr->step, j) : 0;
-        nll += model_forward_backward(&tr->model, &tr->lora, tr->acts, ex->tokens, ex->mask, ex->T,
-                                      grad_scale, 1, ds);
-        st->tokens += ex->T;
+    for (int j = 0, pass = 0; j < count; j += PACK_SEQS) {
+        int n = count - j < PACK_SEQS ? count - j : PACK_SEQS;
+        for (int k = 0; k < n; k++) ex[k] = &tr->train.ex[tr->order[first + j + k]], st->tokens += ex[k]->T;
+        nll += run_examples(&tr->model, &tr->lora, tr->acts, ex, n, (float)(1.0 / (double)st->targets), 1,
+                            tr->o.dropout > 0 ? tr->o.seed : 0, tr->step, &pass);
     }
     st->loss = nll / (double)st->targets;
     st->grad_norm = grad_norm(tr->lora.grads, tr->lora.n_params);
@@ -666,10 +707,13 @@ static void train_step(Trainer *tr, StepStats *st) {
 
 // Mean NLL per target token of the evaluation set, without dropout.
 static double eval_loss(Trainer *tr) {
+    const Example *ex[PACK_SEQS];
     double nll = 0;
-    for (int i = 0; i < tr->eval.n; i++) {
-        const Example *ex = &tr->eval.ex[i];
-        nll += model_forward_backward(&tr->model, &tr->lora, tr->acts, ex->tokens, ex->mask, ex->T, 0, 0, 0);
+    for (int i = 0; i < tr->eval.n; i += PACK_SEQS) {
+        int n = tr->eval.n - i < PACK_SEQS ? tr->eval.n - i : PACK_SEQS;
+        for (int k = 0; k < n; k++) ex[k] = &tr->eval.ex[i + k];
+        int passes = 0;
+        nll += run_examples(&tr->model, &tr->lora, tr->acts, ex, n, 0, 0, 0, 0, &passes);
     }
     return nll / (double)(tr->eval.n_targets > 0 ? tr->eval.n_targets : 1);
 }
@@ -693,10 +737,21 @@ static void end_progress_line(Trainer *tr) {
     tr->line_open = 0;
 }
 
+// Tokens per second over the last TPS_WINDOW steps of this run, this step's included.
+static double window_tps(Trainer *tr, const StepStats *st) {
+    long done = tr->steps_this_run;  // this step included
+    int k = (int)((done - 1) % TPS_WINDOW), n = done < TPS_WINDOW ? (int)done : TPS_WINDOW;
+    tr->win_tokens[k] = st->tokens, tr->win_seconds[k] = st->seconds;
+    long tokens = 0;
+    double seconds = 0;
+    for (int i = 0; i < n; i++) tokens += tr->win_tokens[i], seconds += tr->win_seconds[i];
+    return seconds > 0 ? (double)tokens / seconds : 0;
+}
+
 static void print_progress(Trainer *tr, const StepStats *st) {
     double elapsed = train_elapsed(tr), this_run = now_seconds() - tr->t0;
     double eta = this_run / (double)tr->steps_this_run * (double)(tr->total_steps - tr->step);
-    double tps = st->seconds > 0 ? (double)st->tokens / st->seconds : 0;
+    double tps = window_tps(tr, st);
     if (!tr->tty) {
         printf("step %ld/%ld loss %.6f lr %.6g grad_norm %.4g tokens %ld tok/s %.0f elapsed_s %.1f\n",
                tr->step, tr->total_steps, st->loss, st->lr, st->grad_norm, st->tokens, tps, elapsed);
@@ -1228,6 +1283,7 @@ static void print_plan(const Trainer *tr) {
     targets_text(tg, sizeof tg, lo->targets);
     fprintf(stderr, "model     %s: %d layers, hidden %d, vocabulary %d, weights %s\n", tr->o.model, c->L, c->C,
             c->V, ti ? ti->name : "?");
+    fprintf(stderr, "kernels   %s, %d threads\n", kernel_path(), threads_count());
     fprintf(stderr, "adapter   rank %d, alpha %g, dropout %g, %s: %zu trainable parameters (%.4f%% of %.0f)\n",
             lo->R, (double)lo->alpha, (double)lo->dropout, tg, lo->n_params, 100.0 * (double)lo->n_params / all, all);
     fprintf(stderr, "data      %s: %d examples, %ld tokens, %ld target tokens (loss on %s)\n", tr->o.data,
@@ -1250,12 +1306,6 @@ static void print_plan(const Trainer *tr) {
 static void load_data(Dataset *d, const char *path, const Trainer *tr) {
     Err e;
     if (data_load(d, path, &tr->model.tok, tr->o.loss_on, tr->o.max_len, &e) != 0) die("%s", e.msg);
-}
-
-static int max_example_len(const Dataset *d) {
-    int m = 1;
-    for (int i = 0; i < d->n; i++) if (d->ex[i].T > m) m = d->ex[i].T;
-    return m;
 }
 
 // The adapter: from --init-lora (its rank, alpha and targets; dropout from --dropout) or fresh.
@@ -1318,8 +1368,8 @@ static void trainer_setup(Trainer *tr) {
     if (tr->o.resume && resume_from(tr, tr->o.resume, &log, &log_len, &e) != 0) die("%s", e.msg);
     if (create_out_dir(tr, log, log_len, &e) != 0) die("%s", e.msg);
     free(log);
-    int max_T = max_example_len(&tr->train);
-    if (tr->has_eval && max_example_len(&tr->eval) > max_T) max_T = max_example_len(&tr->eval);
+    int max_T = pack_tokens(&tr->train, tr->o.batch * tr->o.grad_accum);
+    if (tr->has_eval && pack_tokens(&tr->eval, PACK_SEQS) > max_T) max_T = pack_tokens(&tr->eval, PACK_SEQS);
     tr->acts = activations_new(&tr->model.config, &tr->lora, max_T);
 }
 

@@ -2,6 +2,8 @@
 // figure, so that each peak RSS belongs to one job). Not part of `make test`.
 //
 //   test/bench MODEL forward T      prompt processing: tokens/s of one forward pass over T tokens
+//   test/bench MODEL prefill T      a prompt of T tokens through model_infer (KV cache filled, logits
+//                                   of the last position only: what llama-bench's pp figure measures)
 //   test/bench MODEL generate N     generation: tokens/s of N tokens decoded one by one (KV cache)
 //   test/bench MODEL train T        training: tokens/s of forward + backward + AdamW at length T
 //                                   (LoRA r=8 on all seven projections, loss on every token)
@@ -49,6 +51,26 @@ static double bench_forward(Model *m, int T, int reps) {
     return s;
 }
 
+static double bench_prefill(Model *m, int T, int reps) {
+    int *tokens = xmalloc(sizeof(int) * (size_t)T);
+    make_tokens(tokens, T, m->tok.n_vocab);
+    KVCache *kv = kvcache_new(&m->config, T);
+    float *logits = xmalloc(sizeof(float) * (size_t)m->config.V);
+    model_infer(m, NULL, kv, tokens, T, logits);  // warm-up
+    double best = 1e30;
+    for (int r = 0; r < reps; r++) {
+        kvcache_reset(kv);
+        double t0 = now_seconds();
+        model_infer(m, NULL, kv, tokens, T, logits);
+        double s = now_seconds() - t0;
+        if (s < best) best = s;
+    }
+    kvcache_free(kv);
+    free(logits);
+    free(tokens);
+    return best;
+}
+
 static double bench_generate(Model *m, int N) {
     KVCache *kv = kvcache_new(&m->config, N + 8);
     float *logits = xmalloc(sizeof(float) * (size_t)m->config.V);
@@ -91,7 +113,7 @@ static double bench_train(Model *m, int T, int steps) {
 
 int main(int argc, char **argv) {
     if (argc < 4) {
-        fprintf(stderr, "usage: test/bench MODEL forward|generate|train T [threads]\n");
+        fprintf(stderr, "usage: test/bench MODEL forward|prefill|generate|train T [threads]\n");
         return 1;
     }
     const char *what = argv[2];
@@ -106,6 +128,7 @@ int main(int argc, char **argv) {
     double sec;
     int tokens = T;
     if (strcmp(what, "forward") == 0) sec = bench_forward(&m, T, 2);
+    else if (strcmp(what, "prefill") == 0) sec = bench_prefill(&m, T, 3);
     else if (strcmp(what, "generate") == 0) sec = bench_generate(&m, T);
     else if (strcmp(what, "train") == 0) sec = bench_train(&m, T, 2);
     else {

@@ -1,12 +1,20 @@
 #!/usr/bin/env bash
-# make bench: speed and memory of sft on random models with exactly Qwen2.5-0.5B's shapes.
+# make bench: speed and memory of sft on random models with exactly Qwen2.5-0.5B's shapes, and of
+# the peers a user would run instead, side by side in the same run (a speed claim is a ratio taken
+# on one machine at one time: these machines are noisy and differ from each other by 2x).
+#
 # Models are made once by `sft init` and cached in bench-models/ (git-ignored; SFT_BENCH_MODELS
-# moves it). One line per figure on stdout; all of them also in bench.json.
-# THREADS (default 2) sets the thread count of every figure.
+# moves it). THREADS (default 2) sets the thread count of every figure. Peers, when present:
+#   PyTorch  /usr/bin/python3 with torch, and ../shared/peers/torch_lora_bench.py (TORCH_BENCH
+#            names another copy): LoRA training in bf16 autocast, the article's job
+#   llama.cpp  LLAMA_BENCH=path/to/llama-bench: prompt processing (pp128) and generation (tg64)
+# One JSON line per figure on stdout, then a table of ratios; everything also in bench.json.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 models=${SFT_BENCH_MODELS:-bench-models}
 threads=${THREADS:-2}
+torch_bench=${TORCH_BENCH:-../shared/peers/torch_lora_bench.py}
+python=${TORCH_PYTHON:-/usr/bin/python3}
 mkdir -p "$models"
 for type in q4_0 q8_0 q4_k_m; do
     f="$models/qwen2.5-0.5b-$type.gguf"
@@ -14,28 +22,72 @@ for type in q4_0 q8_0 q4_k_m; do
                           --seed 1 --out "$f" >&2
 done
 q4="$models/qwen2.5-0.5b-q4_0.gguf"
+have_torch=0
+[ -f "$torch_bench" ] && "$python" -c "import torch" 2>/dev/null && have_torch=1
+have_llama=0
+[ -n "${LLAMA_BENCH:-}" ] && [ -x "${LLAMA_BENCH}" ] && have_llama=1
+
 lines=()
+rows=()
 emit() {  # emit NAME JSON-OBJECT
     local line="{\"figure\": \"$1\", ${2#\{}"
     echo "$line"
     lines+=("$line")
 }
+field() {  # field NAME JSON: a number field of a one-line JSON object
+    sed -E "s/.*\"$1\": ([-0-9.e+]+).*/\1/" <<<"$2"
+}
+ratio() {  # ratio FIGURE SFT PEER PEER_NAME HIGHER_IS_BETTER(1|0)
+    local r
+    if [ "$5" = 1 ]; then r=$(awk "BEGIN { printf \"%.2f\", $2 / $3 }"); else r=$(awk "BEGIN { printf \"%.2f\", $3 / $2 }"); fi
+    rows+=("| $1 | $2 | $4 $3 | ${r}x |")
+    emit "ratio_$(tr ' /' '__' <<<"$1")" "{\"sft\": $2, \"peer\": $3, \"peer_name\": \"$4\", \"sft_advantage\": $r}"
+}
+
+echo "kernels: $(./sft info --kernels)" >&2
+echo "cpu: $(grep -m1 'model name' /proc/cpuinfo 2>/dev/null | cut -d: -f2 | sed 's/^ //')" >&2
+
+# Prompt processing and generation, each file once through sft and once through llama-bench.
 for type in q4_0 q4_k_m q8_0; do
     m="$models/qwen2.5-0.5b-$type.gguf"
-    emit "forward_128_$type" "$(./test/bench "$m" forward 128 "$threads")"
-    emit "generate_$type" "$(./test/bench "$m" generate 64 "$threads")"
+    pp=$(./test/bench "$m" prefill 128 "$threads"); emit "prefill_128_$type" "$pp"
+    tg=$(./test/bench "$m" generate 64 "$threads"); emit "generate_$type" "$tg"
+    if [ $have_llama = 1 ]; then
+        csv=$("$LLAMA_BENCH" -m "$m" -p 128 -n 64 -t "$threads" -r 3 -o csv 2>/dev/null)
+        lpp=$(awk -F'","' 'NR > 1 && $(NF-7) == "128" { print $(NF-1) }' <<<"$csv")
+        ltg=$(awk -F'","' 'NR > 1 && $(NF-6) == "64" { print $(NF-1) }' <<<"$csv")
+        emit "llama_pp128_$type" "{\"tokens_per_s\": $lpp}"
+        emit "llama_tg64_$type" "{\"tokens_per_s\": $ltg}"
+        ratio "prompt 128 tokens, $type (tok/s)" "$(field tokens_per_s "$pp")" "$lpp" "llama.cpp pp128" 1
+        ratio "generation, $type (tok/s)" "$(field tokens_per_s "$tg")" "$ltg" "llama.cpp tg64" 1
+    fi
 done
 emit forward_512_q4_0 "$(./test/bench "$q4" forward 512 "$threads")"
-for T in 64 128 256 512; do
-    emit "train_${T}_q4_0" "$(./test/bench "$q4" train "$T" "$threads")"
+
+# Training: LoRA r=8 on all seven projections, loss on every token, AdamW.
+for T in 128 512; do
+    tr=$(./test/bench "$q4" train "$T" "$threads"); emit "train_${T}_q4_0" "$tr"
+    if [ $have_torch = 1 ]; then
+        pt=$("$python" "$torch_bench" train --dtype bf16 --seq "$T" --warmup 1 --steps 3 --threads "$threads" | tail -n 1)
+        emit "torch_bf16_train_$T" "{\"tokens_per_s\": $(field tok_s_median "$pt"), \"peak_rss_mb\": $(field maxrss_mib "$pt")}"
+        ratio "training $T tokens (tok/s)" "$(field tokens_per_s "$tr")" "$(field tok_s_median "$pt")" "PyTorch bf16" 1
+        ratio "training $T tokens, peak memory (MB)" "$(field peak_rss_mb "$tr")" "$(field maxrss_mib "$pt")" "PyTorch bf16" 0
+    fi
 done
 
-# The article's job: 10 chat examples of ~40 tokens, batch 1, accumulation 4, 2 epochs.
+# The article's job: 10 chat examples of ~40 tokens, batch 1, accumulation 4, 2 epochs; sft's
+# wall time includes loading the model, PyTorch's is its training loop alone.
 out=$(mktemp -d)
 t0=$(date +%s.%N)
 ./sft train --model "$q4" --data data/danu.jsonl --out "$out/run" --threads "$threads" >/dev/null 2>&1
 t1=$(date +%s.%N)
-emit article_job "{\"seconds\": $(awk "BEGIN { printf \"%.2f\", $t1 - $t0 }")}"
+job=$(awk "BEGIN { printf \"%.2f\", $t1 - $t0 }")
+emit article_job "{\"seconds\": $job}"
+if [ $have_torch = 1 ]; then
+    sj=$("$python" "$torch_bench" seedjob --dtype bf16 --threads "$threads" | tail -n 1)
+    emit torch_bf16_article_job "{\"seconds\": $(field loop_s "$sj")}"
+    ratio "the article's job (s)" "$job" "$(field loop_s "$sj")" "PyTorch bf16 loop" 0
+fi
 
 # Tokenizer throughput on mixed text (the tokenizer test corpus, repeated to ~4 MB).
 for i in $(seq 1 84); do cat test/tokenizer/corpus.inp test/tokenizer/random.inp; done > "$out/mixed.txt"
@@ -48,4 +100,13 @@ rm -rf "$out"
 { echo "["; for i in "${!lines[@]}"; do
     sep=","; [ "$i" -eq $(( ${#lines[@]} - 1 )) ] && sep=""
     echo "  ${lines[$i]}$sep"; done; echo "]"; } > bench.json
+if [ ${#rows[@]} -gt 0 ]; then
+    echo
+    echo "$(date +%Y-%m-%d), $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'), $threads threads, kernels: $(./sft info --kernels)"
+    echo "| figure | sft | peer, same run | sft's advantage |"
+    echo "|---|---|---|---|"
+    printf '%s\n' "${rows[@]}"
+else
+    echo "no peers found: set LLAMA_BENCH, install python3-torch (see ../shared/peers/README.md)" >&2
+fi
 echo "wrote bench.json" >&2

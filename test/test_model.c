@@ -635,6 +635,36 @@ static int same_grads(const Lora *lora, const float *g) {
     return memcmp(lora->grads, g, lora->n_params * sizeof(float)) == 0;
 }
 
+// Every example of the fixture in one stacked pass (model_forward_backward_batch, the examples
+// in reverse order, one of them repeated so that it sits at two offsets) against single passes:
+// the same loss and gradients up to float rounding (the products' K-chunks depend on the rows).
+static void batch_vs_singles(Fixture *fx, const float *g_single, double l_single) {
+    int n = fx->ds.n, B = n + 1, total = 0;
+    Sequence *seqs = xmalloc((size_t)B * sizeof *seqs);
+    for (int b = 0; b < n; b++) {
+        const Example *ex = &fx->ds.ex[n - 1 - b];
+        seqs[b] = (Sequence){ex->tokens, ex->mask, ex->T};
+        total += ex->T;
+    }
+    seqs[n] = seqs[0];
+    total += seqs[0].T;
+    Activations *a = activations_new(&fx->m.config, &fx->lora, total);
+    lora_zero_grad(&fx->lora);
+    float scale = (float)(1.0 / fx->ds.n_targets);
+    double sum = model_forward_backward_batch(&fx->m, &fx->lora, a, seqs, B, scale, 1, 0);
+    // the repeated example counted twice: take one single pass of it away again
+    sum -= model_forward_backward(&fx->m, &fx->lora, a, seqs[0].tokens, seqs[0].mask, seqs[0].T, -scale, 1, 0);
+    double lb = sum / fx->ds.n_targets, gerr = rel_norm_error(fx->lora.grads, g_single, fx->lora.n_params);
+    check(fabs(lb - l_single) <= 1e-6 * l_single && gerr <= 1e-5, "a batch of stacked sequences equals single passes",
+          "loss %.9g vs %.9g, gradient rel err %.3g", lb, l_single, gerr);
+    Activations *small = activations_new(&fx->m.config, &fx->lora, max_len(&fx->ds));
+    check(isnan(model_forward_backward_batch(&fx->m, &fx->lora, small, seqs, B, scale, 0, 0)),
+          "a batch past max_T refused", "accepted");
+    activations_free(small);
+    activations_free(a);
+    free(seqs);
+}
+
 static void invariance_checks(void) {
     Fixture fx;
     if (fixture_open(&fx, "tied", TYPE_F32) != 0) return;
@@ -654,6 +684,8 @@ static void invariance_checks(void) {
     double l0 = mean_loss(&fx.m, &fx.lora, &fx.ds, a, 1, 0);
     fx.lora.dropout = 0.25f;
     check(l0 == l1 && same_grads(&fx.lora, g1), "dropout seed 0: no dropout", "loss %.9g vs %.9g", l0, l1);
+
+    batch_vs_singles(&fx, g1, l1);
 
     Activations *r = activations_new_budget(&fx.m.config, &fx.lora, T, 1);
     double lr = mean_loss(&fx.m, &fx.lora, &fx.ds, r, 1, 0);
