@@ -23,7 +23,7 @@
 #pragma STDC FP_CONTRACT OFF
 #endif
 
-#define LOSS_CHUNK 64          // target positions whose logits [LOSS_CHUNK, V] exist at one time
+#define LOSS_CHUNK 128         // target positions whose logits [LOSS_CHUNK, V] exist at one time
 #define INFER_CHUNK 256        // prompt tokens run through the model at one time in model_infer
 #define ACT_BUDGET ((size_t)512 << 20)  // bytes of Activations above which layers recompute gate/up
 #define ATT_BLOCK 64           // keys scored at one time by the attention kernels

@@ -26,6 +26,12 @@
 #else
 #define HAVE_BF16_DOT 0
 #endif
+// vpdpwssd (AVX512-VNNI): the 16-bit integer products of generation (few tokens, see X16).
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512F__) && defined(__F16C__)
+#define HAVE_INT16_DOT 1
+#else
+#define HAVE_INT16_DOT 0
+#endif
 // The other fast paths, each compiled only where the one before it is not: AVX2 with FMA (x86-64-v3:
 // most x86 laptops), then NEON (arm64: Apple Silicon, Graviton). Neither changes the AVX-512 code.
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__) && !defined(__AVX512F__)
@@ -1944,12 +1950,14 @@ static void axpy_f32(float *y, float a, const float *x, int n) {
 #endif
 }
 
+struct X16;
 typedef struct {
     float *out;          // (T, OUT) forward, or dinp (T, IN) backward
     const float *inp;    // (T, IN) forward, or dout (T, OUT) backward
     const QMatrix *W;    // (OUT, IN)
     const float *bias;   // (OUT) or NULL
     int T;
+    const struct X16 *x16;  // [T] inp in 16-bit integers (forward, where W's type has a kernel), or NULL
 } Rows;
 
 #if defined(__AVX512F__) && defined(__AVX512BW__)
@@ -2122,12 +2130,208 @@ static int row_dot(float *s, int type, const uint8_t *row, const float *x, int n
 #endif
 }
 
+#if HAVE_INT16_DOT
+// --- Few tokens, 16-bit integer activations (AVX512-VNNI) --------------------------------------
+//
+// Generation reads every weight once per token: the product must cost less than bringing the
+// weights from memory. Here the weights stay the exact small integers of their blocks (Q4_0's
+// q - 8, Q8_0's q, ...) and a token's activations become 16-bit integers with one scale per block
+// of 32: x[k] ~ dx * xq[k], |xq| <= 32767, an error of at most dx / 2 = absmax / 65534 per value,
+// a hundred times below bf16's rounding. vpdpwssd adds 32 exact integer products an instruction;
+// per block of weights, one conversion and one multiply-add apply the scales; offsets (Q4_0's -8,
+// Q6_K's -32) and Q4_K's mins come out once per block through the sums of xq. Why not 8-bit
+// activations, as llama.cpp: their error is 2-3x that of bf16 rounding (absmax / 254 per value),
+// more than the bf16 tiles that training uses, for no fewer instructions per block here.
+
+typedef struct X16 {
+    int16_t *q;     // [IN] xq, in the order the type's kernel reads (see x16_layout)
+    float *d;       // [IN / 32] dx of each block of 32 values
+    float *s32;     // [IN / 32] dx * the sum of the block's xq
+    float *s16;     // [IN / 16] dx * the sum of each 16 xq (Q6_K's groups)
+} X16;
+
+// Q4_0's byte j holds values j and j + 16 of its block: its kernel reads xq per pair of blocks
+// A, B as |A 0-15|B 0-15|A 16-31|B 16-31|, the order of its nibbles. The other types read xq in
+// natural order. Returns -1 for the types without a 16-bit kernel (and for odd block counts).
+static int x16_layout(int type, int IN) {
+    switch (type) {
+    case TYPE_Q4_0: return IN % 64 == 0 ? 1 : -1;
+    case TYPE_Q8_0: case TYPE_Q4_K: case TYPE_Q6_K: return 0;
+    default: return -1;
+    }
+}
+
+// x16 <- x[n], n a multiple of 32 (of 64 for the pair layout)
+static void x16_quantize(const X16 *x16, const float *x, int n, int pairs) {
+    for (int b = 0; b < n / 32; b++) {
+        __m512 v0 = _mm512_loadu_ps(x + 32 * b), v1 = _mm512_loadu_ps(x + 32 * b + 16);
+        float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
+        __m512 id = _mm512_set1_ps(amax > 0 ? 32767.0f / amax : 0.0f);
+        __m512i q0 = _mm512_cvtps_epi32(_mm512_mul_ps(v0, id)), q1 = _mm512_cvtps_epi32(_mm512_mul_ps(v1, id));
+        float dx = amax / 32767.0f;
+        if (_mm512_cmp_ps_mask(v0, v1, _CMP_UNORD_Q) || !(amax <= FLT_MAX)) dx = NAN;  // NaN, inf: the outputs too
+        int s0 = _mm512_reduce_add_epi32(q0), s1 = _mm512_reduce_add_epi32(q1);
+        x16->d[b] = dx;
+        x16->s32[b] = dx * (float)(s0 + s1);
+        x16->s16[2 * b] = dx * (float)s0, x16->s16[2 * b + 1] = dx * (float)s1;
+        int16_t *lo = pairs ? x16->q + 64 * (b / 2) + 16 * (b % 2) : x16->q + 32 * b, *hi = pairs ? lo + 32 : lo + 16;
+        _mm256_storeu_si256((__m256i *)lo, _mm512_cvtsepi32_epi16(q0));
+        _mm256_storeu_si256((__m256i *)hi, _mm512_cvtsepi32_epi16(q1));
+    }
+}
+
+// Lane k of the result: s[idx[k]]; idx starts as |i x 8|j x 8|.
+static inline __m512i lane_index(int i, int j) { return _mm512_inserti64x4(_mm512_set1_epi32(i), _mm256_set1_epi32(j), 1); }
+
+// sum_b dW_b dx_b (sum_k q_k xq_k - 8 sum_k xq_k) over the blocks of a Q4_0 row: two blocks a
+// vector (lanes 0-7 block A, 8-15 block B), their 16 scales in one register per 16 blocks.
+static float dot16_q4_0(const BlockQ4_0 *w, const X16 *x, int nb) {
+    __m512 acc = _mm512_setzero_ps(), off = _mm512_setzero_ps();
+    const __m512i m15 = _mm512_set1_epi16(15), two = _mm512_set1_epi32(2);
+    float dws[16];
+    for (int g = 0; g < nb; g += 16) {
+        int n = nb - g < 16 ? nb - g : 16;
+        __mmask16 m = (__mmask16)((1u << n) - 1);
+        for (int i = 0; i < n; i++) dws[i] = half_scalar(w[g + i].d);
+        __m512 dw = _mm512_maskz_loadu_ps(m, dws), s = _mm512_mul_ps(dw, _mm512_maskz_loadu_ps(m, x->d + g));
+        off = _mm512_fmadd_ps(dw, _mm512_maskz_loadu_ps(m, x->s32 + g), off);
+        __m512i idx = lane_index(0, 1);
+        for (int i = 0; i < n; i += 2, idx = _mm512_add_epi32(idx, two)) {
+            __m256i qs = _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_loadu_si128((const __m128i *)w[g + i].qs)),
+                                                 _mm_loadu_si128((const __m128i *)w[g + i + 1].qs), 1);
+            __m512i v = _mm512_cvtepu8_epi16(qs), lo = _mm512_and_si512(v, m15), hi = _mm512_srli_epi16(v, 4);
+            const int16_t *xq = x->q + 32 * (g + i);
+            __m512i p = _mm512_dpwssd_epi32(_mm512_setzero_si512(), lo, _mm512_loadu_si512(xq));
+            p = _mm512_dpwssd_epi32(p, hi, _mm512_loadu_si512(xq + 32));
+            acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), _mm512_permutexvar_ps(idx, s), acc);
+        }
+    }
+    return _mm512_reduce_add_ps(acc) - 8.0f * _mm512_reduce_add_ps(off);
+}
+
+// sum_b dW_b dx_b sum_k q_k xq_k over the blocks of a Q8_0 row, one block a vector.
+static float dot16_q8_0(const BlockQ8_0 *w, const X16 *x, int nb) {
+    __m512 acc = _mm512_setzero_ps();
+    const __m512i one = _mm512_set1_epi32(1);
+    float dws[16];
+    for (int g = 0; g < nb; g += 16) {
+        int n = nb - g < 16 ? nb - g : 16;
+        __mmask16 m = (__mmask16)((1u << n) - 1);
+        for (int i = 0; i < n; i++) dws[i] = half_scalar(w[g + i].d);
+        __m512 s = _mm512_mul_ps(_mm512_maskz_loadu_ps(m, dws), _mm512_maskz_loadu_ps(m, x->d + g));
+        __m512i idx = _mm512_setzero_si512();
+        for (int i = 0; i < n; i++, idx = _mm512_add_epi32(idx, one)) {
+            __m512i v = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)w[g + i].qs));
+            __m512i p = _mm512_dpwssd_epi32(_mm512_setzero_si512(), v, _mm512_loadu_si512(x->q + 32 * (g + i)));
+            acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), _mm512_permutexvar_ps(idx, s), acc);
+        }
+    }
+    return _mm512_reduce_add_ps(acc);
+}
+
+// Q4_K: per block of 256, group j (32 values) is d sc_j q - dmin m_j: the products with d sc_j dx,
+// the mins through the sums of xq.
+static float dot16_q4_K(const BlockQ4_K *w, const X16 *x, int nb) {
+    __m512 acc = _mm512_setzero_ps();
+    const __m512i m15 = _mm512_set1_epi16(15), two = _mm512_set1_epi32(2);
+    float off = 0, sc[8];
+    for (int i = 0; i < nb; i++) {
+        float d = half_scalar(w[i].d), dmin = half_scalar(w[i].dmin);
+        for (int j = 0; j < 8; j++) {
+            uint8_t s, m;
+            scale_min_k4(j, w[i].scales, &s, &m);
+            sc[j] = d * (float)s;
+            off += dmin * (float)m * x->s32[8 * i + j];
+        }
+        __m512 s = _mm512_mul_ps(_mm512_maskz_loadu_ps(0xff, sc), _mm512_maskz_loadu_ps(0xff, x->d + 8 * i));
+        __m512i idx = _mm512_setzero_si512();
+        for (int c = 0; c < 4; c++) {
+            __m512i v = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)(w[i].qs + 32 * c)));
+            const int16_t *xq = x->q + 256 * i + 64 * c;
+            __m512i p0 = _mm512_dpwssd_epi32(_mm512_setzero_si512(), _mm512_and_si512(v, m15), _mm512_loadu_si512(xq));
+            __m512i p1 = _mm512_dpwssd_epi32(_mm512_setzero_si512(), _mm512_srli_epi16(v, 4), _mm512_loadu_si512(xq + 32));
+            acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p0), _mm512_permutexvar_ps(idx, s), acc);
+            acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p1), _mm512_permutexvar_ps(_mm512_add_epi32(idx, _mm512_set1_epi32(1)), s), acc);
+            idx = _mm512_add_epi32(idx, two);
+        }
+    }
+    return _mm512_reduce_add_ps(acc) - off;
+}
+
+// Q6_K: group G (16 values) is d sc_G (q - 32); a vector holds 32 values, two groups.
+static float dot16_q6_K(const BlockQ6_K *w, const X16 *x, int nb) {
+    __m512 acc = _mm512_setzero_ps(), off = _mm512_setzero_ps();
+    const __m512i m15 = _mm512_set1_epi16(15), m3 = _mm512_set1_epi16(3);
+    for (int i = 0; i < nb; i++) {
+        __m512 sc = _mm512_mul_ps(_mm512_set1_ps(half_scalar(w[i].d)),
+                                  _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)w[i].scales))));
+        off = _mm512_fmadd_ps(sc, _mm512_loadu_ps(x->s16 + 16 * i), off);
+        for (int h = 0; h < 2; h++) {
+            const uint8_t *ql = w[i].ql + 64 * h, *qhp = w[i].qh + 32 * h;
+            __m512i a = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)ql));
+            __m512i b = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)(ql + 32)));
+            __m512i qh = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)qhp));
+            __m512i q[4] = {
+                _mm512_or_si512(_mm512_and_si512(a, m15), _mm512_slli_epi16(_mm512_and_si512(qh, m3), 4)),
+                _mm512_or_si512(_mm512_and_si512(b, m15), _mm512_slli_epi16(_mm512_and_si512(_mm512_srli_epi16(qh, 2), m3), 4)),
+                _mm512_or_si512(_mm512_srli_epi16(a, 4), _mm512_slli_epi16(_mm512_and_si512(_mm512_srli_epi16(qh, 4), m3), 4)),
+                _mm512_or_si512(_mm512_srli_epi16(b, 4), _mm512_slli_epi16(_mm512_srli_epi16(qh, 6), 4)),
+            };
+            for (int k = 0; k < 4; k++) {
+                int G = 8 * h + 2 * k, xb = 8 * i + 4 * h + k;
+                const int16_t *xq = x->q + 32 * xb;
+                __m512i p = _mm512_dpwssd_epi32(_mm512_setzero_si512(), q[k], _mm512_loadu_si512(xq));
+                __m512 s = _mm512_mul_ps(_mm512_permutexvar_ps(lane_index(G, G + 1), sc), _mm512_set1_ps(x->d[xb]));
+                acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), s, acc);
+            }
+        }
+    }
+    return _mm512_reduce_add_ps(acc) - 32.0f * _mm512_reduce_add_ps(off);
+}
+
+// *s = row . x for the types of x16_layout.
+static float row_dot16(int type, const uint8_t *row, const X16 *x, int n) {
+    switch (type) {
+    case TYPE_Q4_0: return dot16_q4_0((const BlockQ4_0 *)row, x, n / QK);
+    case TYPE_Q8_0: return dot16_q8_0((const BlockQ8_0 *)row, x, n / QK);
+    case TYPE_Q4_K: return dot16_q4_K((const BlockQ4_K *)row, x, n / QK_K);
+    default: return dot16_q6_K((const BlockQ6_K *)row, x, n / QK_K);
+    }
+}
+
+// x16[T] <- inp[T, IN] in the pool's shared scratch; 0 when W's type has no 16-bit kernel.
+static int x16_prepare(X16 *x16, const float *inp, const QMatrix *W, int T) {
+    int layout = x16_layout(W->type, W->cols), IN = W->cols;
+    if (layout < 0) return 0;
+    size_t per = round_up((size_t)IN * sizeof(int16_t), 64) + 2 * round_up((size_t)IN / 32 * sizeof(float), 64) +
+                 round_up((size_t)IN / 16 * sizeof(float), 64);
+    uint8_t *mem = scratch_shared(per * (size_t)T);
+    for (int t = 0; t < T; t++, mem += per) {
+        x16[t].q = (int16_t *)mem;
+        x16[t].d = (float *)(mem + round_up((size_t)IN * sizeof(int16_t), 64));
+        x16[t].s32 = x16[t].d + round_up((size_t)IN / 32 * sizeof(float), 64) / sizeof(float);
+        x16[t].s16 = x16[t].s32 + round_up((size_t)IN / 32 * sizeof(float), 64) / sizeof(float);
+        x16_quantize(&x16[t], inp + (size_t)t * IN, IN, layout);
+    }
+    return 1;
+}
+#endif
+
 static void rows_forward(void *ctx, int r0, int r1) {
     const Rows *r = ctx;
     int OUT = r->W->rows, IN = r->W->cols;
     float *w = scratch_local((size_t)IN * sizeof(float));
     for (int o = r0; o < r1; o++) {
         float s;
+#if HAVE_INT16_DOT
+        if (r->x16) {
+            for (int t = 0; t < r->T; t++) {
+                s = row_dot16(r->W->type, qmatrix_row_data(r->W, o), &r->x16[t], IN);
+                r->out[(size_t)t * OUT + o] = r->bias ? s + r->bias[o] : s;
+            }
+            continue;
+        }
+#endif
         if (r->T == 1 && row_dot(&s, r->W->type, qmatrix_row_data(r->W, o), r->inp, IN)) {
             r->out[o] = r->bias ? s + r->bias[o] : s;
             continue;
@@ -2151,9 +2355,20 @@ static void rows_backward(void *ctx, int c0, int c1) {
 }
 #endif  // !SFT_REF
 
+Kernels kernels(void) {
+#if defined(SFT_REF)
+    Kernels k = {0, 0};
+#else
+    Kernels k = {HAVE_BF16_DOT, HAVE_INT16_DOT};
+#endif
+    return k;
+}
+
 const char *kernel_path(void) {
 #if defined(SFT_REF)
     return "reference (scalar definitions, -DSFT_REF)";
+#elif HAVE_BF16_DOT && HAVE_INT16_DOT
+    return "avx512-bf16 (bf16 tiles, vdpbf16ps; generation: int16 vpdpwssd)";
 #elif HAVE_BF16_DOT
     return "avx512-bf16 (bf16 tiles, vdpbf16ps)";
 #elif defined(__AVX512F__)
@@ -2176,7 +2391,11 @@ void matmul(float *out, const float *inp, const QMatrix *W, const float *bias, i
     } else if (T >= FWD_TILE_MIN_T) {
         matmul_tiles(out, inp, W, bias, T);
     } else {
-        Rows r = {out, inp, W, bias, T};
+        Rows r = {out, inp, W, bias, T, NULL};
+#if HAVE_INT16_DOT
+        X16 x16[FWD_TILE_MIN_T];
+        if (x16_prepare(x16, inp, W, T)) r.x16 = x16;
+#endif
         parallel_for(rows_forward, &r, W->rows, 4);
     }
 #endif
@@ -2191,7 +2410,7 @@ void matmul_backward_input(float *dinp, const float *dout, const QMatrix *W, int
         matmul_backward_tiles(dinp, dout, W, T);
     } else {
         int bs = type_info(W->type)->block;
-        Rows r = {dinp, dout, W, NULL, T};
+        Rows r = {dinp, dout, W, NULL, T, NULL};
         parallel_for(rows_backward, &r, W->cols, bs > 64 ? bs : 64);
     }
 #endif

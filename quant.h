@@ -77,8 +77,15 @@ void matmul_ref(float *out, const float *inp, const QMatrix *W, const float *bia
 void matmul_backward_input(float *dinp, const float *dout, const QMatrix *W, int T);
 void matmul_backward_input_ref(float *dinp, const float *dout, const QMatrix *W, int T);
 
-// The kernels the products run on in this build and on this CPU, in words ("avx512-bf16 ...",
-// "avx2-fma ...", "reference ...", ...), for sft info and the training plan.
+// What the fast products do in this build on this CPU (the tests choose their bounds by it).
+typedef struct {
+    int bf16;    // many tokens, quantized weights: both factors rounded to bf16 (AVX512-BF16)
+    int int16;   // few tokens (generation), Q4_0/Q8_0/Q4_K/Q6_K: activations in 16-bit integers
+} Kernels;
+Kernels kernels(void);
+
+// The same in words ("avx512-bf16 ...", "avx2-fma ...", "reference ...", ...), for sft info and
+// the training plan.
 const char *kernel_path(void);
 
 // out[C] = row r of W dequantized (embedding lookup).

@@ -597,7 +597,8 @@ static Tolerance tolerance(int quant) {
     (void)quant;
     return tight;
 #else
-    return quant == TYPE_F32 ? tight : (Tolerance){3e-3, 1e-1, 1e-1, 1e-4};
+    if (quant == TYPE_F32) return tight;
+    return (Tolerance){3e-3, 1e-1, 1e-1, kernels().int16 ? 5e-4 : 1e-4};
 #endif
 }
 
