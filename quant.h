@@ -81,6 +81,7 @@ void matmul_backward_input_ref(float *dinp, const float *dout, const QMatrix *W,
 typedef struct {
     int bf16;    // many tokens, quantized weights: both factors rounded to bf16 (AVX512-BF16)
     int int16;   // few tokens (generation), Q4_0/Q8_0/Q4_K/Q6_K: activations in 16-bit integers
+    int amx;     // the bf16 products run on AMX tiles (decided at run time; SFT_NO_AMX=1: never)
 } Kernels;
 Kernels kernels(void);
 
