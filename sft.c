@@ -323,14 +323,17 @@ static void eval_load(Model *m, Lora *lora, Dataset *ds, const EvalOptions *o) {
 static double dataset_loss(Model *m, Lora *lora, const Dataset *ds, int backward, const char *path) {
     int max_T = 2;
     for (int i = 0; i < ds->n; i++) max_T = ds->ex[i].T > max_T ? ds->ex[i].T : max_T;
-    Activations *a = activations_new(&m->config, lora, max_T);
-    if (lora) lora_zero_grad(lora);
+    LoraView v;
+    if (lora) lora_view_init(&v, lora), lora_zero_grad(lora);
+    Activations *a = activations_new(&m->config, lora ? &v.m : NULL, max_T);
     double sum = 0;
     for (int i = 0; i < ds->n; i++) {
         const Example *ex = &ds->ex[i];
-        sum += model_forward_backward(m, lora, a, ex->tokens, ex->mask, ex->T, (float)(1.0 / ds->n_targets), backward, 0);
+        sum += model_forward_backward(m, lora ? &v.m : NULL, a, ex->tokens, ex->mask, ex->T, (float)(1.0 / ds->n_targets),
+                                      backward, 0);
         if (!isfinite(sum)) die("%s:%d: the loss is not finite (a token id past the model's vocabulary?)", path, ex->line);
     }
+    if (lora) lora_view_pull_grads(&v, lora), lora_view_free(&v);
     activations_free(a);
     return sum / (double)ds->n_targets;
 }
@@ -518,6 +521,7 @@ typedef struct {
     char out[1024];          // the output directory
     Model model;
     Lora lora;
+    LoraView view;           // the adapter as model.c computes with it (lora.h)
     AdamW opt;
     Dataset train, eval;
     int has_eval;
@@ -641,7 +645,7 @@ static void train_step(Trainer *tr, StepStats *st) {
     memset(st, 0, sizeof *st);
     for (int j = 0; j < count; j++) st->targets += tr->train.ex[tr->order[first + j]].n_targets;
     st->lr = lr_at(tr->o.schedule, (float)tr->o.lr, tr->step, tr->warmup, tr->total_steps);
-    lora_zero_grad(&tr->lora);
+    lora_zero_grad(&tr->lora);  // the view's own gradients are zero after every pull
     if (st->targets == 0) {  // nothing to learn in this step (examples cut before their answers)
         st->seconds = now_seconds() - t;
         return;
@@ -651,15 +655,17 @@ static void train_step(Trainer *tr, StepStats *st) {
     for (int j = 0; j < count; j++) {
         const Example *ex = &tr->train.ex[tr->order[first + j]];
         uint64_t ds = tr->o.dropout > 0 ? dropout_seed(tr->o.seed, tr->step, j) : 0;
-        nll += model_forward_backward(&tr->model, &tr->lora, tr->acts, ex->tokens, ex->mask, ex->T,
+        nll += model_forward_backward(&tr->model, &tr->view.m, tr->acts, ex->tokens, ex->mask, ex->T,
                                       grad_scale, 1, ds);
         st->tokens += ex->T;
     }
+    lora_view_pull_grads(&tr->view, &tr->lora);
     st->loss = nll / (double)st->targets;
     st->grad_norm = grad_norm(tr->lora.grads, tr->lora.n_params);
     if (isfinite(st->loss) && isfinite(st->grad_norm)) {
         clip_grad_norm(tr->lora.grads, tr->lora.n_params, st->grad_norm, (float)tr->o.max_grad_norm);
         adamw_step(&tr->opt, tr->lora.params, tr->lora.grads, st->lr);
+        lora_view_push(&tr->view, &tr->lora);
     }
     st->seconds = now_seconds() - t;
 }
@@ -669,7 +675,7 @@ static double eval_loss(Trainer *tr) {
     double nll = 0;
     for (int i = 0; i < tr->eval.n; i++) {
         const Example *ex = &tr->eval.ex[i];
-        nll += model_forward_backward(&tr->model, &tr->lora, tr->acts, ex->tokens, ex->mask, ex->T, 0, 0, 0);
+        nll += model_forward_backward(&tr->model, &tr->view.m, tr->acts, ex->tokens, ex->mask, ex->T, 0, 0, 0);
     }
     return nll / (double)(tr->eval.n_targets > 0 ? tr->eval.n_targets : 1);
 }
@@ -1075,7 +1081,7 @@ static int resume_from(Trainer *tr, const char *dir, char **log, size_t *log_len
     if (read_trainer_state(tr, dir, &step, &elapsed, e) != 0) return -1;
     Lora saved;
     if (lora_load(&saved, dir, &tr->model.config, e) != 0) return -1;
-    if (saved.n_params != tr->lora.n_params || saved.R != tr->lora.R || saved.targets != tr->lora.targets) {
+    if (!lora_same_shape(&saved, &tr->lora)) {
         lora_free(&saved);
         return err_set(e, "%s: the adapter does not match the checkpoint's settings", dir);
     }
@@ -1286,6 +1292,7 @@ static void trainer_free(Trainer *tr) {
     if (tr->log) fclose(tr->log);
     activations_free(tr->acts);
     adamw_free(&tr->opt);
+    lora_view_free(&tr->view);
     lora_free(&tr->lora);
     data_free(&tr->train);
     if (tr->has_eval) data_free(&tr->eval);
@@ -1320,7 +1327,8 @@ static void trainer_setup(Trainer *tr) {
     free(log);
     int max_T = max_example_len(&tr->train);
     if (tr->has_eval && max_example_len(&tr->eval) > max_T) max_T = max_example_len(&tr->eval);
-    tr->acts = activations_new(&tr->model.config, &tr->lora, max_T);
+    lora_view_init(&tr->view, &tr->lora);
+    tr->acts = activations_new(&tr->model.config, &tr->view.m, max_T);
 }
 
 static int cmd_train(int argc, char **argv) {
@@ -1375,7 +1383,8 @@ typedef struct {
 
 typedef struct {
     Model *model;
-    const Lora *lora;          // NULL: the base model
+    const Lora *lora;          // NULL: the base model; else &view.m
+    LoraView view;
     KVCache *kv;
     int max_T;                 // tokens the cache holds
     int *ctx;                  // [max_T] the tokens in the cache, in order
@@ -1470,7 +1479,8 @@ static int sample_next(Generator *g) {
 static void generator_init(Generator *g, Model *m, const Lora *lora, int max_T, Sampling s) {
     memset(g, 0, sizeof *g);
     int V = m->config.V;
-    g->model = m, g->lora = lora, g->max_T = max_T, g->s = s;
+    g->model = m, g->max_T = max_T, g->s = s;
+    if (lora) lora_view_init(&g->view, lora), g->lora = &g->view.m;
     g->kv = kvcache_new(&m->config, max_T);
     g->ctx = xmalloc((size_t)max_T * sizeof(int));
     g->logits = xmalloc((size_t)V * sizeof(float));
@@ -1496,6 +1506,7 @@ static void generator_reserve(Generator *g, int need) {
 }
 
 static void generator_free(Generator *g) {
+    if (g->lora) lora_view_free(&g->view);
     kvcache_free(g->kv);
     free(g->ctx), free(g->logits), free(g->cand), free(g->seen), free(g->piece);
 }
