@@ -142,8 +142,8 @@ int lora_save_grads(const Lora *lora, const char *path, Err *e);
 // llama.cpp scales every pair by alpha / r (r from the tensor; alpha 0 means scale 1): a pair whose
 // scale differs (rsLoRA with mixed ranks, alpha_pattern) is written with B times the ratio.
 // type: TYPE_F32, TYPE_F16, TYPE_BF16 or TYPE_Q8_0 (Q8_0 where rows are whole blocks, else F16,
-// as the converter does). Written atomically.
-int lora_save_gguf(const Lora *lora, const char *path, int type, Err *e);
+// as the converter does). name: general.name. Written atomically.
+int lora_save_gguf(const Lora *lora, const char *path, int type, const char *name, Err *e);
 // 1 when path is a file that starts with the GGUF magic.
 int lora_is_gguf(const char *path);
 int lora_load_gguf(Lora *lora, const char *path, const Config *c, Err *e);

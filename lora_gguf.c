@@ -217,7 +217,7 @@ static int write_rows(GgufWriter *w, const float *rows, int64_t n_rows, int64_t 
     return rc;
 }
 
-int lora_save_gguf(const Lora *lora, const char *path, int type, Err *e) {
+int lora_save_gguf(const Lora *lora, const char *path, int type, const char *name, Err *e) {
     if (type != TYPE_F32 && type != TYPE_F16 && type != TYPE_BF16 && type != TYPE_Q8_0)
         return err_set(e, "%s: an adapter is written as f32, f16, bf16 or q8_0", path);
     double *fold = xmalloc(sizeof(double) * (size_t)lora->L * LORA_NTARGETS);
@@ -227,7 +227,9 @@ int lora_save_gguf(const Lora *lora, const char *path, int type, Err *e) {
     gguf_add_str(&w, "general.architecture", "qwen2");
     gguf_add_str(&w, "general.type", "adapter");
     gguf_add_str(&w, "adapter.type", "lora");
+    gguf_add_str(&w, "general.name", name);
     gguf_add_f32(&w, "adapter.lora.alpha", alpha);
+    gguf_add_u32(&w, "general.quantization_version", 2);
     int rc = add_infos(&w, lora, type, e);
     if (rc == 0) rc = gguf_write_header(&w, e);
     for (int i = 0; i < lora->L * LORA_NTARGETS && rc == 0; i++) {

@@ -244,7 +244,8 @@ static int config_from_json(Config *c, const char *path, int need_vocab, Err *e)
     else if (tie && tie->type != JSON_BOOL) rc = err_set(e, "%s: \"tie_word_embeddings\" is not a bool", path);
     if (rc == 0 && json_key_int(&c->NKV, &j, "num_key_value_heads", 0, path, e) == 1) c->NKV = c->NH;
     if (rc == 0 && c->NKV == 0) rc = -1;
-    if (rc == 0) rc = json_key_float(&c->rope_theta, &j, "rope_theta", 10000.0f, path, e);
+    const Json *rp = json_get(&j, "rope_parameters");  // transformers 5 keeps rope_theta in there
+    if (rc == 0) rc = json_key_float(&c->rope_theta, rp && !json_get(&j, "rope_theta") ? rp : &j, "rope_theta", 10000.0f, path, e);
     if (rc == 0) rc = json_key_float(&c->rms_eps, &j, "rms_norm_eps", 1e-6f, path, e);
     c->tied = tie && tie->boolean;  // Qwen2Config's default is false
     c->HS = c->NH > 0 ? c->C / c->NH : 0;

@@ -199,7 +199,11 @@ static int cmd_export(int argc, char **argv) {
     Lora lora;
     Err e;
     if (model_peek(model, &c, NULL, &e) != 0 || lora_load(&lora, lora_path, &c, &e) != 0) die("%s", e.msg);
-    if (lora_save_gguf(&lora, out, type, &e) != 0) die("%s", e.msg);
+    char name[256];  // general.name: the adapter's file or directory name, as the converter names it
+    snprintf(name, sizeof name, "%s", lora_path);
+    for (size_t n = strlen(name); n > 1 && name[n - 1] == '/'; n--) name[n - 1] = 0;
+    const char *base = strrchr(name, '/') ? strrchr(name, '/') + 1 : name;
+    if (lora_save_gguf(&lora, out, type, base, &e) != 0) die("%s", e.msg);
     fprintf(stderr, "sft: wrote %s (%s, rank %d%s)\n", out, type_name, lora.R, lora.rslora ? ", rsLoRA" : "");
     lora_free(&lora);
     return 0;
