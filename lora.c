@@ -2,9 +2,11 @@
 // initialization, and its files in Hugging Face PEFT's format (adapter_config.json +
 // adapter_model.safetensors), read strictly and written atomically.
 //
-// Left out: the adapter's arithmetic (model.c: lora_forward / lora_backward) and the optimizer
-// (optim.c). PEFT features beyond plain LoRA (DoRA, rsLoRA, per-module ranks, layer subsets,
-// LoRA biases, fan_in_fan_out, modules_to_save) are refused with a clear error. Read lora.h first.
+// PEFT's variants are read exactly as PEFT applies them (any subset of the seven projections in
+// any layers, per-module ranks and alphas, rsLoRA), and written back so that PEFT reads the same.
+// Left out: the adapter's arithmetic (model.c: lora_forward / lora_backward), the optimizer
+// (optim.c) and llama.cpp's GGUF adapters (lora_gguf.c). What PEFT can do that plain LoRA cannot
+// express (DoRA, LoRA biases, modules_to_save, ...) is refused with a clear error. Read lora.h first.
 #include "lora.h"
 
 #include <math.h>
@@ -14,6 +16,7 @@
 
 #include "json.h"
 #include "quant.h"
+#include "regex.h"
 #include "safetensors.h"
 
 const char *const lora_target_names[LORA_NTARGETS] = {"q_proj", "k_proj", "v_proj", "o_proj",
@@ -57,44 +60,62 @@ int lora_parse_targets(unsigned *targets, const char *list, Err *e) {
     return 0;
 }
 
-// Allocates params and grads (zeroed) and points every pair into them.
-static void lora_alloc(Lora *lora, const Config *c, int R, float alpha, float dropout, unsigned targets) {
+static void shape_alloc(LoraShape *s, int L) {
+    memset(s, 0, sizeof *s);
+    s->L = L;
+    s->rank = xcalloc((size_t)L * LORA_NTARGETS, sizeof(int));
+    s->alpha = xcalloc((size_t)L * LORA_NTARGETS, sizeof(float));
+}
+
+void lora_shape_free(LoraShape *s) {
+    free(s->rank);
+    free(s->alpha);
+    memset(s, 0, sizeof *s);
+}
+
+// Allocates params and grads (zeroed) and points every adapted pair into them.
+void lora_alloc(Lora *lora, const Config *c, const LoraShape *s) {
     memset(lora, 0, sizeof *lora);
-    lora->R = R;
-    lora->alpha = alpha;
-    lora->dropout = dropout;
-    lora->targets = targets;
+    lora->alpha = s->lora_alpha;
+    lora->dropout = s->dropout;
+    lora->rslora = s->rslora;
     lora->L = c->L;
     lora->pairs = xcalloc((size_t)c->L * LORA_NTARGETS, sizeof(LoraPair));
     size_t n = 0;
-    for (int pass = 0; pass < 2; pass++) {  // pass 0 counts, pass 1 points
-        size_t off = 0;
-        for (int l = 0; l < c->L; l++) {
-            for (int k = 0; k < LORA_NTARGETS; k++) {
-                if (!(targets & (1u << k))) continue;
-                LoraPair *p = &lora->pairs[l * LORA_NTARGETS + k];
-                target_shape(c, k, &p->in, &p->out);
-                if (pass == 1) {
-                    p->A = lora->params + off;
-                    p->dA = lora->grads + off;
-                    p->B = lora->params + off + (size_t)R * p->in;
-                    p->dB = lora->grads + off + (size_t)R * p->in;
-                }
-                off += (size_t)R * p->in + (size_t)p->out * R;
-            }
-        }
-        if (pass == 0) {
-            n = off;
-            lora->params = xcalloc(n, sizeof(float));
-            lora->grads = xcalloc(n, sizeof(float));
-        }
+    for (int i = 0; i < c->L * LORA_NTARGETS; i++) {
+        LoraPair *p = &lora->pairs[i];
+        target_shape(c, i % LORA_NTARGETS, &p->in, &p->out);
+        p->r = s->rank[i];
+        p->alpha = s->alpha[i];
+        if (p->r > lora->R) lora->R = p->r;
+        if (p->r) lora->targets |= 1u << (i % LORA_NTARGETS);
+        n += (size_t)p->r * (size_t)(p->in + p->out);
     }
+    lora->params = xcalloc(n ? n : 1, sizeof(float));
+    lora->grads = xcalloc(n ? n : 1, sizeof(float));
     lora->n_params = n;
+    size_t off = 0;
+    for (int i = 0; i < c->L * LORA_NTARGETS; i++) {
+        LoraPair *p = &lora->pairs[i];
+        if (!p->r) continue;
+        p->A = lora->params + off, p->dA = lora->grads + off;
+        off += (size_t)p->r * p->in;
+        p->B = lora->params + off, p->dB = lora->grads + off;
+        off += (size_t)p->out * p->r;
+    }
     lora->base_model = xstrdup("");
 }
 
 void lora_init(Lora *lora, const Config *c, int R, float alpha, float dropout, unsigned targets, uint64_t seed) {
-    lora_alloc(lora, c, R, alpha, dropout, targets);
+    LoraShape s;
+    shape_alloc(&s, c->L);
+    s.lora_alpha = alpha, s.dropout = dropout;
+    for (int i = 0; i < c->L * LORA_NTARGETS; i++) {
+        s.rank[i] = targets & (1u << (i % LORA_NTARGETS)) ? R : 0;
+        s.alpha[i] = alpha;
+    }
+    lora_alloc(lora, c, &s);
+    lora_shape_free(&s);
     uint64_t state = seed;
     for (int i = 0; i < c->L * LORA_NTARGETS; i++) {
         LoraPair *p = &lora->pairs[i];
@@ -114,101 +135,231 @@ void lora_free(Lora *lora) {
 
 void lora_zero_grad(Lora *lora) { memset(lora->grads, 0, lora->n_params * sizeof(float)); }
 
-// ---------------------------------------------------------------------------------------------
-// Reading adapter_config.json.
+float lora_scale(const Lora *lora, const LoraPair *p) {
+    if (lora->rslora) return (float)((double)p->alpha / sqrt((double)p->r));
+    return p->alpha / (float)p->r;
+}
 
-// The target bit set of PEFT's target_modules: a list of module names (or name suffixes like
-// "self_attn.q_proj"), or one string: "all-linear" or a regular expression, from which every
-// target name that appears in it as a whole word is taken.
-static int config_targets(unsigned *targets, const Json *tm, const char *path, Err *e) {
-    *targets = 0;
-    if (tm && tm->type == JSON_STRING) {
-        if (strcmp(tm->str, "all-linear") == 0) {
-            *targets = (1u << LORA_NTARGETS) - 1;
-            return 0;
-        }
-        for (int k = 0; k < LORA_NTARGETS; k++) {
-            size_t n = strlen(lora_target_names[k]);
-            for (const char *p = strstr(tm->str, lora_target_names[k]); p; p = strstr(p + 1, lora_target_names[k])) {
-                int before = p == tm->str || !(p[-1] == '_' || (p[-1] >= 'a' && p[-1] <= 'z'));
-                int after = !(p[n] == '_' || (p[n] >= 'a' && p[n] <= 'z'));
-                if (before && after) *targets |= 1u << k;
-            }
-        }
-        if (!*targets) return err_set(e, "%s: target_modules '%s' names none of q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj", path, tm->str);
+int lora_same_shape(const Lora *a, const Lora *b) {
+    if (a->L != b->L || a->R != b->R || a->rslora != b->rslora || a->alpha != b->alpha || a->n_params != b->n_params)
         return 0;
+    for (int i = 0; i < a->L * LORA_NTARGETS; i++)
+        if (a->pairs[i].r != b->pairs[i].r || (a->pairs[i].r && a->pairs[i].alpha != b->pairs[i].alpha)) return 0;
+    return 1;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Reading adapter_config.json: PEFT's rules (peft/tuners/tuners_utils.py check_target_module_exists,
+// peft/utils/other.py get_pattern_key) applied to every module name of a Qwen2ForCausalLM.
+
+// Module i of a model with L layers, as named_modules() names it: i < 7 L are the projections
+// (layer i / 7, target i % 7; *layer set), then 6 per layer and 6 global modules that an adapter
+// must not target (*layer = -1 for those without ".{index}." in the name). -1 past the last.
+static int module_name(char *buf, size_t cap, int i, int L, int *layer) {
+    static const char *const per_layer[6] = {"", ".self_attn", ".mlp", ".mlp.act_fn", ".input_layernorm", ".post_attention_layernorm"};
+    static const char *const global[6] = {"model", "model.embed_tokens", "model.layers", "model.norm", "model.rotary_emb", "lm_head"};
+    *layer = -1;
+    if (i < L * LORA_NTARGETS) {
+        int k = i % LORA_NTARGETS;
+        *layer = i / LORA_NTARGETS;
+        snprintf(buf, cap, "model.layers.%d.%s.%s", *layer, k <= LORA_O ? "self_attn" : "mlp", lora_target_names[k]);
+    } else if ((i -= L * LORA_NTARGETS) < 6 * L) {
+        snprintf(buf, cap, "model.layers.%d%s", i / 6, per_layer[i % 6]);
+        if (i % 6) *layer = i / 6;
+    } else if ((i -= 6 * L) < 6) {
+        snprintf(buf, cap, "%s", global[i]);
+    } else {
+        return -1;
     }
-    if (!tm || tm->type != JSON_ARRAY || tm->len == 0)
-        return err_set(e, "%s: target_modules must be a non-empty list of module names or a string", path);
-    for (size_t i = 0; i < tm->len; i++) {
-        const Json *s = &tm->items[i];
-        if (s->type != JSON_STRING) return err_set(e, "%s: target_modules[%zu] is not a string", path, i);
-        const char *dot = strrchr(s->str, '.');
-        const char *leaf = dot ? dot + 1 : s->str;
-        int k = target_index(leaf, strlen(leaf));
-        if (k < 0) return err_set(e, "%s: target module '%s' is not a projection of a Qwen2 layer (q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj)", path, s->str);
-        *targets |= 1u << k;
+    return 0;
+}
+
+static int ends_with_module(const char *key, const char *name) {
+    size_t n = strlen(key), m = strlen(name);
+    return strcmp(key, name) == 0 || (n > m && key[n - m - 1] == '.' && strcmp(key + n - m, name) == 0);
+}
+
+// PEFT's list rule: key equals an entry or ends with "." + entry. -1 for a non-string entry.
+static int in_name_list(const Json *list, const char *key, const char *what, const char *path, Err *e) {
+    for (size_t i = 0; i < list->len; i++) {
+        if (list->items[i].type != JSON_STRING) return err_set(e, "%s: %s[%zu] is not a string", path, what, i);
+        if (ends_with_module(key, list->items[i].str)) return 1;
+    }
+    return 0;
+}
+
+// A regex of the config against key; errors name the file and the field.
+static int config_regex(const char *pattern, const char *key, const char *what, const char *path, Err *e) {
+    Err re;
+    int m = regex_fullmatch(pattern, key, &re);
+    if (m < 0) return err_set(e, "%s: %s: %s; sft cannot apply it exactly", path, what, re.msg);
+    return m;
+}
+
+typedef struct {
+    const Json *target_modules, *exclude_modules, *layers, *layers_pattern;
+    const char *path;
+} PeftRules;
+
+// Whether layers_to_transform lets layer l through: PEFT finds the layer index after
+// layers_pattern (any pattern when it is empty); in Qwen2's names the only index follows
+// "model.layers", so a pattern finds it when it matches "layers" or "model.layers" whole.
+static int layer_allowed(const PeftRules *r, int l, Err *e) {
+    const Json *lp = r->layers_pattern, *lt = r->layers;
+    if (l < 0) return 0;
+    if (lp && lp->type != JSON_NULL && !(lp->type == JSON_STRING && lp->str[0] == 0) && !(lp->type == JSON_ARRAY && lp->len == 0)) {
+        int found = 0;
+        size_t n = lp->type == JSON_ARRAY ? lp->len : 1;
+        for (size_t i = 0; i < n && !found; i++) {
+            const Json *p = lp->type == JSON_ARRAY ? &lp->items[i] : lp;
+            if (p->type != JSON_STRING) return err_set(e, "%s: layers_pattern must be a string or a list of strings", r->path);
+            int a = config_regex(p->str, "layers", "layers_pattern", r->path, e), b = a < 0 ? a : config_regex(p->str, "model.layers", "layers_pattern", r->path, e);
+            if (a < 0 || b < 0) return -1;
+            found = a || b;
+        }
+        if (!found) return 0;
+    }
+    if (lt->type == JSON_NUMBER) return lt->number == l;
+    for (size_t i = 0; i < lt->len; i++)
+        if (lt->items[i].type != JSON_NUMBER) return err_set(e, "%s: layers_to_transform[%zu] is not a number", r->path, i);
+        else if (lt->items[i].number == l) return 1;
+    return 0;
+}
+
+// 1 when PEFT would put a LoRA layer on module `key` (of layer index `layer`, -1 if none).
+static int peft_targets(const PeftRules *r, const char *key, int is_proj, int layer, Err *e) {
+    const Json *ex = r->exclude_modules, *tm = r->target_modules;
+    int m = 0;
+    if (ex && ex->type == JSON_STRING) m = config_regex(ex->str, key, "exclude_modules", r->path, e);
+    else if (ex && ex->type == JSON_ARRAY) m = in_name_list(ex, key, "exclude_modules", r->path, e);
+    if (m != 0) return m < 0 ? -1 : 0;
+    if (tm->type == JSON_STRING && strcmp(tm->str, "all-linear") == 0) return is_proj;  // every Linear but lm_head
+    if (tm->type == JSON_STRING) return config_regex(tm->str, key, "target_modules", r->path, e);
+    m = in_name_list(tm, key, "target_modules", r->path, e);
+    if (m <= 0 || !r->layers || r->layers->type == JSON_NULL || (r->layers->type == JSON_ARRAY && r->layers->len == 0)) return m;
+    return layer_allowed(r, layer, e);
+}
+
+// rank_pattern / alpha_pattern: the value of the first key k with (.*\.)?(k) matching the whole
+// module name, as a number in [lo, hi]; 0 (nothing set) when none matches.
+static int pattern_value(double *out, const Json *pat, const char *key, const char *what, double lo, double hi,
+                         const char *path, Err *e) {
+    for (size_t i = 0; pat && pat->type == JSON_OBJECT && i < pat->len; i++) {
+        size_t n = strlen(pat->keys[i]) + 16;
+        char *re = xmalloc(n);
+        snprintf(re, n, "(.*\\.)?(%s)", pat->keys[i]);
+        int m = config_regex(re, key, what, path, e);
+        free(re);
+        if (m < 0) return -1;
+        if (!m) continue;
+        const Json *v = &pat->items[i];
+        if (v->type != JSON_NUMBER || !(v->number >= lo && v->number <= hi))
+            return err_set(e, "%s: %s['%s'] must be a number in [%g, %g]", path, what, pat->keys[i], lo, hi);
+        *out = v->number;
+        return 1;
     }
     return 0;
 }
 
 static int is_empty_or_null(const Json *j) {
-    return !j || j->type == JSON_NULL || ((j->type == JSON_OBJECT || j->type == JSON_ARRAY) && j->len == 0);
+    return !j || j->type == JSON_NULL || ((j->type == JSON_OBJECT || j->type == JSON_ARRAY || j->type == JSON_STRING) && j->len == 0);
 }
 
 static int is_true(const Json *j) { return j && j->type == JSON_BOOL && j->boolean; }
 
-// PEFT features this adapter must not use.
+// PEFT features that plain LoRA cannot express: refused, never ignored.
 static int check_plain_lora(const Json *cfg, const char *path, Err *e) {
-    const Json *pt = json_get(cfg, "peft_type"), *bias = json_get(cfg, "bias");
+    const Json *pt = json_get(cfg, "peft_type"), *bias = json_get(cfg, "bias"), *tm = json_get(cfg, "target_modules");
     if (pt && (pt->type != JSON_STRING || strcmp(pt->str, "LORA") != 0))
         return err_set(e, "%s: peft_type is not \"LORA\"", path);
     if (bias && !(bias->type == JSON_STRING && strcmp(bias->str, "none") == 0))
         return err_set(e, "%s: bias must be \"none\" (LoRA biases are not supported)", path);
-    const char *flags[] = {"use_dora", "use_rslora", "fan_in_fan_out"};
-    for (int i = 0; i < 3; i++)
-        if (is_true(json_get(cfg, flags[i]))) return err_set(e, "%s: %s is not supported", path, flags[i]);
-    const char *empties[] = {"rank_pattern", "alpha_pattern", "layers_to_transform", "modules_to_save", "layer_replication"};
-    for (int i = 0; i < 5; i++)
-        if (!is_empty_or_null(json_get(cfg, empties[i]))) return err_set(e, "%s: %s is not supported", path, empties[i]);
+    const char *flags[][2] = {{"use_dora", "DoRA"}, {"lora_bias", "LoRA biases"}, {"fan_in_fan_out", "fan_in_fan_out (Conv1D layers)"},
+                              {"use_qalora", "QA-LoRA"}};
+    for (int i = 0; i < 4; i++)
+        if (is_true(json_get(cfg, flags[i][0]))) return err_set(e, "%s: %s: %s is not supported", path, flags[i][0], flags[i][1]);
+    const char *empties[] = {"modules_to_save", "layer_replication", "trainable_token_indices", "target_parameters",
+                             "alora_invocation_tokens", "arrow_config"};
+    for (int i = 0; i < 6; i++)
+        if (!is_empty_or_null(json_get(cfg, empties[i])))
+            return err_set(e, "%s: %s is not supported (sft adapts only the seven projections with plain LoRA)", path, empties[i]);
+    if (!tm || !((tm->type == JSON_ARRAY && tm->len > 0) || tm->type == JSON_STRING))
+        return err_set(e, "%s: target_modules must be a non-empty list of module names or a string", path);
+    const Json *lt = json_get(cfg, "layers_to_transform");
+    if (!is_empty_or_null(lt) && tm->type == JSON_STRING)
+        return err_set(e, "%s: layers_to_transform cannot be used with a string target_modules (PEFT refuses it too)", path);
+    if (!is_empty_or_null(lt) && lt->type != JSON_NUMBER && lt->type != JSON_ARRAY)
+        return err_set(e, "%s: layers_to_transform must be an integer or a list of integers", path);
+    const Json *rp = json_get(cfg, "rank_pattern"), *ap = json_get(cfg, "alpha_pattern");
+    if ((rp && rp->type != JSON_OBJECT && rp->type != JSON_NULL) || (ap && ap->type != JSON_OBJECT && ap->type != JSON_NULL))
+        return err_set(e, "%s: rank_pattern and alpha_pattern must be objects", path);
     return 0;
 }
 
-typedef struct {
-    int R;
-    float alpha, dropout;
-    unsigned targets;
-    char *base_model;
-} LoraConfig;
+// Fills s->rank and s->alpha of every projection PEFT would adapt; refuses any other module.
+static int select_modules(LoraShape *s, const Json *cfg, int r, const char *path, Err *e) {
+    PeftRules rules = {json_get(cfg, "target_modules"), json_get(cfg, "exclude_modules"), json_get(cfg, "layers_to_transform"),
+                       json_get(cfg, "layers_pattern"), path};
+    char key[96];
+    int layer, n = 0;
+    for (int i = 0; module_name(key, sizeof key, i, s->L, &layer) == 0; i++) {
+        int is_proj = i < s->L * LORA_NTARGETS;
+        int m = peft_targets(&rules, key, is_proj, layer, e);
+        if (m < 0) return -1;
+        if (!m) continue;
+        if (!is_proj)
+            return err_set(e, "%s: target_modules selects '%s', which is not one of the seven projections (q_proj, k_proj, "
+                           "v_proj, o_proj, gate_proj, up_proj, down_proj); sft adapts only those", path, key);
+        double rk = r, ak = s->lora_alpha;
+        if (pattern_value(&rk, json_get(cfg, "rank_pattern"), key, "rank_pattern", 1, LORA_MAX_R, path, e) < 0 ||
+            pattern_value(&ak, json_get(cfg, "alpha_pattern"), key, "alpha_pattern", 1e-30, 1e6, path, e) < 0)
+            return -1;
+        if (rk != floor(rk)) return err_set(e, "%s: rank_pattern: the rank of '%s' is not an integer", path, key);
+        s->rank[i] = (int)rk;
+        s->alpha[i] = (float)ak;
+        n++;
+    }
+    if (n == 0) return err_set(e, "%s: target_modules selects none of the model's projections", path);
+    return 0;
+}
 
-static int read_config(LoraConfig *lc, const char *dir, Err *e) {
-    char path[1100];
-    snprintf(path, sizeof path, "%s/adapter_config.json", dir);
+// r, lora_alpha, lora_dropout, use_rslora into s.
+static int config_numbers(LoraShape *s, const Json *cfg, int *r, const char *path, Err *e) {
+    const Json *jr = json_get(cfg, "r"), *alpha = json_get(cfg, "lora_alpha"), *drop = json_get(cfg, "lora_dropout");
+    const Json *rs = json_get(cfg, "use_rslora");
+    if (cfg->type != JSON_OBJECT) return err_set(e, "%s: not a JSON object", path);
+    if (!jr || jr->type != JSON_NUMBER || jr->number != floor(jr->number) || jr->number < 1 || jr->number > LORA_MAX_R)
+        return err_set(e, "%s: r must be an integer in [1, %d]", path, LORA_MAX_R);
+    if (alpha && (alpha->type != JSON_NUMBER || !(alpha->number > 0) || alpha->number > 1e6))
+        return err_set(e, "%s: lora_alpha must be a positive number", path);
+    if (drop && drop->type != JSON_NULL && (drop->type != JSON_NUMBER || !(drop->number >= 0 && drop->number < 1)))
+        return err_set(e, "%s: lora_dropout must be a number in [0, 1)", path);
+    if (rs && rs->type != JSON_BOOL && rs->type != JSON_NULL) return err_set(e, "%s: use_rslora must be true or false", path);
+    *r = (int)jr->number;
+    s->lora_alpha = alpha ? (float)alpha->number : 8.0f;  // PEFT's default
+    s->dropout = drop && drop->type == JSON_NUMBER ? (float)drop->number : 0.0f;
+    s->rslora = is_true(rs);
+    return 0;
+}
+
+int lora_read_peft_config(LoraShape *s, char **base_model, const char *path, const Config *c, Err *e) {
     size_t len;
     char *text = read_file(path, &len, e);
-    if (!text) return -1;
+    shape_alloc(s, c->L);
+    *base_model = NULL;
+    if (!text) return lora_shape_free(s), -1;
     Json cfg;
     Err je;
     int rc = json_parse(&cfg, text, len, &je);
     free(text);
-    if (rc != 0) return err_set(e, "%s: %s", path, je.msg);
-    rc = -1;
-    const Json *r = json_get(&cfg, "r"), *alpha = json_get(&cfg, "lora_alpha"), *drop = json_get(&cfg, "lora_dropout");
+    if (rc != 0) return lora_shape_free(s), err_set(e, "%s: %s", path, je.msg);
+    int r = 0;
+    rc = config_numbers(s, &cfg, &r, path, e);
+    if (rc == 0) rc = check_plain_lora(&cfg, path, e);
+    if (rc == 0) rc = select_modules(s, &cfg, r, path, e);
     const Json *base = json_get(&cfg, "base_model_name_or_path");
-    if (cfg.type != JSON_OBJECT) err_set(e, "%s: not a JSON object", path);
-    else if (!r || r->type != JSON_NUMBER || r->number != floor(r->number) || r->number < 1 || r->number > LORA_MAX_R)
-        err_set(e, "%s: r must be an integer in [1, %d]", path, LORA_MAX_R);
-    else if (alpha && (alpha->type != JSON_NUMBER || !(alpha->number > 0) || alpha->number > 1e6))
-        err_set(e, "%s: lora_alpha must be a positive number", path);
-    else if (drop && drop->type != JSON_NULL && (drop->type != JSON_NUMBER || !(drop->number >= 0 && drop->number < 1)))
-        err_set(e, "%s: lora_dropout must be a number in [0, 1)", path);
-    else if (check_plain_lora(&cfg, path, e) == 0 && config_targets(&lc->targets, json_get(&cfg, "target_modules"), path, e) == 0) {
-        lc->R = (int)r->number;
-        lc->alpha = alpha ? (float)alpha->number : 8.0f;  // PEFT's default
-        lc->dropout = drop && drop->type == JSON_NUMBER ? (float)drop->number : 0.0f;
-        lc->base_model = xstrdup(base && base->type == JSON_STRING ? base->str : "");
-        rc = 0;
-    }
+    if (rc == 0) *base_model = xstrdup(base && base->type == JSON_STRING ? base->str : "");
+    else lora_shape_free(s);
     json_free(&cfg);
     return rc;
 }
@@ -258,12 +409,12 @@ static int read_tensors(Lora *lora, const StFile *f, const char *path, Err *e) {
             break;
         }
         LoraPair *p = &lora->pairs[l * LORA_NTARGETS + k];
-        int64_t rows = is_B ? p->out : lora->R, cols = is_B ? lora->R : p->in;
+        int64_t rows = is_B ? p->out : p->r, cols = is_B ? p->r : p->in;
         if (!p->A) rc = err_set(e, "%s: tensor '%s': %s is not in target_modules of adapter_config.json", path, t->name, lora_target_names[k]);
         else if (t->n_dims != 2 || t->shape[0] != rows || t->shape[1] != cols)
             rc = err_set(e, "%s: tensor '%s' has shape [%lld, %lld], the model needs [%lld, %lld] (rank %d)", path, t->name,
                          (long long)(t->n_dims > 0 ? t->shape[0] : 0), (long long)(t->n_dims > 1 ? t->shape[1] : 0),
-                         (long long)rows, (long long)cols, lora->R);
+                         (long long)rows, (long long)cols, p->r);
         else rc = copy_values(is_B ? p->B : p->A, t, (size_t)rows * cols, path, e);
         seen[2 * (l * LORA_NTARGETS + k) + is_B] = 1;
     }
@@ -278,14 +429,17 @@ static int read_tensors(Lora *lora, const StFile *f, const char *path, Err *e) {
     return rc;
 }
 
-int lora_load(Lora *lora, const char *dir, const Config *c, Err *e) {
-    LoraConfig lc = {0};
-    memset(lora, 0, sizeof *lora);
-    if (read_config(&lc, dir, e) != 0) return -1;
-    lora_alloc(lora, c, lc.R, lc.alpha, lc.dropout, lc.targets);
-    free(lora->base_model);
-    lora->base_model = lc.base_model;
+// A PEFT directory: the config decides the pairs, the tensors must be exactly those.
+static int load_peft(Lora *lora, const char *dir, const Config *c, Err *e) {
     char path[1100];
+    snprintf(path, sizeof path, "%s/adapter_config.json", dir);
+    LoraShape s;
+    char *base;
+    if (lora_read_peft_config(&s, &base, path, c, e) != 0) return -1;
+    lora_alloc(lora, c, &s);
+    lora_shape_free(&s);
+    free(lora->base_model);
+    lora->base_model = base;
     snprintf(path, sizeof path, "%s/adapter_model.safetensors", dir);
     StFile f;
     int rc = safetensors_open(&f, path, e);
@@ -295,6 +449,11 @@ int lora_load(Lora *lora, const char *dir, const Config *c, Err *e) {
     }
     if (rc != 0) lora_free(lora);
     return rc;
+}
+
+int lora_load(Lora *lora, const char *path, const Config *c, Err *e) {
+    memset(lora, 0, sizeof *lora);
+    return lora_is_gguf(path) ? lora_load_gguf(lora, path, c, e) : load_peft(lora, path, c, e);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -310,26 +469,110 @@ static void write_float(FILE *f, float v) {
     fputs(buf, f);
 }
 
+// The targets adapted in layer l.
+static unsigned layer_targets(const Lora *lora, int l) {
+    unsigned t = 0;
+    for (int k = 0; k < LORA_NTARGETS; k++)
+        if (lora->pairs[l * LORA_NTARGETS + k].r) t |= 1u << k;
+    return t;
+}
+
+// 1 when the pairs are one set of targets in each of a set of layers (*n_layers of them).
+static int is_product(const Lora *lora, unsigned *targets, int *n_layers) {
+    *targets = 0, *n_layers = 0;
+    for (int l = 0; l < lora->L; l++) {
+        unsigned t = layer_targets(lora, l);
+        if (!t) continue;
+        if (*targets && t != *targets) return 0;
+        *targets = t, (*n_layers)++;
+    }
+    return 1;
+}
+
+// The most common rank of the adapted pairs (the first one seen on a tie).
+static int common_rank(const Lora *lora) {
+    int best = lora->R, best_n = 0;
+    for (int i = 0; i < lora->L * LORA_NTARGETS; i++) {
+        int r = lora->pairs[i].r, n = 0;
+        for (int j = 0; j < lora->L * LORA_NTARGETS && r; j++) n += lora->pairs[j].r == r;
+        if (n > best_n) best = r, best_n = n;
+    }
+    return best;
+}
+
+// {"model.layers.1.mlp.down_proj": 2, ...}: the pairs whose rank (alpha = 0) or alpha (alpha = 1)
+// is not the config's r / lora_alpha. PEFT matches these keys as (.*\.)?(key): only that module.
+static void write_pattern(FILE *f, const Lora *lora, int alpha, int r0) {
+    const char *sep = "";
+    char key[96];
+    int layer;
+    fputc('{', f);
+    for (int i = 0; i < lora->L * LORA_NTARGETS; i++) {
+        const LoraPair *p = &lora->pairs[i];
+        if (!p->r || (alpha ? p->alpha == lora->alpha : p->r == r0)) continue;
+        module_name(key, sizeof key, i, lora->L, &layer);
+        fprintf(f, "%s\"%s\": ", sep, key);
+        if (alpha) write_float(f, p->alpha);
+        else fprintf(f, "%d", p->r);
+        sep = ", ";
+    }
+    fputc('}', f);
+}
+
+// target_modules naming exactly the adapted pairs: the target names (with layers_to_transform,
+// written by write_layers, when not every layer has them), or else every module's full name.
+static void write_targets(FILE *f, const Lora *lora) {
+    unsigned t;
+    int n_layers, layer;
+    const char *sep = "";
+    char key[96];
+    int product = is_product(lora, &t, &n_layers);
+    fputc('[', f);
+    for (int i = 0; i < (product ? LORA_NTARGETS : lora->L * LORA_NTARGETS); i++) {
+        if (product ? !(t & (1u << i)) : !lora->pairs[i].r) continue;
+        if (!product) module_name(key, sizeof key, i, lora->L, &layer);
+        fprintf(f, "%s\"%s\"", sep, product ? lora_target_names[i] : key), sep = ", ";
+    }
+    fputc(']', f);
+}
+
+static void write_layers(FILE *f, const Lora *lora) {
+    unsigned t;
+    int n_layers;
+    if (!is_product(lora, &t, &n_layers) || n_layers == lora->L) {
+        fputs("null", f);
+        return;
+    }
+    const char *sep = "";
+    fputc('[', f);
+    for (int l = 0; l < lora->L; l++)
+        if (layer_targets(lora, l)) fprintf(f, "%s%d", sep, l), sep = ", ";
+    fputc(']', f);
+}
+
 static int write_config(const Lora *lora, const char *dir, Err *e) {
     char path[1100];
     snprintf(path, sizeof path, "%s/adapter_config.json", dir);
     AtomicFile af;
     if (atomic_open(&af, path, e) != 0) return -1;
     FILE *f = af.f;
-    fprintf(f, "{\n  \"alpha_pattern\": {},\n  \"auto_mapping\": null,\n  \"base_model_name_or_path\": ");
+    int r0 = common_rank(lora);
+    fprintf(f, "{\n  \"alpha_pattern\": ");
+    write_pattern(f, lora, 1, r0);
+    fprintf(f, ",\n  \"auto_mapping\": null,\n  \"base_model_name_or_path\": ");
     json_write_string(f, lora->base_model, strlen(lora->base_model));
     fprintf(f, ",\n  \"bias\": \"none\",\n  \"fan_in_fan_out\": false,\n  \"inference_mode\": true,\n"
-               "  \"init_lora_weights\": true,\n  \"layers_pattern\": null,\n  \"layers_to_transform\": null,\n"
-               "  \"lora_alpha\": ");
+               "  \"init_lora_weights\": true,\n  \"layers_pattern\": null,\n  \"layers_to_transform\": ");
+    write_layers(f, lora);
+    fprintf(f, ",\n  \"lora_alpha\": ");
     write_float(f, lora->alpha);
     fprintf(f, ",\n  \"lora_dropout\": ");
     write_float(f, lora->dropout);
-    fprintf(f, ",\n  \"modules_to_save\": null,\n  \"peft_type\": \"LORA\",\n  \"r\": %d,\n  \"rank_pattern\": {},\n"
-               "  \"revision\": null,\n  \"target_modules\": [", lora->R);
-    const char *sep = "";
-    for (int k = 0; k < LORA_NTARGETS; k++)
-        if (lora->targets & (1u << k)) fprintf(f, "%s\"%s\"", sep, lora_target_names[k]), sep = ", ";
-    fprintf(f, "],\n  \"task_type\": \"CAUSAL_LM\",\n  \"use_dora\": false,\n  \"use_rslora\": false\n}\n");
+    fprintf(f, ",\n  \"modules_to_save\": null,\n  \"peft_type\": \"LORA\",\n  \"r\": %d,\n  \"rank_pattern\": ", r0);
+    write_pattern(f, lora, 0, r0);
+    fprintf(f, ",\n  \"revision\": null,\n  \"target_modules\": ");
+    write_targets(f, lora);
+    fprintf(f, ",\n  \"task_type\": \"CAUSAL_LM\",\n  \"use_dora\": false,\n  \"use_rslora\": %s\n}\n", lora->rslora ? "true" : "false");
     return atomic_close(&af, e);
 }
 
@@ -345,7 +588,7 @@ static int write_tensors(const Lora *lora, const char *path, int grads, Err *e) 
             char *name = names + (size_t)n * 160;
             tensor_name(name, 160, i / LORA_NTARGETS, i % LORA_NTARGETS, is_B);
             t[n] = (StTensor){.name = name, .type = TYPE_F32, .n_dims = 2,
-                              .shape = {is_B ? p->out : lora->R, is_B ? lora->R : p->in},
+                              .shape = {is_B ? p->out : p->r, is_B ? p->r : p->in},
                               .data = is_B ? (grads ? p->dB : p->B) : (grads ? p->dA : p->A)};
             n++;
         }

@@ -951,13 +951,13 @@ static LoraSite lora_site(const Pass *ps, int l, int target, float *lora_u, int 
     LoraSite s = {0};
     if (!ps->lora || !ps->lora->pairs[l * LORA_NTARGETS + target].A) return s;
     s.pair = &ps->lora->pairs[l * LORA_NTARGETS + target];
-    s.R = ps->lora->R;
-    s.u = lora_u + (size_t)target * T * s.R;
+    s.R = s.pair->r;  // this projection's rank (PEFT's rank_pattern), at most the adapter's R
+    s.u = lora_u + (size_t)target * T * ps->lora->R;
     s.du = ps->lora_du;
     s.bt = ps->lora_bt;
     s.xdrop = ps->xdrop;
     s.keep = ps->keep ? ps->keep + keep_offset(ps->c, l, target, T) : NULL;
-    s.scale = ps->lora->alpha / (float)ps->lora->R;
+    s.scale = lora_scale(ps->lora, s.pair);  // alpha / r, or alpha / sqrt(r) with rsLoRA
     s.p = ps->p;
     s.seed = ps->seed;
     s.site = (uint64_t)l * LORA_NTARGETS + (uint64_t)target;

@@ -19,6 +19,7 @@
 
 #include "gguf.h"
 #include "json.h"
+#include "lora.h"
 #include "quant.h"
 #include "safetensors.h"
 #include "threads.h"
@@ -243,7 +244,8 @@ static int config_from_json(Config *c, const char *path, int need_vocab, Err *e)
     else if (tie && tie->type != JSON_BOOL) rc = err_set(e, "%s: \"tie_word_embeddings\" is not a bool", path);
     if (rc == 0 && json_key_int(&c->NKV, &j, "num_key_value_heads", 0, path, e) == 1) c->NKV = c->NH;
     if (rc == 0 && c->NKV == 0) rc = -1;
-    if (rc == 0) rc = json_key_float(&c->rope_theta, &j, "rope_theta", 10000.0f, path, e);
+    const Json *rp = json_get(&j, "rope_parameters");  // transformers 5 keeps rope_theta in there
+    if (rc == 0) rc = json_key_float(&c->rope_theta, rp && !json_get(&j, "rope_theta") ? rp : &j, "rope_theta", 10000.0f, path, e);
     if (rc == 0) rc = json_key_float(&c->rms_eps, &j, "rms_norm_eps", 1e-6f, path, e);
     c->tied = tie && tie->boolean;  // Qwen2Config's default is false
     c->HS = c->NH > 0 ? c->C / c->NH : 0;
@@ -579,27 +581,42 @@ typedef struct {
     int64_t row0;          // first row of this batch
     unsigned char *out;    // [rows of the batch] rows of row_bytes(type, cols)
     uint64_t seed;         // FILL_NORMAL
+    const LoraPair *pair;  // FILL_SOURCE with an adapter (sft merge): each row gets scale * (B A)[row]
+    float scale;
     int slot;
     float std;
     const float *table;
     int failed;            // set when quantize_row refuses the type
 } RowJob;
 
+// w[cols] += scale * (B A)[row, :] for the pair's A [r, cols] and B [rows, r]; d[cols] is scratch.
+// As PEFT's merge: the product B A in float32, then times the scale, then added.
+static void add_lora_row(float *w, float *d, const LoraPair *p, float scale, int64_t row) {
+    memset(d, 0, sizeof(float) * (size_t)p->in);
+    for (int k = 0; k < p->r; k++) {
+        float b = p->B[(size_t)row * p->r + k];
+        const float *a = p->A + (size_t)k * p->in;
+        for (int i = 0; i < p->in; i++) d[i] += b * a[i];
+    }
+    for (int i = 0; i < p->in; i++) w[i] += d[i] * scale;
+}
+
 static void row_job_run(void *ctx, int start, int end) {
     RowJob *j = ctx;
     size_t out_row = row_bytes(j->type, j->cols);
     size_t in_row = j->src ? row_bytes(j->src->type, j->cols) : 0;
-    float *tmp = xmalloc(sizeof(float) * (size_t)j->cols);
+    float *tmp = xmalloc(sizeof(float) * (size_t)j->cols * 2);
     for (int r = start; r < end; r++) {
         int64_t row = j->row0 + r;
         unsigned char *dst = j->out + (size_t)r * out_row;
         if (j->fill == FILL_SOURCE) {
             const unsigned char *src = (const unsigned char *)j->src->data + (size_t)row * in_row;
-            if (j->src->type == j->type) {
+            if (j->src->type == j->type && !j->pair) {
                 memcpy(dst, src, out_row);
                 continue;
             }
             dequantize_row(j->src->type, tmp, src, j->cols);
+            if (j->pair) add_lora_row(tmp, tmp + j->cols, j->pair, j->scale, row);
         } else if (j->fill == FILL_NORMAL) {
             normal_row(tmp, j->cols, j->seed, j->slot, row, j->std, j->table);
         } else {
@@ -874,6 +891,7 @@ typedef struct {
     int n_slots;
     RowJob proto;          // fill, seed, std, table for random models
     const Source *src;     // FILL_SOURCE
+    const Lora *lora;      // FILL_SOURCE: an adapter merged into the matrices it adapts (or NULL)
     float embed_std;
 } WritePlan;
 
@@ -891,6 +909,15 @@ static int add_tensor_infos(GgufWriter *w, const WritePlan *p, Err *e) {
     return 0;
 }
 
+// The adapter's pair on a slot's matrix, or NULL.
+static const LoraPair *slot_pair(const Lora *lora, int slot) {
+    static const int target[N_LAYER] = {-1, LORA_Q, -1, LORA_K, -1, LORA_V, -1, LORA_O, -1, LORA_GATE, LORA_UP, LORA_DOWN};
+    int l = slot_layer(slot), k = l < 0 ? -1 : target[slot_kind(slot)];
+    if (!lora || k < 0) return NULL;
+    const LoraPair *p = &lora->pairs[l * LORA_NTARGETS + k];
+    return p->r ? p : NULL;
+}
+
 // Streams one tensor's rows, converted or drawn, in batches of about 4M values.
 static int write_tensor(GgufWriter *w, const WritePlan *p, int slot, Err *e) {
     int64_t rows, cols;
@@ -899,8 +926,11 @@ static int write_tensor(GgufWriter *w, const WritePlan *p, int slot, Err *e) {
     j.type = p->slot_type[slot];
     j.cols = cols;
     j.slot = slot;
-    if (p->src) j.src = &p->src->t[slot];
-    else if (!slot_is_matrix(slot) && slot_kind(slot) != K_QB && slot_kind(slot) != K_KB && slot_kind(slot) != K_VB) j.fill = FILL_ONES;
+    if (p->src) {
+        j.src = &p->src->t[slot];
+        j.pair = slot_pair(p->lora, slot);
+        if (j.pair) j.scale = lora_scale(p->lora, j.pair);
+    } else if (!slot_is_matrix(slot) && slot_kind(slot) != K_QB && slot_kind(slot) != K_KB && slot_kind(slot) != K_VB) j.fill = FILL_ONES;
     else if (slot == S_EMBED) j.std = p->embed_std;
     int64_t batch = (1 << 22) / cols > 0 ? (1 << 22) / cols : 1;
     size_t out_row = row_bytes(j.type, cols);
@@ -1064,4 +1094,282 @@ int model_info(FILE *out, const char *path, Err *e) {
     print_tensors(out, &s);
     source_close(&s);
     return 0;
+}
+
+// ---------------------------------------------------------------------------------------------
+// What a model names itself, for an adapter's base_model_name_or_path.
+
+// 1 when s is a Hugging Face id "org/name" (letters, digits, '.', '_', '-'; not starting with
+// '.' or '-' so that a path like ./x or ../x is not taken for one).
+static int is_hf_id(const char *s, size_t n) {
+    const char *slash = memchr(s, '/', n);
+    if (!slash || slash == s || slash == s + n - 1 || memchr(slash + 1, '/', n - (size_t)(slash + 1 - s))) return 0;
+    if (s[0] == '.' || s[0] == '-' || slash[1] == '.' || slash[1] == '-') return 0;
+    for (size_t i = 0; i < n; i++)
+        if (!(s[i] == '/' || s[i] == '.' || s[i] == '_' || s[i] == '-' || (s[i] >= '0' && s[i] <= '9') ||
+              ((s[i] | 0x20) >= 'a' && (s[i] | 0x20) <= 'z')))
+            return 0;
+    return 1;
+}
+
+// "org/name" from "org/name" or "https://huggingface.co/org/name[/]", or NULL.
+static char *hf_id_of(const char *v) {
+    const char *prefix = "https://huggingface.co/";
+    if (strncmp(v, prefix, strlen(prefix)) == 0) v += strlen(prefix);
+    size_t n = strlen(v);
+    if (n > 0 && v[n - 1] == '/') n--;
+    if (!is_hf_id(v, n)) return NULL;
+    char *id = xmalloc(n + 1);
+    memcpy(id, v, n);
+    id[n] = 0;
+    return id;
+}
+
+// The id a GGUF model's metadata gives for the model itself (not for the model it was tuned from:
+// general.base_model.* are ignored), or NULL.
+static char *gguf_hf_id(const GgufFile *g) {
+    const char *keys[] = {"general.source.huggingface.repository", "general.source.repo_url", "general.repo_url",
+                          "general.source.url", "general.url"};
+    for (int i = 0; i < 5; i++) {
+        const char *v;
+        char *id = gguf_get_str(g, keys[i], &v, 1, NULL) == 0 ? hf_id_of(v) : NULL;
+        if (id) return id;
+    }
+    return NULL;
+}
+
+// config.json's _name_or_path when it is an id, or NULL.
+static char *dir_hf_id(const char *dir) {
+    char *path = path_join(dir, "config.json");
+    Json j;
+    char *id = NULL;
+    if (read_json(&j, path, NULL) == 0) {
+        const Json *v = json_get(&j, "_name_or_path");
+        if (v && v->type == JSON_STRING && v->len == strlen(v->str)) id = hf_id_of(v->str);
+        json_free(&j);
+    }
+    free(path);
+    return id;
+}
+
+int model_peek(const char *path, Config *c, char **hf_id, Err *e) {
+    Source s;
+    if (source_open(&s, path, e) != 0) return -1;
+    *c = s.c;
+    if (hf_id) *hf_id = s.gguf ? gguf_hf_id(&s.g) : dir_hf_id(s.path);
+    source_close(&s);
+    return 0;
+}
+
+// ---------------------------------------------------------------------------------------------
+// sft merge: W' = W + scale B A in float32 from the base as stored, then written as GGUF (through
+// write_model) or as a Hugging Face directory.
+
+// The GGUF types of a merge: --type for every matrix, or each matrix's stored type (a merged one
+// that has no quantizer becomes Q8_0), or BF16 for a Hugging Face base.
+static int *merge_types(const Source *s, const Lora *lora, const char *type_name, int *file_type, Err *e) {
+    int mix = 0, type = TYPE_BF16;
+    if (type_name && (type = parse_out_type(type_name, &mix, e)) < 0) return NULL;
+    if (type_name || !s->gguf) {
+        *file_type = file_type_of(type, mix);
+        return plan_types(&s->c, s->n_slots, type, mix);
+    }
+    int *t = xmalloc(sizeof(int) * (size_t)s->n_slots), common = -1;
+    for (int slot = 0; slot < s->n_slots; slot++) {
+        t[slot] = slot == S_OUTPUT && s->c.tied ? -1 : !slot_is_matrix(slot) ? TYPE_F32 : s->t[slot].type;
+        if (t[slot] >= 0 && t[slot] != TYPE_F32 && slot_pair(lora, slot) && !can_quantize(t[slot])) {
+            fprintf(stderr, "sft: note: no quantizer for %s: merged matrices are written as q8_0\n", type_info(t[slot])->name);
+            t[slot] = fit_type(TYPE_Q8_0, s->t[slot].cols);
+        }
+        if (slot_kind(slot) == K_Q) common = t[slot];
+    }
+    *file_type = common >= 0 ? file_type_of(common, 0) : 0;
+    return t;
+}
+
+static int merge_gguf(const Source *s, const Lora *lora, const char *out, const char *type_name, Err *e) {
+    int file_type = 0;
+    int *types = merge_types(s, lora, type_name, &file_type, e);
+    if (!types) return -1;
+    WritePlan p = {.c = &s->c, .n_slots = s->n_slots, .src = s, .lora = lora, .proto = {.fill = FILL_SOURCE}, .slot_type = types};
+    ModelMeta meta = {&s->c, &s->tok, s->name, s->chat_template, file_type};
+    int rc = write_model(out, &meta, &p, e);
+    free(types);
+    return rc;
+}
+
+// One slot's tensor, merged, in dtype (TYPE_F32 or TYPE_BF16): a malloc'ed [rows, cols] array.
+static void *slot_tensor(const Source *s, const Lora *lora, int slot, int dtype, Err *e) {
+    const SrcTensor *t = &s->t[slot];
+    RowJob j = {.fill = FILL_SOURCE, .src = t, .type = dtype, .cols = t->cols, .pair = slot_pair(lora, slot)};
+    if (j.pair) j.scale = lora_scale(lora, j.pair);
+    j.out = xmalloc(row_bytes(dtype, t->cols) * (size_t)t->rows);
+    if (run_rows(&j, 0, t->rows, e) == 0) return j.out;
+    free(j.out);
+    return NULL;
+}
+
+// DIR/model.safetensors: every tensor under its Hugging Face name (no lm_head when tied).
+static int write_st_weights(const char *dir, const Source *s, const Lora *lora, int dtype, Err *e) {
+    StTensor *t = xcalloc((size_t)s->n_slots, sizeof *t);
+    char *names = xmalloc((size_t)s->n_slots * 128);
+    int n = 0, rc = 0;
+    for (int i = 0; i < s->n_slots && rc == 0; i++) {
+        int slot = slot_order(i, s->n_slots);
+        if (slot == S_OUTPUT && s->c.tied) continue;
+        const SrcTensor *src = &s->t[slot];
+        void *data = slot_tensor(s, lora, slot, dtype, e);
+        if (!data) rc = -1;
+        t[n] = (StTensor){.name = slot_name(names + (size_t)n * 128, 128, slot, 0), .type = dtype, .data = data,
+                          .n_dims = slot_is_matrix(slot) ? 2 : 1, .shape = {src->rows, src->cols}};
+        if (t[n].n_dims == 1) t[n].shape[0] = src->cols;
+        n++;
+    }
+    char *path = path_join(dir, "model.safetensors");
+    if (rc == 0) rc = safetensors_write(path, t, n, "{\"format\":\"pt\"}", e);
+    for (int i = 0; i < n; i++) free((void *)t[i].data);
+    free(path), free(names), free(t);
+    return rc;
+}
+
+// Writes text (n bytes) into DIR/name atomically.
+static int write_text_file(const char *dir, const char *name, const char *text, size_t n, Err *e) {
+    char *path = path_join(dir, name);
+    AtomicFile af;
+    int rc = atomic_open(&af, path, e);
+    if (rc == 0 && fwrite(text, 1, n, af.f) != n) atomic_abort(&af), rc = err_set(e, "%s: write failed", path);
+    else if (rc == 0) rc = atomic_close(&af, e);
+    free(path);
+    return rc;
+}
+
+static int write_hf_config(const char *dir, const Source *s, int dtype, Err *e) {
+    const Config *c = &s->c;
+    char buf[2048];
+    snprintf(buf, sizeof buf,
+             "{\n  \"architectures\": [\"Qwen2ForCausalLM\"],\n  \"attention_dropout\": 0.0,\n  \"bos_token_id\": %d,\n"
+             "  \"eos_token_id\": %d,\n  \"hidden_act\": \"silu\",\n  \"hidden_size\": %d,\n  \"initializer_range\": 0.02,\n"
+             "  \"intermediate_size\": %d,\n  \"max_position_embeddings\": %d,\n  \"max_window_layers\": %d,\n"
+             "  \"model_type\": \"qwen2\",\n  \"num_attention_heads\": %d,\n  \"num_hidden_layers\": %d,\n"
+             "  \"num_key_value_heads\": %d,\n  \"rms_norm_eps\": %.9g,\n  \"rope_scaling\": null,\n  \"rope_theta\": %.9g,\n"
+             "  \"sliding_window\": null,\n  \"tie_word_embeddings\": %s,\n  \"torch_dtype\": \"%s\",\n  \"use_cache\": true,\n"
+             "  \"use_sliding_window\": false,\n  \"vocab_size\": %d\n}\n",
+             s->tok.endoftext_id, s->tok.eos_id, c->C, c->FF, c->max_seq, c->L, c->NH, c->L, c->NKV, (double)c->rms_eps,
+             (double)c->rope_theta, c->tied ? "true" : "false", dtype == TYPE_BF16 ? "bfloat16" : "float32", c->V);
+    return write_text_file(dir, "config.json", buf, strlen(buf), e);
+}
+
+static int write_gen_config(const char *dir, const Source *s, Err *e) {
+    char buf[512];
+    snprintf(buf, sizeof buf,
+             "{\n  \"bos_token_id\": %d,\n  \"do_sample\": true,\n  \"eos_token_id\": [%d, %d],\n  \"pad_token_id\": %d,\n"
+             "  \"repetition_penalty\": %.9g,\n  \"temperature\": %.9g,\n  \"top_k\": %d,\n  \"top_p\": %.9g\n}\n",
+             s->tok.endoftext_id, s->tok.eos_id, s->tok.endoftext_id, s->tok.pad_id, (double)s->gen.repetition_penalty,
+             (double)s->gen.temperature, s->gen.top_k, (double)s->gen.top_p);
+    return write_text_file(dir, "generation_config.json", buf, strlen(buf), e);
+}
+
+static void write_json_str(FILE *f, const char *s) { json_write_string(f, s, strlen(s)); }
+
+// DIR/tokenizer.json for a tokenizer read from GGUF: Qwen2's normalizer, pre-tokenizer and
+// decoder, the BPE vocabulary and merges, and the control / user-defined tokens as added tokens
+// (padding rows of the embedding, type UNUSED, are left out).
+static int write_tokenizer_json(const char *dir, const Tokenizer *tok, Err *e) {
+    static const char *bl = "{\"type\": \"ByteLevel\", \"add_prefix_space\": false, \"trim_offsets\": false, \"use_regex\": false}";
+    char *path = path_join(dir, "tokenizer.json");
+    AtomicFile af;
+    int rc = atomic_open(&af, path, e);
+    free(path);
+    if (rc != 0) return -1;
+    FILE *f = af.f;
+    const char *sep = "";
+    fprintf(f, "{\"version\": \"1.0\", \"truncation\": null, \"padding\": null, \"added_tokens\": [");
+    for (int i = 0; i < tok->n_vocab; i++) {
+        int t = tok->token_type[i];
+        if (t != TOKEN_CONTROL && t != TOKEN_USER_DEFINED) continue;
+        fprintf(f, "%s{\"id\": %d, \"content\": ", sep, i), sep = ", ";
+        write_json_str(f, tok->vocab[i]);
+        fprintf(f, ", \"single_word\": false, \"lstrip\": false, \"rstrip\": false, \"normalized\": false, \"special\": %s}",
+                t == TOKEN_CONTROL ? "true" : "false");
+    }
+    fprintf(f, "], \"normalizer\": {\"type\": \"NFC\"}, \"pre_tokenizer\": {\"type\": \"Sequence\", \"pretokenizers\": "
+               "[{\"type\": \"Split\", \"pattern\": {\"Regex\": \"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\\\r\\\\n\\\\p{L}\\\\p{N}]?"
+               "\\\\p{L}+|\\\\p{N}| ?[^\\\\s\\\\p{L}\\\\p{N}]+[\\\\r\\\\n]*|\\\\s*[\\\\r\\\\n]+|\\\\s+(?!\\\\S)|\\\\s+\"}, "
+               "\"behavior\": \"Isolated\", \"invert\": false}, %s]}, \"post_processor\": %s, \"decoder\": %s, "
+               "\"model\": {\"type\": \"BPE\", \"dropout\": null, \"unk_token\": null, \"continuing_subword_prefix\": \"\", "
+               "\"end_of_word_suffix\": \"\", \"fuse_unk\": false, \"byte_fallback\": false, \"ignore_merges\": false, \"vocab\": {",
+            bl, bl, bl);
+    sep = "";
+    for (int i = 0; i < tok->n_vocab; i++) {
+        if (tok->token_type[i] != TOKEN_NORMAL && tok->token_type[i] != TOKEN_BYTE) continue;
+        fputs(sep, f), sep = ", ";
+        write_json_str(f, tok->vocab[i]);
+        fprintf(f, ": %d", i);
+    }
+    fprintf(f, "}, \"merges\": [");
+    for (int i = 0; i < tok->n_merges; i++) fputs(i ? ", " : "", f), write_json_str(f, tok->merges[i]);
+    fprintf(f, "]}}\n");
+    return atomic_close(&af, e);
+}
+
+static int write_tokenizer_config(const char *dir, const Source *s, Err *e) {
+    char *path = path_join(dir, "tokenizer_config.json");
+    AtomicFile af;
+    int rc = atomic_open(&af, path, e);
+    free(path);
+    if (rc != 0) return -1;
+    const Tokenizer *t = &s->tok;
+    fprintf(af.f, "{\n  \"add_bos_token\": false,\n  \"add_prefix_space\": false,\n  \"bos_token\": null,\n  \"chat_template\": ");
+    if (s->chat_template) write_json_str(af.f, s->chat_template);
+    else fputs("null", af.f);
+    fprintf(af.f, ",\n  \"clean_up_tokenization_spaces\": false,\n  \"eos_token\": ");
+    write_json_str(af.f, t->eos_id >= 0 ? t->vocab[t->eos_id] : "");
+    fprintf(af.f, ",\n  \"errors\": \"replace\",\n  \"model_max_length\": %d,\n  \"pad_token\": ", s->c.max_seq);
+    write_json_str(af.f, t->pad_id >= 0 ? t->vocab[t->pad_id] : "");
+    fprintf(af.f, ",\n  \"split_special_tokens\": false,\n  \"tokenizer_class\": \"Qwen2Tokenizer\",\n  \"unk_token\": null\n}\n");
+    return atomic_close(&af, e);
+}
+
+// The tokenizer and generation files of a Hugging Face base, copied as they are.
+static int copy_hf_files(const char *dir, const Source *s, Err *e) {
+    const char *names[] = {"tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
+                           "added_tokens.json", "chat_template.jinja", "generation_config.json"};
+    int rc = 0;
+    for (int i = 0; i < 8 && rc == 0; i++) {
+        char *from = path_join(s->path, names[i]);
+        size_t len;
+        char *text = file_exists(from) ? read_file(from, &len, e) : NULL;
+        if (file_exists(from) && !text) rc = -1;
+        if (text) rc = write_text_file(dir, names[i], text, len, e);
+        free(text), free(from);
+    }
+    char *gen = path_join(s->path, "generation_config.json");
+    if (rc == 0 && !file_exists(gen)) rc = write_gen_config(dir, s, e);
+    free(gen);
+    return rc;
+}
+
+static int merge_dir(const Source *s, const Lora *lora, const char *dir, const char *dtype_name, Err *e) {
+    int dtype = dtype_name ? type_from_name(dtype_name) : TYPE_BF16;
+    if (dtype != TYPE_BF16 && dtype != TYPE_F32) return err_set(e, "--dtype '%s': a directory is written as bf16 or f32", dtype_name);
+    if (make_dirs(dir, e) != 0 || write_st_weights(dir, s, lora, dtype, e) != 0 || write_hf_config(dir, s, dtype, e) != 0) return -1;
+    if (!s->gguf) return copy_hf_files(dir, s, e);
+    if (write_tokenizer_json(dir, &s->tok, e) != 0 || write_tokenizer_config(dir, s, e) != 0) return -1;
+    return write_gen_config(dir, s, e);
+}
+
+int model_merge(const char *path, const char *lora_path, const MergeOptions *o, Err *e) {
+    Source s;
+    Lora lora;
+    if (source_open(&s, path, e) != 0) return -1;
+    int rc = lora_load(&lora, lora_path, &s.c, e);
+    if (rc != 0) return source_close(&s), -1;
+    size_t n = strlen(o->out);
+    int to_dir = is_dir(o->out) || (n > 0 && o->out[n - 1] == '/');
+    if (to_dir && o->type) rc = err_set(e, "--type is for a GGUF output; a directory takes --dtype bf16|f32");
+    else if (!to_dir && o->dtype) rc = err_set(e, "--dtype is for a directory output (--out DIR/); a GGUF file takes --type");
+    else rc = to_dir ? merge_dir(&s, &lora, o->out, o->dtype, e) : merge_gguf(&s, &lora, o->out, o->type, e);
+    lora_free(&lora);
+    source_close(&s);
+    return rc;
 }

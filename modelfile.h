@@ -6,6 +6,7 @@
 #include <stdint.h>
 #include <stdio.h>
 #include "common.h"
+#include "model.h"
 
 // Validates the model at path (GGUF file or Hugging Face directory) as model_load does, then
 // prints the architecture, hyperparameters, tokenizer summary, every tensor (name, shape, type,
@@ -29,5 +30,27 @@ typedef struct {
     const char *out;
 } InitOptions;
 int model_init_random(const InitOptions *o, Err *e);
+
+// Validates the model at path as model_load does, converting nothing, and gives its config and
+// the Hugging Face id it names for itself (hf_id may be NULL): config.json's "_name_or_path", or a
+// GGUF's general.source.huggingface.repository / general.source.repo_url / general.repo_url /
+// general.source.url / general.url, when it is "org/name" or https://huggingface.co/org/name.
+// *hf_id is malloc'ed, NULL when the model names none.
+int model_peek(const char *path, Config *c, char **hf_id, Err *e);
+
+// sft merge: the model at path with the adapter at lora_path (a PEFT directory or a GGUF adapter)
+// merged into its weights, W' = W + scale B A, in float32 from the base as stored (dequantized,
+// never through --quant), then written:
+//   out a file:       a GGUF model of `type` (a type name as for model_quantize; NULL: each
+//                     matrix's stored type for a GGUF base, bf16 for a Hugging Face base);
+//   out a directory   (ends with '/' or exists): a Hugging Face model directory, weights in
+//                     `dtype` ("bf16" (NULL) or "f32"), config.json, the tokenizer files (copied,
+//                     or written from a GGUF base's tokenizer) and generation_config.json.
+typedef struct {
+    const char *out;
+    const char *type;
+    const char *dtype;
+} MergeOptions;
+int model_merge(const char *path, const char *lora_path, const MergeOptions *o, Err *e);
 
 #endif

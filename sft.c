@@ -25,6 +25,7 @@
 #include "modelfile.h"
 #include "optim.h"
 #include "quant.h"
+#include "safetensors.h"
 #include "threads.h"
 #include "tokenizer.h"
 
@@ -167,6 +168,94 @@ static int cmd_init(int argc, char **argv) {
     return 0;
 }
 // ---------------------------------------------------------------------------------------------
+// sft export, sft merge: the adapter where other tools run models (lora_gguf.c, modelfile.c).
+
+static const char *export_help =
+    "usage: sft export --model BASE --lora ADAPTER --out ADAPTER.gguf [--type TYPE]\n"
+    "  --model BASE   the base model the adapter belongs to: GGUF or Hugging Face directory\n"
+    "                 (required; every tensor's shape is checked against it)\n"
+    "  --lora PATH    a PEFT adapter directory or a GGUF adapter (required)\n"
+    "  --out FILE     the llama.cpp LoRA adapter to write, atomically (required)\n"
+    "  --type TYPE    f32 (default) | f16 | bf16 | q8_0 (tensors whose rows are not whole blocks of\n"
+    "                 32 are written as f16, as llama.cpp's convert_lora_to_gguf.py does)\n"
+    "Writes what convert_lora_to_gguf.py writes: general.type adapter, adapter.type lora,\n"
+    "adapter.lora.alpha, and blk.N.attn_q.weight.lora_a / .lora_b ... for each adapted matrix.\n"
+    "llama.cpp scales every matrix by alpha / r: an rsLoRA adapter is written with alpha * sqrt(r),\n"
+    "and a matrix whose scale still differs (rank_pattern with rsLoRA, alpha_pattern) with its B\n"
+    "multiplied by the ratio. Use it with: llama-cli -m BASE.gguf --lora ADAPTER.gguf, or Ollama's\n"
+    "Modelfile (FROM BASE.gguf, ADAPTER ADAPTER.gguf).\n";
+
+static int cmd_export(int argc, char **argv) {
+    const char *model = NULL, *lora_path = NULL, *out = NULL, *type_name = "f32", *v;
+    for (int i = 1; i < argc; i++) {
+        if (strcmp(argv[i], "--help") == 0 || strcmp(argv[i], "-h") == 0) fputs(export_help, stdout), exit(0);
+        else if ((v = opt_value(argc, argv, &i, "--model"))) model = v;
+        else if ((v = opt_value(argc, argv, &i, "--lora"))) lora_path = v;
+        else if ((v = opt_value(argc, argv, &i, "--out"))) out = v;
+        else if ((v = opt_value(argc, argv, &i, "--type"))) type_name = v;
+        else die("export: unknown option '%s' (sft export --help lists them)", argv[i]);
+    }
+    if (!model || !lora_path || !out) die("export: --model, --lora and --out are required (sft export --help)");
+    int type = type_from_name(type_name);
+    if (type != TYPE_F32 && type != TYPE_F16 && type != TYPE_BF16 && type != TYPE_Q8_0)
+        die("--type: '%s' is not f32, f16, bf16 or q8_0", type_name);
+    Config c;
+    Lora lora;
+    Err e;
+    if (model_peek(model, &c, NULL, &e) != 0 || lora_load(&lora, lora_path, &c, &e) != 0) die("%s", e.msg);
+    char name[256];  // general.name: the adapter's file or directory name, as the converter names it
+    snprintf(name, sizeof name, "%s", lora_path);
+    for (size_t n = strlen(name); n > 1 && name[n - 1] == '/'; n--) name[n - 1] = 0;
+    const char *base = strrchr(name, '/') ? strrchr(name, '/') + 1 : name;
+    if (lora_save_gguf(&lora, out, type, base, &e) != 0) die("%s", e.msg);
+    fprintf(stderr, "sft: wrote %s (%s, rank %d%s)\n", out, type_name, lora.R, lora.rslora ? ", rsLoRA" : "");
+    lora_free(&lora);
+    return 0;
+}
+
+static const char *merge_help =
+    "usage: sft merge --model BASE --lora ADAPTER --out MERGED.gguf [--type TYPE]\n"
+    "       sft merge --model BASE --lora ADAPTER --out DIR/ [--dtype bf16|f32]\n"
+    "  --model BASE   GGUF file or Hugging Face model directory (required)\n"
+    "  --lora PATH    a PEFT adapter directory or a GGUF adapter (required)\n"
+    "  --out PATH     a GGUF file, or a directory (ending in / or existing) for a Hugging Face\n"
+    "                 model: config.json, model.safetensors, tokenizer files, generation_config.json\n"
+    "  --type TYPE    GGUF output: as for sft quantize (f32, f16, bf16, q8_0, q4_0, q4_k_m, ...)\n"
+    "                 (default: each matrix's stored type for a GGUF base, bf16 for a HF base)\n"
+    "  --dtype T      directory output: bf16 (default) or f32\n"
+    "  --threads N    worker threads (default 0: every online core)\n"
+    "W' = W + scale * B A, computed in float32 from the base as stored (a GGUF base dequantized,\n"
+    "a Hugging Face base as it is: never through training's --quant), then written in the type.\n"
+    "What requantizing costs: the update is small next to W, so a 4-bit type rounds much of it away\n"
+    "and the base pays its own rounding error a second time (a Q4_0 base merged back into Q4_0 is\n"
+    "two quantizations, not one). Merge from the original f16/bf16/f32 weights when you can, into\n"
+    "q8_0 or better; or keep the adapter apart (sft export) and let llama.cpp add it at run time.\n";
+
+static int cmd_merge(int argc, char **argv) {
+    const char *model = NULL, *lora_path = NULL, *v;
+    MergeOptions o = {0};
+    int threads = 0;
+    for (int i = 1; i < argc; i++) {
+        if (strcmp(argv[i], "--help") == 0 || strcmp(argv[i], "-h") == 0) fputs(merge_help, stdout), exit(0);
+        else if ((v = opt_value(argc, argv, &i, "--model"))) model = v;
+        else if ((v = opt_value(argc, argv, &i, "--lora"))) lora_path = v;
+        else if ((v = opt_value(argc, argv, &i, "--out"))) o.out = v;
+        else if ((v = opt_value(argc, argv, &i, "--type"))) o.type = v;
+        else if ((v = opt_value(argc, argv, &i, "--dtype"))) o.dtype = v;
+        else if ((v = opt_value(argc, argv, &i, "--threads"))) threads = (int)parse_long(v, "--threads", 0, 256);
+        else die("merge: unknown option '%s' (sft merge --help lists them)", argv[i]);
+    }
+    if (!model || !lora_path || !o.out) die("merge: --model, --lora and --out are required (sft merge --help)");
+    threads_init(threads);
+    Err e;
+    double t0 = now_seconds();
+    if (model_merge(model, lora_path, &o, &e) != 0) die("%s", e.msg);
+    fprintf(stderr, "sft: wrote %s in %.1f s\n", o.out, now_seconds() - t0);
+    threads_free();
+    return 0;
+}
+
+// ---------------------------------------------------------------------------------------------
 // sft tokenize: text to ids and ids to text with tokenizer.c.
 
 static const char *tokenize_help =
@@ -258,19 +347,23 @@ static int cmd_tokenize(int argc, char **argv) {
 static const char *eval_help =
     "usage: sft eval --model PATH [--lora DIR] --data FILE.jsonl [options]\n"
     "  --model PATH     GGUF file or Hugging Face model directory (required)\n"
-    "  --lora DIR       a PEFT adapter (adapter_config.json + adapter_model.safetensors) (default: none)\n"
+    "  --lora PATH      an adapter: a PEFT directory (adapter_config.json + adapter_model.safetensors)\n"
+    "                   or a llama.cpp LoRA GGUF file (default: none)\n"
     "  --data FILE      JSONL data (required)\n"
     "  --loss-on WHAT   assistant (default: replies and their <|im_end|>) or all (every token)\n"
     "  --max-len N      0 (0: the model's context length; longer examples are cut, with a warning)\n"
     "  --quant TYPE     frozen weights in memory: q4_0 (default for safetensors), nf4, q8_0, bf16,\n"
     "                   f32; a GGUF model keeps its stored types unless given\n"
     "  --threads N      0 (0: all cores); the results do not depend on it\n"
+    "  --logits FILE    also write the logits at every position of every example, F32, into a\n"
+    "                   safetensors file: logits.I [T, V] and tokens.I [T] (ids as floats) for\n"
+    "                   example I (from 0): for checks against other implementations\n"
     "Prints one line: loss <mean NLL over all target tokens> ppl <exp(loss)> tokens <targets>.\n";
 
 static const char *grads_help =
     "usage: sft grads --model PATH --lora DIR --data FILE.jsonl --out GRADS.safetensors [options]\n"
     "  --model PATH     GGUF file or Hugging Face model directory (required)\n"
-    "  --lora DIR       a PEFT adapter (required)\n"
+    "  --lora PATH      a PEFT adapter directory or a GGUF adapter (required)\n"
     "  --data FILE      JSONL data (required)\n"
     "  --out FILE       the gradients, F32, under the adapter's tensor names (required)\n"
     "  --loss-on WHAT   assistant (default) or all\n"
@@ -281,7 +374,7 @@ static const char *grads_help =
     "of that loss with respect to every LoRA tensor. No dropout; deterministic.\n";
 
 typedef struct {
-    const char *model, *lora, *data, *out;
+    const char *model, *lora, *data, *out, *logits;
     LossOn loss_on;
     int max_len, quant, threads;
 } EvalOptions;
@@ -296,6 +389,8 @@ static EvalOptions eval_parse_options(int argc, char **argv, const char *cmd, co
         else if ((v = opt_value(argc, argv, &i, "--data"))) o.data = v;
         else if ((v = opt_value(argc, argv, &i, "--out")) && strcmp(cmd, "grads") == 0) o.out = v;
         else if (v) die("%s: unknown option '--out' (sft %s --help lists them)", cmd, cmd);
+        else if ((v = opt_value(argc, argv, &i, "--logits")) && strcmp(cmd, "eval") == 0) o.logits = v;
+        else if (v) die("%s: unknown option '--logits' (sft %s --help lists them)", cmd, cmd);
         else if ((v = opt_value(argc, argv, &i, "--max-len"))) o.max_len = (int)parse_long(v, "--max-len", 0, 1 << 24);
         else if ((v = opt_value(argc, argv, &i, "--threads"))) o.threads = (int)parse_long(v, "--threads", 0, 4096);
         else if ((v = opt_value(argc, argv, &i, "--quant"))) {
@@ -373,6 +468,34 @@ static double dataset_loss(Model *m, Lora *lora, const Dataset *ds, int backward
     return sum / (double)ds->n_targets;
 }
 
+// --logits: every example run token by token through the KV cache; logits.I [T, V], tokens.I [T].
+static void write_logits(Model *m, Lora *lora, const Dataset *ds, const char *data, const char *path) {
+    int V = m->config.V, max_T = 1;
+    for (int i = 0; i < ds->n; i++) max_T = ds->ex[i].T > max_T ? ds->ex[i].T : max_T;
+    KVCache *kv = kvcache_new(&m->config, max_T);
+    StTensor *t = xcalloc((size_t)ds->n * 2, sizeof *t);
+    char *names = xmalloc((size_t)ds->n * 2 * 32);
+    for (int i = 0; i < ds->n; i++) {
+        const Example *ex = &ds->ex[i];
+        float *logits = xmalloc(sizeof(float) * (size_t)ex->T * V), *ids = xmalloc(sizeof(float) * (size_t)ex->T);
+        kvcache_reset(kv);
+        for (int k = 0; k < ex->T; k++) {
+            if (model_infer(m, lora, kv, &ex->tokens[k], 1, logits + (size_t)k * V) != 0)
+                die("%s:%d: cannot run the example", data, ex->line);
+            ids[k] = (float)ex->tokens[k];
+        }
+        snprintf(names + (size_t)i * 64, 32, "logits.%d", i);
+        snprintf(names + (size_t)i * 64 + 32, 32, "tokens.%d", i);
+        t[2 * i] = (StTensor){.name = names + (size_t)i * 64, .type = TYPE_F32, .n_dims = 2, .shape = {ex->T, V}, .data = logits};
+        t[2 * i + 1] = (StTensor){.name = names + (size_t)i * 64 + 32, .type = TYPE_F32, .n_dims = 1, .shape = {ex->T}, .data = ids};
+    }
+    Err e;
+    if (safetensors_write(path, t, ds->n * 2, NULL, &e) != 0) die("%s", e.msg);
+    for (int i = 0; i < ds->n * 2; i++) free((void *)t[i].data);
+    free(t), free(names);
+    kvcache_free(kv);
+}
+
 static int cmd_eval(int argc, char **argv) {
     EvalOptions o = eval_parse_options(argc, argv, "eval", eval_help);
     Model m;
@@ -384,6 +507,7 @@ static int cmd_eval(int argc, char **argv) {
     double loss = dataset_loss(&m, o.lora ? &lora : NULL, &ds, 0, o.data);
     fprintf(stderr, "sft: %d examples, %ld tokens, %ld targets in %.2f s\n", ds.n, ds.n_tokens, ds.n_targets,
             now_seconds() - t0);
+    if (o.logits) write_logits(&m, o.lora ? &lora : NULL, &ds, o.data, o.logits);
     printf("loss %.9g ppl %.9g tokens %ld\n", loss, exp(loss), ds.n_targets);
     data_free(&ds);
     if (o.lora) lora_free(&lora);
@@ -454,7 +578,8 @@ static const char *train_help =
     "  --alpha A            16 (the update is scaled by alpha / rank)\n"
     "  --dropout P          0.05 (LoRA dropout on the adapter's input)\n"
     "  --targets LIST       q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj\n"
-    "  --init-lora DIR      start from this adapter, keeping its rank, alpha and targets\n"
+    "  --init-lora PATH     start from this adapter (PEFT directory or GGUF), keeping its ranks,\n"
+    "                       alphas and targets\n"
     "optimization\n"
     "  --lr LR              2e-4 (peak learning rate)\n"
     "  --epochs N           2\n"
@@ -1130,7 +1255,7 @@ static int resume_from(Trainer *tr, const char *dir, char **log, size_t *log_len
     if (read_trainer_state(tr, dir, &step, &elapsed, e) != 0) return -1;
     Lora saved;
     if (lora_load(&saved, dir, &tr->model.config, e) != 0) return -1;
-    if (saved.n_params != tr->lora.n_params || saved.R != tr->lora.R || saved.targets != tr->lora.targets) {
+    if (!lora_same_shape(&saved, &tr->lora)) {
         lora_free(&saved);
         return err_set(e, "%s: the adapter does not match the checkpoint's settings", dir);
     }
@@ -1308,6 +1433,16 @@ static void load_data(Dataset *d, const char *path, const Trainer *tr) {
     if (data_load(d, path, &tr->model.tok, tr->o.loss_on, tr->o.max_len, &e) != 0) die("%s", e.msg);
 }
 
+// base_model_name_or_path for an adapter of the model at path: the Hugging Face id the model
+// names for itself (modelfile.h: model_peek), else the path as given.
+static char *base_model_name(const char *path) {
+    Config c;
+    char *id = NULL;
+    Err e;
+    if (model_peek(path, &c, &id, &e) != 0 || !id) return xstrdup(path);
+    return id;
+}
+
 // The adapter: from --init-lora (its rank, alpha and targets; dropout from --dropout) or fresh.
 static void make_adapter(Trainer *tr) {
     Err e;
@@ -1321,7 +1456,7 @@ static void make_adapter(Trainer *tr) {
         lora_init(&tr->lora, &tr->model.config, o->rank, (float)o->alpha, (float)o->dropout, targets, o->seed);
     }
     free(tr->lora.base_model);
-    tr->lora.base_model = xstrdup(o->model);
+    tr->lora.base_model = base_model_name(o->model);
 }
 
 static void make_plan(Trainer *tr) {
@@ -1520,7 +1655,8 @@ static int sample_next(Generator *g) {
 static void generator_init(Generator *g, Model *m, const Lora *lora, int max_T, Sampling s) {
     memset(g, 0, sizeof *g);
     int V = m->config.V;
-    g->model = m, g->lora = lora, g->max_T = max_T, g->s = s;
+    g->model = m, g->max_T = max_T, g->s = s;
+    g->lora = lora;
     g->kv = kvcache_new(&m->config, max_T);
     g->ctx = xmalloc((size_t)max_T * sizeof(int));
     g->logits = xmalloc((size_t)V * sizeof(float));
@@ -1627,7 +1763,7 @@ typedef struct {
 
 static const char *gen_help_options =
     "  --model PATH         GGUF file or Hugging Face model directory (required)\n"
-    "  --lora DIR           an adapter (PEFT format) to apply\n"
+    "  --lora PATH          an adapter to apply: a PEFT directory or a llama.cpp GGUF adapter\n"
     "  --system TEXT        the system message (default: Qwen2.5's)\n"
     "  --max-new N          256 (new tokens at most)\n"
     "  --temp T             from generation_config.json, else 0.7; 0 = greedy (argmax)\n"
@@ -1882,6 +2018,8 @@ static const char *usage =
     "  tokenize   text to token ids, or --decode ids to text\n"
     "  quantize   convert a model to a GGUF file of another type\n"
     "  info       what a model file holds\n"
+    "  export     an adapter as a llama.cpp LoRA adapter (GGUF)\n"
+    "  merge      a model with an adapter merged in, as GGUF or a Hugging Face directory\n"
     "  init       a randomly initialized model (tests, benchmarks, the demo)\n";
 
 int main(int argc, char **argv) {
@@ -1901,6 +2039,8 @@ int main(int argc, char **argv) {
     if (strcmp(cmd, "quantize") == 0) return cmd_quantize(argc, argv);
     if (strcmp(cmd, "info") == 0) return cmd_info(argc, argv);
     if (strcmp(cmd, "init") == 0) return cmd_init(argc, argv);
+    if (strcmp(cmd, "export") == 0) return cmd_export(argc, argv);
+    if (strcmp(cmd, "merge") == 0) return cmd_merge(argc, argv);
     fprintf(stderr, "sft: unknown command '%s'\n\n%s", cmd, usage);
     return 1;
 }

@@ -36,5 +36,6 @@ void test_model(void);
 void test_lora(void);
 void test_optim(void);
 void test_cli(void);
+void test_peft(void);
 
 #endif

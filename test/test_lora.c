@@ -112,7 +112,7 @@ static void load_checks(void) {
     snprintf(d, sizeof d, "%s", dir);
 
     q_adapter(&q, 4);
-    write_adapter(d, 4, "\"q_proj\"", "", q.t, 4);
+    write_adapter(d, 4, "\".*\\\\.q_proj\"", "", q.t, 4);  // a regex, matched whole as PEFT does
     int ok = lora_load(&lora, d, &c, &e) == 0;
     check(ok && lora.targets == 1u << LORA_Q && lora.R == 4 && lora.alpha == 16 && fabsf(lora.dropout - 0.1f) < 1e-7f &&
               memcmp(lora.pairs[LORA_NTARGETS + LORA_Q].A, q.a[1], 4 * 32 * sizeof(float)) == 0 &&

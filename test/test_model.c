@@ -274,7 +274,7 @@ static void fd_lora(uint64_t *rng, float p) {
     fill(c->A, FR * FC, rng, -1, 1);
     fill(c->B, FOUT * FR, rng, -1, 1);
     fill(c->wout, FT * FOUT, rng, -1, 1);
-    c->pair = (LoraPair){c->A, c->B, c->dA, c->dB, FC, FOUT};
+    c->pair = (LoraPair){c->A, c->B, c->dA, c->dB, FC, FOUT, FR, 1.5f * FR};
     c->site = (LoraSite){.pair = &c->pair, .u = c->u, .du = c->du, .xdrop = c->xdrop, .bt = c->bt, .keep = c->keep, .scale = 1.5f,
                          .R = FR, .p = p, .seed = 1234, .site = 17};
     float dx[FT * FC] = {0}, fx[FT * FC], fA[FR * FC], fB[FOUT * FR];
@@ -355,7 +355,7 @@ static void lora_vs_definition(uint64_t *rng) {
         fill(x, T * IN, rng, -2, 2), fill(A, R * IN, rng, -1, 1), fill(B, OUT * R, rng, -1, 1);
         fill(y, T * OUT, rng, -1, 1), fill(dy, T * OUT, rng, -1, 1);
         memcpy(wy, y, sizeof y);
-        LoraPair pair = {A, B, dA, dB, IN, OUT};
+        LoraPair pair = {A, B, dA, dB, IN, OUT, R, scale * R};
         LoraSite site = {.pair = &pair, .u = u, .du = du, .xdrop = xdrop, .bt = bt, .keep = keep, .scale = scale,
                          .R = R, .p = p, .seed = 99, .site = 5};
         lora_forward(y, &site, x, T, IN, OUT);
