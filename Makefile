@@ -4,6 +4,9 @@
 #   make test       unit tests, reference comparisons and command-line tests
 #   make test-asan  the same under AddressSanitizer + UndefinedBehaviorSanitizer
 #   make test-ref   the same with the scalar reference kernels (strict float64 checks on Q4_0/Q8_0)
+#   make test BUILD=build/v3/ OPT="-O2 -march=x86-64-v3"
+#                   the suite built with other flags in build/v3/, ./sft untouched; .ci/run tests each
+#                   instruction-set level so, arm64 under qemu with CC=aarch64-linux-gnu-gcc EXEC=qemu-aarch64
 #   make bench      speed and memory figures on models of Qwen2.5-0.5B's shapes (bench.json)
 #   make demo       teach a small model to answer in the "だぬ" style
 CC     ?= cc
@@ -18,32 +21,34 @@ LDLIBS  = -lm -pthread
 LIB     = $(filter-out sft.c,$(wildcard *.c))
 HDR     = $(wildcard *.h)
 TESTS   = $(filter-out test/bench%.c,$(wildcard test/*.c))
+# BUILD: where sft and test/run are built (empty: here); EXEC: the command that runs them (e.g. qemu-aarch64).
+BUILD  ?=
+EXEC   ?=
 
-sft: sft.c $(LIB) $(HDR)
+$(BUILD)sft: sft.c $(LIB) $(HDR)
+	@mkdir -p $(@D)
 	$(CC) $(OPT) $(CFLAGS) -o $@ sft.c $(LIB) $(LDLIBS)
 
-test/run: sft $(TESTS) test/test.h
+$(BUILD)test/run: $(BUILD)sft $(TESTS) test/test.h
+	@mkdir -p $(@D)
 	$(CC) $(OPT) $(CFLAGS) -o $@ $(TESTS) $(LIB) $(LDLIBS)
 
 debug:
 	$(MAKE) -B sft test/run OPT="-O0 -g3 -DSFT_REF"
 
-test: test/run
-	./test/run
+test: $(BUILD)test/run
+	SFT="$(strip $(EXEC) ./$(BUILD)sft)" $(EXEC) ./$(BUILD)test/run
 
 test-asan:
-	$(MAKE) -B sft test/run OPT="-O1 -g -fsanitize=address,undefined -fno-sanitize-recover=all -fno-omit-frame-pointer"
-	ASAN_OPTIONS=detect_leaks=1 ./test/run
-	$(MAKE) -B sft test/run
+	ASAN_OPTIONS=detect_leaks=1 $(MAKE) -B test BUILD=build/asan/ \
+	    OPT="-O1 -g -fsanitize=address,undefined -fno-sanitize-recover=all -fno-omit-frame-pointer"
 
 test/bench test/bench_kernels: sft test/bench.c test/bench_kernels.c
 	$(CC) $(OPT) $(CFLAGS) -o test/bench test/bench.c $(LIB) $(LDLIBS)
 	$(CC) $(OPT) $(CFLAGS) -o test/bench_kernels test/bench_kernels.c $(LIB) $(LDLIBS)
 
 test-ref:
-	$(MAKE) -B sft test/run OPT="-O2 -DSFT_REF"
-	./test/run
-	$(MAKE) -B sft test/run
+	$(MAKE) -B test BUILD=build/ref/ OPT="-O2 -DSFT_REF"
 
 bench: sft test/bench test/bench_kernels
 	./test/bench.sh
@@ -52,6 +57,6 @@ demo: sft
 	./test/demo.sh
 
 clean:
-	rm -rf sft test/run test/bench test/bench_kernels test/tmp bench.json
+	rm -rf sft test/run test/bench test/bench_kernels test/tmp bench.json build
 
 .PHONY: debug test test-asan test-ref bench demo clean

@@ -15,7 +15,8 @@ int check_close(const char *name, const float *got, const float *want, size_t n,
 // Relative error of a whole tensor: ||got - want|| / max(||want||, 1e-30), in float64.
 double rel_norm_error(const float *got, const float *want, size_t n);
 
-// Path of the sft binary under test ("./sft", or $SFT, e.g. the sanitizer build).
+// Path of the sft binary under test ("./sft", or $SFT: another build, e.g. "./build/asan/sft", or a
+// command that runs one, e.g. "qemu-aarch64 ./build/arm64/sft"). Tests paste it unquoted into shell commands.
 const char *sft_binary(void);
 
 // Runs a shell command, returns its exit status; its stdout is captured into *out (malloc'ed,
