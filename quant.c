@@ -1637,6 +1637,290 @@ static void matmul_tiles(float *out, const float *inp, const QMatrix *W, const f
     parallel_for(fwd_rows, &f, OUT, FWD_N);
 }
 
+#if HAVE_INT16_DOT
+// --- Many tokens, exact weights: the forward product in 16-bit integers (AVX512-VNNI) ----------
+//
+// The forward product of training and of prompts (what the loss and the logits see) multiplies
+// the weights' own small integers (unpack16: Q4_0's q - 8, Q8_0's q, Q4_K's q, Q6_K's scale * (q -
+// 32), NF4's codes in 13 bits) by the activations in 14-bit integers with one scale per token and
+// K-chunk: x ~ dx * xq, |xq| <= 16383, an error of at most absmax / 32766, ~50x below bf16's
+// rounding. vpdpwssd sums a block's 32 products exactly in int32 (|w| <= 4096, so |sum| <= 32 *
+// 4096 * 16383 < 2^31); then the block's scale (and min) apply in float: acc += s * isum - o * (sum
+// of the block's xq). The forward's error is so that of fp32 sums: the loss is as exact as with
+// fp32 weights; the backward products keep bf16 factors (their error, measured on the fixtures,
+// is below PyTorch bf16 autocast's: test_model.c). Same speed as the bf16 tiles: vpdpwssd does 32
+// multiply-adds like vdpbf16ps, each block adds two instructions (12%), and unpacking the weights'
+// integers costs less than dequantizing them to bf16.
+// Tile: up to 4 vectors of 16 tokens x FWD_N rows: 24 int32 sums in registers; the float sums of
+// the blocks so far wait in L1.
+
+#define XQ_MAX 16383  // |xq|: activations in 14-bit integers (see the overflow bound above)
+#define NF4_BITS 4095  // NF4's codes as integers: round(code * 4095), |w| <= 4096 as for Q6_K
+
+// w[kn / 2] = values k0 .. k0 + kn - 1 of a row as int16 pairs (value 2j in the low half of word
+// j), s[kn / 32] the scale of each block of 32 values and, when the type has a min (returns 1),
+// o[kn / 32] its offset: value = s * w - o. k0 and kn are multiples of the type's block size.
+// Only for the types of has_unpack16 (the others, F32, F16, BF16, Q4_1, Q5_1, take the other tiles).
+static int unpack16(int type, uint32_t *w, float *s, float *o, const uint8_t *row, int k0, int kn) {
+    int16_t *v = (int16_t *)(void *)w;  // scratch of the pool: 64-byte aligned, only ever read as words
+    const __m256i m15 = _mm256_set1_epi8(15);
+    switch (type) {
+    case TYPE_Q4_0: case TYPE_Q5_0: {
+        int q5 = type == TYPE_Q5_0;
+        size_t bytes = q5 ? sizeof(BlockQ5_0) : sizeof(BlockQ4_0);
+        for (int b = 0; b < kn / QK; b++) {
+            const uint8_t *blk = row + (size_t)(k0 / QK + b) * bytes;
+            const uint8_t *qs = q5 ? ((const BlockQ5_0 *)blk)->qs : ((const BlockQ4_0 *)blk)->qs;
+            __m128i q = _mm_loadu_si128((const __m128i *)qs);  // value j: low nibble of byte j, j + 16: high
+            __m256i n = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(q, 4), q), m15);
+            if (q5) n = _mm256_mask_add_epi8(n, (__mmask32)load_u32le(((const BlockQ5_0 *)blk)->qh), n, _mm256_set1_epi8(16));
+            _mm512_storeu_si512(v + 32 * b, _mm512_sub_epi16(_mm512_cvtepu8_epi16(n), _mm512_set1_epi16(q5 ? 16 : 8)));
+            s[b] = half_scalar(*(const uint16_t *)(const void *)blk);
+        }
+        return 0;
+    }
+    case TYPE_Q8_0:
+        for (int b = 0; b < kn / QK; b++) {
+            const BlockQ8_0 *blk = (const BlockQ8_0 *)row + k0 / QK + b;
+            _mm512_storeu_si512(v + 32 * b, _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)blk->qs)));
+            s[b] = half_scalar(blk->d);
+        }
+        return 0;
+    case TYPE_Q4_K: case TYPE_Q5_K: {
+        int q5 = type == TYPE_Q5_K;
+        for (int i = 0; i < kn / QK_K; i++) {
+            const uint8_t *blk = row + (size_t)(k0 / QK_K + i) * (q5 ? sizeof(BlockQ5_K) : sizeof(BlockQ4_K));
+            const BlockQ4_K *k4 = (const BlockQ4_K *)blk;  // d, dmin, scales: the same places in Q5_K
+            const uint8_t *qs = q5 ? ((const BlockQ5_K *)blk)->qs : k4->qs;
+            __m256i qh = q5 ? _mm256_loadu_si256((const __m256i *)((const BlockQ5_K *)blk)->qh) : _mm256_setzero_si256();
+            float d = half_scalar(k4->d), dmin = half_scalar(k4->dmin);
+            for (int g = 0; g < 8; g++) {
+                uint8_t sc, m;
+                scale_min_k4(g, k4->scales, &sc, &m);
+                s[8 * i + g] = d * sc, o[8 * i + g] = dmin * m;
+                __m256i q = _mm256_loadu_si256((const __m256i *)(qs + 32 * (g / 2)));  // group g: nibble g % 2
+                __m256i n = _mm256_and_si256(g % 2 ? _mm256_srli_epi16(q, 4) : q, m15);
+                __m256i h = _mm256_and_si256(_mm256_srli_epi16(qh, g), _mm256_set1_epi8(1));  // Q5_K: bit g of qh
+                n = _mm256_or_si256(n, _mm256_slli_epi16(h, 4));
+                _mm512_storeu_si512(v + 256 * i + 32 * g, _mm512_cvtepu8_epi16(n));
+            }
+        }
+        return 1;
+    }
+    case TYPE_Q6_K:
+        for (int i = 0; i < kn / QK_K; i++) {
+            const BlockQ6_K *blk = (const BlockQ6_K *)row + k0 / QK_K + i;
+            float d = half_scalar(blk->d);
+            for (int h = 0; h < 2; h++) {
+                const uint8_t *ql = blk->ql + 64 * h, *qhp = blk->qh + 32 * h;
+                __m256i a = _mm256_loadu_si256((const __m256i *)ql), b = _mm256_loadu_si256((const __m256i *)(ql + 32));
+                __m256i qh = _mm256_loadu_si256((const __m256i *)qhp), m3 = _mm256_set1_epi8(3);
+                __m256i lo[4] = {_mm256_and_si256(a, m15), _mm256_and_si256(b, m15),
+                                 _mm256_and_si256(_mm256_srli_epi16(a, 4), m15), _mm256_and_si256(_mm256_srli_epi16(b, 4), m15)};
+                for (int k = 0; k < 4; k++) {  // values 128h + 32k + l: groups 8h + 2k (l < 16) and + 1
+                    __m256i hi = _mm256_and_si256(_mm256_srli_epi16(qh, 2 * k), m3);
+                    __m512i q = _mm512_cvtepu8_epi16(_mm256_or_si256(lo[k], _mm256_slli_epi16(hi, 4)));
+                    const int8_t *sc = blk->scales + 8 * h + 2 * k;
+                    __m512i scale = _mm512_inserti64x4(_mm512_set1_epi16(sc[0]), _mm256_set1_epi16(sc[1]), 1);
+                    _mm512_storeu_si512(v + 256 * i + 128 * h + 32 * k, _mm512_mullo_epi16(_mm512_sub_epi16(q, _mm512_set1_epi16(32)), scale));
+                }
+            }
+            for (int b = 0; b < 8; b++) s[8 * i + b] = d;
+        }
+        return 0;
+    case TYPE_NF4: {
+        int16_t codes[32] = {0};  // the 16 codes in 12-bit integers, then zeros (vpermw reads 32)
+        for (int c = 0; c < 16; c++) codes[c] = (int16_t)lrintf(NF4_CODE[c] * NF4_BITS);
+        __m512i table = _mm512_loadu_si512(codes);
+        for (int b = 0; b < kn / QK_NF4; b++) {
+            const BlockNF4 *blk = (const BlockNF4 *)row + k0 / QK_NF4 + b;
+            __m256i q = _mm256_loadu_si256((const __m256i *)blk->qs);  // value 2j: high nibble of byte j
+            __m256i hi = _mm256_and_si256(_mm256_srli_epi16(q, 4), m15), lo = _mm256_and_si256(q, m15);
+            __m256i e0 = _mm256_unpacklo_epi8(hi, lo), e1 = _mm256_unpackhi_epi8(hi, lo);  // per 128-bit lane
+            __m256i first = _mm256_permute2x128_si256(e0, e1, 0x20), second = _mm256_permute2x128_si256(e0, e1, 0x31);
+            _mm512_storeu_si512(v + 64 * b, _mm512_permutexvar_epi16(_mm512_cvtepu8_epi16(first), table));
+            _mm512_storeu_si512(v + 64 * b + 32, _mm512_permutexvar_epi16(_mm512_cvtepu8_epi16(second), table));
+            s[2 * b] = s[2 * b + 1] = blk->absmax / NF4_BITS;
+        }
+        return 0;
+    }
+    default:
+        return 0;
+    }
+}
+
+typedef struct {
+    Fwd f;                 // out, bias, W, T, TP, KC as for the bf16 tiles (f.x unused)
+    const uint32_t *x;     // xq as int16 pairs: word k of token t at x[k * TP + t], zeros for t >= T
+    const float *dx;       // [chunks, TP] the activation scale of each token in each K-chunk
+    const float *xs;       // [IN / 32, TP] the sum of each block's xq, as floats
+} Fwd16;
+
+// One tile: tokens 16 * tv0 ... (M <= 4 vectors of 16) x the FWD_N rows whose words are w + n * nw,
+// scales s + n * ns and offsets o + n * ns (o NULL: none; nrows real rows, the others repeat the
+// last) over the blocks of K-chunk c (words k0 .. k0 + 16 nb); the chunk's sums, times dx, are added
+// into (first chunk: written to) dst + n * TP + token.
+typedef struct {
+    const uint32_t *w;
+    const float *s, *o;
+    size_t nw, ns;
+    int nrows, tv0, c, k0, nb, first;
+    float *dst;
+    int bw;   // words of a block of 32 values: 16
+} Tile16;
+
+static inline __attribute__((always_inline)) void fwd16_tile(const Fwd16 *f, const Tile16 *tl, const int M) {
+    int TP = f->f.TP;
+    float part[4][FWD_N][16];
+    const uint32_t *w[FWD_N];
+    for (int n = 0; n < FWD_N; n++) w[n] = tl->w + (n < tl->nrows ? n : tl->nrows - 1) * tl->nw;
+    for (int b = 0; b < tl->nb; b++) {
+        const uint32_t *x = f->x + (size_t)(tl->k0 + 16 * b) * TP + 16 * tl->tv0;
+        __m512i is[4][FWD_N], xv[4];
+UNROLL
+        for (int m = 0; m < M; m++)
+UNROLL
+            for (int n = 0; n < FWD_N; n++) is[m][n] = _mm512_setzero_si512();
+        for (int j = 0; j < tl->bw; j++, x += TP) {  // a bound from memory: gcc would unroll 16 and spill
+UNROLL
+            for (int m = 0; m < M; m++) xv[m] = _mm512_loadu_si512(x + 16 * m);
+UNROLL
+            for (int n = 0; n < FWD_N; n++) {
+                __m512i wv = _mm512_set1_epi32((int)word_at(w[n] + 16 * b + j));
+UNROLL
+                for (int m = 0; m < M; m++) is[m][n] = _mm512_dpwssd_epi32(is[m][n], xv[m], wv);
+            }
+        }
+        const float *xs = f->xs + (size_t)(tl->k0 / 16 + b) * TP + 16 * tl->tv0;
+UNROLL
+        for (int n = 0; n < FWD_N; n++) {
+            int r = n < tl->nrows ? n : tl->nrows - 1;
+            __m512 sv = _mm512_set1_ps(tl->s[r * tl->ns + b]), ov = _mm512_set1_ps(tl->o ? tl->o[r * tl->ns + b] : 0.0f);
+UNROLL
+            for (int m = 0; m < M; m++) {
+                __m512 p = b ? _mm512_loadu_ps(part[m][n]) : _mm512_setzero_ps();
+                p = _mm512_fmadd_ps(_mm512_cvtepi32_ps(is[m][n]), sv, p);
+                if (tl->o) p = _mm512_fnmadd_ps(ov, _mm512_loadu_ps(xs + 16 * m), p);
+                _mm512_storeu_ps(part[m][n], p);
+            }
+        }
+    }
+    for (int m = 0; m < M; m++) {
+        __m512 dx = _mm512_loadu_ps(f->dx + (size_t)tl->c * TP + 16 * (tl->tv0 + m));
+        for (int n = 0; n < tl->nrows; n++) {
+            float *d = tl->dst + (size_t)n * TP + 16 * (tl->tv0 + m);
+            __m512 prev = tl->first ? _mm512_setzero_ps() : _mm512_loadu_ps(d);
+            _mm512_storeu_ps(d, _mm512_fmadd_ps(_mm512_loadu_ps(part[m][n]), dx, prev));
+        }
+    }
+}
+
+// gcc 12's partial redundancy elimination and loop-invariant motion turn the tile's 24 int32 sums
+// into copies through other registers around every vpdpwssd (half the speed); without those two
+// passes it keeps them in place, as clang does.
+#if defined(__GNUC__) && !defined(__clang__)
+__attribute__((optimize("no-tree-pre", "no-tree-loop-im")))
+#endif
+static void fwd16_tiles(const Fwd16 *f, const Tile16 *tl, int M) {
+    switch (M) {
+    case 4: fwd16_tile(f, tl, 4); return;
+    case 3: fwd16_tile(f, tl, 3); return;
+    case 2: fwd16_tile(f, tl, 2); return;
+    default: fwd16_tile(f, tl, 1); return;
+    }
+}
+
+// Rows [r0, r1) of the output, every token, as fwd_rows: blocks of FWD_BLOCK rows, K-chunk by
+// K-chunk, FWD_N rows unpacked at a time.
+static void fwd16_rows(void *ctx, int r0, int r1) {
+    const Fwd16 *f = ctx;
+    const QMatrix *W = f->f.W;
+    int IN = W->cols, KC = f->f.KC, NV = f->f.TP / 16;
+    size_t nw = (size_t)KC / 2, ns = (size_t)KC / 32;
+    uint32_t *w = scratch_local(FWD_N * (nw + 2 * ns) * 4 + (size_t)FWD_BLOCK * f->f.TP * sizeof(float));
+    float *s = (float *)(w + FWD_N * nw), *o = s + FWD_N * ns, *stage = o + FWD_N * ns;
+    for (int b0 = r0; b0 < r1; b0 += FWD_BLOCK) {
+        int b1 = r1 - b0 < FWD_BLOCK ? r1 : b0 + FWD_BLOCK;
+        for (int k0 = 0, c = 0; k0 < IN; k0 += KC, c++) {
+            int kn = IN - k0 < KC ? IN - k0 : KC, offsets = 0;
+            for (int o0 = b0; o0 < b1; o0 += FWD_N) {
+                int nrows = b1 - o0 < FWD_N ? b1 - o0 : FWD_N;
+                for (int n = 0; n < nrows; n++)
+                    offsets = unpack16(W->type, w + n * nw, s + n * ns, o + n * ns, qmatrix_row_data(W, o0 + n), k0, kn);
+                Tile16 tl = {w, s, offsets ? o : NULL, nw, ns, nrows, 0, c, k0 / 2, kn / 32, k0 == 0,
+                             stage + (size_t)(o0 - b0) * f->f.TP, 16};
+                for (tl.tv0 = 0; tl.tv0 < NV; tl.tv0 += 4) fwd16_tiles(f, &tl, NV - tl.tv0 < 4 ? NV - tl.tv0 : 4);
+            }
+        }
+        fwd_flush(&f->f, stage, b0, b1 - b0);
+    }
+}
+
+typedef struct {
+    Fwd16 *f;
+    const float *inp;
+} PackX16;
+
+// Tokens [t0, t1) of inp in 14-bit integers, one scale per K-chunk (dx = absmax / XQ_MAX; NaN when
+// the chunk holds a NaN or an infinity, so that the outputs are not finite either), as int16 pairs
+// into f->x, with the sums of each block's xq.
+static void pack_x16(void *ctx, int t0, int t1) {
+    PackX16 *px = ctx;
+    Fwd16 *f = px->f;
+    int IN = f->f.W->cols, KC = f->f.KC, TP = f->f.TP;
+    uint32_t *q = scratch_local((size_t)IN * sizeof(int16_t) + 64), *xw = (uint32_t *)f->x;
+    for (int t = t0; t < t1; t++) {
+        const float *x = px->inp + (size_t)t * IN;
+        for (int k0 = 0, c = 0; k0 < IN; k0 += KC, c++) {
+            int kn = IN - k0 < KC ? IN - k0 : KC;
+            __m512 amax = _mm512_setzero_ps();
+            __mmask16 bad = 0;
+            for (int k = 0; k < kn && t < f->f.T; k += 16) {
+                __m512 v = _mm512_loadu_ps(x + k0 + k);
+                amax = _mm512_max_ps(amax, _mm512_abs_ps(v));
+                bad |= _mm512_cmp_ps_mask(_mm512_abs_ps(v), _mm512_set1_ps(INFINITY), _CMP_NLT_UQ);  // NaN, inf
+            }
+            float a = _mm512_reduce_max_ps(amax);
+            __m512 id = _mm512_set1_ps(a > 0 ? (float)XQ_MAX / a : 0.0f);
+            for (int k = 0; k < kn; k += 32) {  // 32 values: one block, 16 words
+                __m512 v0 = t < f->f.T ? _mm512_loadu_ps(x + k0 + k) : _mm512_setzero_ps();
+                __m512 v1 = t < f->f.T ? _mm512_loadu_ps(x + k0 + k + 16) : _mm512_setzero_ps();
+                __m512i q0 = _mm512_cvtps_epi32(_mm512_mul_ps(v0, id)), q1 = _mm512_cvtps_epi32(_mm512_mul_ps(v1, id));
+                ((float *)f->xs)[(size_t)((k0 + k) / 32) * TP + t] = (float)_mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1));
+                __m512i words = _mm512_inserti64x4(_mm512_castsi256_si512(_mm512_cvtsepi32_epi16(q0)), _mm512_cvtsepi32_epi16(q1), 1);
+                _mm512_storeu_si512(q + (k0 + k) / 2, words);
+            }
+            ((float *)f->dx)[(size_t)c * TP + t] = bad ? NAN : a / (float)XQ_MAX;
+        }
+        for (int k = 0; k < IN / 2; k++) xw[(size_t)k * TP + t] = q[k];
+    }
+}
+
+// The types unpack16 knows.
+static int has_unpack16(int type) {
+    return type == TYPE_Q4_0 || type == TYPE_Q5_0 || type == TYPE_Q8_0 || type == TYPE_Q4_K || type == TYPE_Q5_K ||
+           type == TYPE_Q6_K || type == TYPE_NF4;
+}
+
+// out[T, OUT] = inp[T, IN] W^T (+ bias) on 16-bit integers; 0 when W's type has no unpack16.
+static int matmul_int16(float *out, const float *inp, const QMatrix *W, const float *bias, int T) {
+    int IN = W->cols, TP = (int)round_up((size_t)T, 16);
+    if (IN % 32 || !has_unpack16(W->type)) return 0;
+    // K-chunks keep the packed activations of a chunk (TP x KC int16) within ~256 KB
+    int KC = (int)round_up((size_t)(256 * 1024 / 2 / TP), CHUNK_ALIGN);
+    if (KC < CHUNK_ALIGN) KC = CHUNK_ALIGN;
+    if (KC >= IN) KC = IN;
+    int chunks = (IN + KC - 1) / KC;
+    size_t xw = (size_t)IN / 2 * TP * 4, dxb = (size_t)chunks * TP * 4, xsb = (size_t)IN / 32 * TP * 4;
+    uint8_t *mem = scratch_shared(xw + dxb + xsb);
+    Fwd16 f = {{out, bias, W, T, TP, 0, NULL, KC}, (uint32_t *)mem, (float *)(mem + xw), (float *)(mem + xw + dxb)};
+    PackX16 px = {&f, inp};
+    parallel_for(pack_x16, &px, TP, 16);
+    parallel_for(fwd16_rows, &f, W->rows, FWD_N);
+    return 1;
+}
+#endif
+
 // --- The backward product --------------------------------------------------------------------
 
 typedef struct {
@@ -2763,6 +3047,9 @@ void matmul(float *out, const float *inp, const QMatrix *W, const float *bias, i
     if (T <= 0 || W->rows <= 0 || W->cols <= 0) {
         matmul_ref(out, inp, W, bias, T);
     } else if (T >= FWD_TILE_MIN_T) {
+#if HAVE_INT16_DOT
+        if (matmul_int16(out, inp, W, bias, T)) return;
+#endif
 #if HAVE_AMX
         if (tile_pairs(W->type) && amx_on()) {
             matmul_amx(out, inp, W, bias, T);
