@@ -1902,10 +1902,10 @@ static int has_unpack16(int type) {
            type == TYPE_Q6_K || type == TYPE_NF4;
 }
 
-// out[T, OUT] = inp[T, IN] W^T (+ bias) on 16-bit integers; 0 when W's type has no unpack16.
-static int matmul_int16(float *out, const float *inp, const QMatrix *W, const float *bias, int T) {
+// out[T, OUT] = inp[T, IN] W^T (+ bias) on 16-bit integers, for the types of has_unpack16 (IN a
+// multiple of 32).
+static void matmul_int16(float *out, const float *inp, const QMatrix *W, const float *bias, int T) {
     int IN = W->cols, TP = (int)round_up((size_t)T, 16);
-    if (IN % 32 || !has_unpack16(W->type)) return 0;
     // K-chunks keep the packed activations of a chunk (TP x KC int16) within ~256 KB
     int KC = (int)round_up((size_t)(256 * 1024 / 2 / TP), CHUNK_ALIGN);
     if (KC < CHUNK_ALIGN) KC = CHUNK_ALIGN;
@@ -1917,7 +1917,6 @@ static int matmul_int16(float *out, const float *inp, const QMatrix *W, const fl
     PackX16 px = {&f, inp};
     parallel_for(pack_x16, &px, TP, 16);
     parallel_for(fwd16_rows, &f, W->rows, FWD_N);
-    return 1;
 }
 #endif
 
@@ -2951,10 +2950,9 @@ static float row_dot16(int type, const uint8_t *row, const X16 *x, int n) {
     }
 }
 
-// x16[T] <- inp[T, IN] in the pool's shared scratch; 0 when W's type has no 16-bit kernel.
-static int x16_prepare(X16 *x16, const float *inp, const QMatrix *W, int T) {
+// x16[T] <- inp[T, IN] in the pool's shared scratch, for the types of x16_layout.
+static void x16_prepare(X16 *x16, const float *inp, const QMatrix *W, int T) {
     int layout = x16_layout(W->type, W->cols), IN = W->cols;
-    if (layout < 0) return 0;
     size_t per = round_up((size_t)IN * sizeof(int16_t), 64) + 2 * round_up((size_t)IN / 32 * sizeof(float), 64) +
                  round_up((size_t)IN / 16 * sizeof(float), 64);
     uint8_t *mem = scratch_shared(per * (size_t)T);
@@ -2965,7 +2963,6 @@ static int x16_prepare(X16 *x16, const float *inp, const QMatrix *W, int T) {
         x16[t].s16 = x16[t].s32 + round_up((size_t)IN / 32 * sizeof(float), 64) / sizeof(float);
         x16_quantize(&x16[t], inp + (size_t)t * IN, IN, layout);
     }
-    return 1;
 }
 #endif
 
@@ -3020,15 +3017,17 @@ Kernels kernels(void) {
 
 const char *kernel_path(void) {
 #if defined(SFT_REF)
-    return "reference (scalar definitions, -DSFT_REF)";
-#elif HAVE_AMX
-    static char text[160];  // the same text on every call: amx_on decides once
-    amx_on();
-    snprintf(text, sizeof text, "avx512-bf16 (bf16 tiles: %s%s; generation: %s)",
-             amx_state ? "" : "vdpbf16ps, ", amx_why, HAVE_INT16_DOT ? "int16 vpdpwssd" : "fp32");
-    return text;
+    return "reference (the scalar definitions, -DSFT_REF)";
 #elif HAVE_BF16_DOT
-    return "avx512-bf16 (bf16 tiles, vdpbf16ps)";
+    static char text[200];  // the same text on every call
+    const char *fwd = HAVE_INT16_DOT ? "exact weights x int16 activations (vpdpwssd)" : "bf16 (vdpbf16ps)";
+#if HAVE_AMX
+    const char *bwd = amx_on() ? amx_why : "vdpbf16ps", *note = amx_on() ? "" : amx_why;
+#else
+    const char *bwd = "vdpbf16ps", *note = "no AMX in this build";
+#endif
+    snprintf(text, sizeof text, "avx512: forward %s, backward bf16 (%s)%s%s", fwd, bwd, *note ? "; " : "", note);
+    return text;
 #elif defined(__AVX512F__)
     return "avx512 (fp32 tiles)";
 #elif HAVE_AVX2
@@ -3040,31 +3039,59 @@ const char *kernel_path(void) {
 #endif
 }
 
+Route matmul_route(const QMatrix *W, int T, int backward) {
+#if defined(SFT_REF)
+    (void)W, (void)T, (void)backward;
+    return ROUTE_FP32;
+#else
+    int bf16 = tile_pairs(W->type);  // quantized weights on a CPU with AVX512-BF16
+#if HAVE_AMX
+    int amx = bf16 && amx_on();
+#else
+    int amx = 0;
+#endif
+    if (backward) return T < BWD_TILE_MIN_T || !bf16 ? ROUTE_FP32 : amx ? ROUTE_AMX : ROUTE_BF16;
+#if HAVE_INT16_DOT
+    if (T < FWD_TILE_MIN_T) return x16_layout(W->type, W->cols) >= 0 ? ROUTE_INT16_ROWS : ROUTE_FP32;
+    if (W->cols % 32 == 0 && has_unpack16(W->type)) return ROUTE_INT16_TILES;
+#endif
+    if (T < FWD_TILE_MIN_T || !bf16) return ROUTE_FP32;
+    return amx ? ROUTE_AMX : ROUTE_BF16;
+#endif
+}
+
+// The one dispatch point of the forward product: matmul_route's choice, then the kernel.
 void matmul(float *out, const float *inp, const QMatrix *W, const float *bias, int T) {
 #if defined(SFT_REF)
     matmul_ref(out, inp, W, bias, T);
 #else
     if (T <= 0 || W->rows <= 0 || W->cols <= 0) {
         matmul_ref(out, inp, W, bias, T);
-    } else if (T >= FWD_TILE_MIN_T) {
-#if HAVE_INT16_DOT
-        if (matmul_int16(out, inp, W, bias, T)) return;
-#endif
-#if HAVE_AMX
-        if (tile_pairs(W->type) && amx_on()) {
-            matmul_amx(out, inp, W, bias, T);
-            return;
-        }
-#endif
-        matmul_tiles(out, inp, W, bias, T);
-    } else {
+        return;
+    }
+    Route route = matmul_route(W, T, 0);
+    if (T < FWD_TILE_MIN_T) {  // generation: a row at a time
         Rows r = {out, inp, W, bias, T, NULL};
 #if HAVE_INT16_DOT
         X16 x16[FWD_TILE_MIN_T];
-        if (x16_prepare(x16, inp, W, T)) r.x16 = x16;
+        if (route == ROUTE_INT16_ROWS) x16_prepare(x16, inp, W, T), r.x16 = x16;
 #endif
         parallel_for(rows_forward, &r, W->rows, 4);
+        return;
     }
+#if HAVE_INT16_DOT
+    if (route == ROUTE_INT16_TILES) {
+        matmul_int16(out, inp, W, bias, T);
+        return;
+    }
+#endif
+#if HAVE_AMX
+    if (route == ROUTE_AMX) {
+        matmul_amx(out, inp, W, bias, T);
+        return;
+    }
+#endif
+    matmul_tiles(out, inp, W, bias, T);  // ROUTE_BF16 or ROUTE_FP32: tile_pairs decides
 #endif
 }
 
@@ -3073,18 +3100,20 @@ void matmul_backward_input(float *dinp, const float *dout, const QMatrix *W, int
     matmul_backward_input_ref(dinp, dout, W, T);
 #else
     if (T <= 0 || W->rows <= 0 || W->cols <= 0) return;
-    if (T >= BWD_TILE_MIN_T) {
-#if HAVE_AMX
-        if (tile_pairs(W->type) && amx_on()) {
-            matmul_backward_amx(dinp, dout, W, T);
-            return;
-        }
-#endif
-        matmul_backward_tiles(dinp, dout, W, T);
-    } else {
+    Route route = matmul_route(W, T, 1);
+    if (T < BWD_TILE_MIN_T) {
         int bs = type_info(W->type)->block;
         Rows r = {dinp, dout, W, NULL, T, NULL};
         parallel_for(rows_backward, &r, W->cols, bs > 64 ? bs : 64);
+        return;
     }
+#if HAVE_AMX
+    if (route == ROUTE_AMX) {
+        matmul_backward_amx(dinp, dout, W, T);
+        return;
+    }
+#endif
+    (void)route;
+    matmul_backward_tiles(dinp, dout, W, T);
 #endif
 }

@@ -89,6 +89,19 @@ Kernels kernels(void);
 // the training plan.
 const char *kernel_path(void);
 
+// The arithmetic of one product: what matmul (backward = 0) or matmul_backward_input (1) does for
+// W and T tokens in this build on this CPU (they dispatch by it), and so the error bound it must
+// meet (test/test_quant.c).
+typedef enum {
+    ROUTE_FP32,         // fp32 sums of exact fp32 products (the definitions, F32 weights, CPUs
+                        // without AVX512-BF16, few tokens)
+    ROUTE_BF16,         // both factors rounded to bf16 (vdpbf16ps), fp32 sums
+    ROUTE_AMX,          // the same on AMX tiles
+    ROUTE_INT16_TILES,  // exact weights, activations in 14-bit integers per token and K-chunk
+    ROUTE_INT16_ROWS,   // exact weights, activations in 16-bit integers per block of 32 (T < 5)
+} Route;
+Route matmul_route(const QMatrix *W, int T, int backward);
+
 // out[C] = row r of W dequantized (embedding lookup).
 void qmatrix_row(float *out, const QMatrix *W, int r);
 
