@@ -34,7 +34,8 @@
 #else
 #define HAVE_BF16_DOT 0
 #endif
-// vpdpwssd (AVX512-VNNI): the 16-bit integer products of generation (few tokens, see X16).
+// vpdpwssd (AVX512-VNNI): products on 16-bit integers (the forward tiles, and generation's rows
+// for Q4_0 and Q6_K: see X16).
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512F__) && defined(__F16C__)
 #define HAVE_INT16_DOT 1
 #else
@@ -2807,8 +2808,8 @@ typedef struct X16 {
 static int x16_layout(int type, int IN) {
     switch (type) {
     case TYPE_Q4_0: return IN % 64 == 0 ? 1 : -1;
-    case TYPE_Q8_0: case TYPE_Q4_K: case TYPE_Q6_K: return 0;
-    default: return -1;
+    case TYPE_Q6_K: return 0;
+    default: return -1;  // Q8_0, Q4_K: the fp32 rows (row_dot) are as fast, and exact
     }
 }
 
@@ -2834,17 +2835,25 @@ static void x16_quantize(const X16 *x16, const float *x, int n, int pairs) {
 // Lane k of the result: s[idx[k]]; idx starts as |i x 8|j x 8|.
 static inline __m512i lane_index(int i, int j) { return _mm512_inserti64x4(_mm512_set1_epi32(i), _mm256_set1_epi32(j), 1); }
 
+// The fp16 scales of 16 blocks of `bytes` bytes each (the scale in the first two), as floats:
+// one gather of the 32-bit words that start the blocks (n < 16: the others read as 0).
+static inline __m512 block_scales16(const uint8_t *blocks, int bytes, int n) {
+    __m512i at = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0), _mm512_set1_epi32(bytes));
+    __m512i words = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), (__mmask16)((1u << n) - 1), at, blocks, 1);
+    return _mm512_cvtph_ps(_mm512_cvtepi32_epi16(words));  // the low half of each word: the scale
+}
+
 // sum_b dW_b dx_b (sum_k q_k xq_k - 8 sum_k xq_k) over the blocks of a Q4_0 row: two blocks a
-// vector (lanes 0-7 block A, 8-15 block B), their 16 scales in one register per 16 blocks.
+// vector (lanes 0-7 block A, 8-15 block B), their 16 scales in one register per 16 blocks, two
+// sums in turn (so that no multiply-add waits for the one before).
 static float dot16_q4_0(const BlockQ4_0 *w, const X16 *x, int nb) {
-    __m512 acc = _mm512_setzero_ps(), off = _mm512_setzero_ps();
+    __m512 acc[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()}, off = _mm512_setzero_ps();
     const __m512i m15 = _mm512_set1_epi16(15), two = _mm512_set1_epi32(2);
-    float dws[16];
     for (int g = 0; g < nb; g += 16) {
         int n = nb - g < 16 ? nb - g : 16;
         __mmask16 m = (__mmask16)((1u << n) - 1);
-        for (int i = 0; i < n; i++) dws[i] = half_scalar(w[g + i].d);
-        __m512 dw = _mm512_maskz_loadu_ps(m, dws), s = _mm512_mul_ps(dw, _mm512_maskz_loadu_ps(m, x->d + g));
+        __m512 dw = block_scales16((const uint8_t *)(w + g), sizeof(BlockQ4_0), n);
+        __m512 s = _mm512_mul_ps(dw, _mm512_maskz_loadu_ps(m, x->d + g));
         off = _mm512_fmadd_ps(dw, _mm512_maskz_loadu_ps(m, x->s32 + g), off);
         __m512i idx = lane_index(0, 1);
         for (int i = 0; i < n; i += 2, idx = _mm512_add_epi32(idx, two)) {
@@ -2852,61 +2861,12 @@ static float dot16_q4_0(const BlockQ4_0 *w, const X16 *x, int nb) {
                                                  _mm_loadu_si128((const __m128i *)w[g + i + 1].qs), 1);
             __m512i v = _mm512_cvtepu8_epi16(qs), lo = _mm512_and_si512(v, m15), hi = _mm512_srli_epi16(v, 4);
             const int16_t *xq = x->q + 32 * (g + i);
-            __m512i p = _mm512_dpwssd_epi32(_mm512_setzero_si512(), lo, _mm512_loadu_si512(xq));
+            __m512i p = _mm512_madd_epi16(lo, _mm512_loadu_si512(xq));
             p = _mm512_dpwssd_epi32(p, hi, _mm512_loadu_si512(xq + 32));
-            acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), _mm512_permutexvar_ps(idx, s), acc);
+            acc[i / 2 % 2] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), _mm512_permutexvar_ps(idx, s), acc[i / 2 % 2]);
         }
     }
-    return _mm512_reduce_add_ps(acc) - 8.0f * _mm512_reduce_add_ps(off);
-}
-
-// sum_b dW_b dx_b sum_k q_k xq_k over the blocks of a Q8_0 row, one block a vector.
-static float dot16_q8_0(const BlockQ8_0 *w, const X16 *x, int nb) {
-    __m512 acc = _mm512_setzero_ps();
-    const __m512i one = _mm512_set1_epi32(1);
-    float dws[16];
-    for (int g = 0; g < nb; g += 16) {
-        int n = nb - g < 16 ? nb - g : 16;
-        __mmask16 m = (__mmask16)((1u << n) - 1);
-        for (int i = 0; i < n; i++) dws[i] = half_scalar(w[g + i].d);
-        __m512 s = _mm512_mul_ps(_mm512_maskz_loadu_ps(m, dws), _mm512_maskz_loadu_ps(m, x->d + g));
-        __m512i idx = _mm512_setzero_si512();
-        for (int i = 0; i < n; i++, idx = _mm512_add_epi32(idx, one)) {
-            __m512i v = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)w[g + i].qs));
-            __m512i p = _mm512_dpwssd_epi32(_mm512_setzero_si512(), v, _mm512_loadu_si512(x->q + 32 * (g + i)));
-            acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), _mm512_permutexvar_ps(idx, s), acc);
-        }
-    }
-    return _mm512_reduce_add_ps(acc);
-}
-
-// Q4_K: per block of 256, group j (32 values) is d sc_j q - dmin m_j: the products with d sc_j dx,
-// the mins through the sums of xq.
-static float dot16_q4_K(const BlockQ4_K *w, const X16 *x, int nb) {
-    __m512 acc = _mm512_setzero_ps();
-    const __m512i m15 = _mm512_set1_epi16(15), two = _mm512_set1_epi32(2);
-    float off = 0, sc[8];
-    for (int i = 0; i < nb; i++) {
-        float d = half_scalar(w[i].d), dmin = half_scalar(w[i].dmin);
-        for (int j = 0; j < 8; j++) {
-            uint8_t s, m;
-            scale_min_k4(j, w[i].scales, &s, &m);
-            sc[j] = d * (float)s;
-            off += dmin * (float)m * x->s32[8 * i + j];
-        }
-        __m512 s = _mm512_mul_ps(_mm512_maskz_loadu_ps(0xff, sc), _mm512_maskz_loadu_ps(0xff, x->d + 8 * i));
-        __m512i idx = _mm512_setzero_si512();
-        for (int c = 0; c < 4; c++) {
-            __m512i v = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)(w[i].qs + 32 * c)));
-            const int16_t *xq = x->q + 256 * i + 64 * c;
-            __m512i p0 = _mm512_dpwssd_epi32(_mm512_setzero_si512(), _mm512_and_si512(v, m15), _mm512_loadu_si512(xq));
-            __m512i p1 = _mm512_dpwssd_epi32(_mm512_setzero_si512(), _mm512_srli_epi16(v, 4), _mm512_loadu_si512(xq + 32));
-            acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p0), _mm512_permutexvar_ps(idx, s), acc);
-            acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p1), _mm512_permutexvar_ps(_mm512_add_epi32(idx, _mm512_set1_epi32(1)), s), acc);
-            idx = _mm512_add_epi32(idx, two);
-        }
-    }
-    return _mm512_reduce_add_ps(acc) - off;
+    return _mm512_reduce_add_ps(_mm512_add_ps(acc[0], acc[1])) - 8.0f * _mm512_reduce_add_ps(off);
 }
 
 // Q6_K: group G (16 values) is d sc_G (q - 32); a vector holds 32 values, two groups.
@@ -2942,12 +2902,8 @@ static float dot16_q6_K(const BlockQ6_K *w, const X16 *x, int nb) {
 
 // *s = row . x for the types of x16_layout.
 static float row_dot16(int type, const uint8_t *row, const X16 *x, int n) {
-    switch (type) {
-    case TYPE_Q4_0: return dot16_q4_0((const BlockQ4_0 *)row, x, n / QK);
-    case TYPE_Q8_0: return dot16_q8_0((const BlockQ8_0 *)row, x, n / QK);
-    case TYPE_Q4_K: return dot16_q4_K((const BlockQ4_K *)row, x, n / QK_K);
-    default: return dot16_q6_K((const BlockQ6_K *)row, x, n / QK_K);
-    }
+    if (type == TYPE_Q4_0) return dot16_q4_0((const BlockQ4_0 *)row, x, n / QK);
+    return dot16_q6_K((const BlockQ6_K *)row, x, n / QK_K);
 }
 
 // x16[T] <- inp[T, IN] in the pool's shared scratch, for the types of x16_layout.

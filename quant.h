@@ -80,7 +80,7 @@ void matmul_backward_input_ref(float *dinp, const float *dout, const QMatrix *W,
 // What the fast products do in this build on this CPU (the tests choose their bounds by it).
 typedef struct {
     int bf16;    // many tokens, quantized weights: both factors rounded to bf16 (AVX512-BF16)
-    int int16;   // few tokens (generation), Q4_0/Q8_0/Q4_K/Q6_K: activations in 16-bit integers
+    int int16;   // AVX512-VNNI: forward products on 16-bit integer activations (see Route)
     int amx;     // the bf16 products run on AMX tiles (decided at run time; SFT_NO_AMX=1: never)
 } Kernels;
 Kernels kernels(void);

@@ -655,7 +655,7 @@ static void reference_case(const char *name, int quant) {
     Route fwd = matmul_route(wq, 16, 0), bwd = matmul_route(wq, 16, 1), gen = matmul_route(wq, 1, 0);
     Level lv = test_level();
     int q = quant != TYPE_F32, avx512 = lv == LEVEL_AVX512_BF16 || lv == LEVEL_AMX;
-    int rows16 = quant == TYPE_Q8_0 || quant == TYPE_Q4_K || quant == TYPE_Q6_K || (quant == TYPE_Q4_0 && wq->cols % 64 == 0);
+    int rows16 = quant == TYPE_Q6_K || (quant == TYPE_Q4_0 && wq->cols % 64 == 0);
     int ok_routes = fwd == (q && avx512 ? ROUTE_INT16_TILES : ROUTE_FP32) &&
                     bwd == (q && lv == LEVEL_AMX ? ROUTE_AMX : q && avx512 ? ROUTE_BF16 : ROUTE_FP32) &&
                     gen == (q && avx512 && rows16 ? ROUTE_INT16_ROWS : ROUTE_FP32);
