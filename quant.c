@@ -646,7 +646,7 @@ int quantize_row(int type, void *out, const float *in, int64_t n) {
 // Products, reference versions: the definitions. Each weight block is dequantized once into a
 // small buffer; every output is a plain float sum in a fixed order (blocks, then elements).
 
-static const uint8_t *qmatrix_row_data(const QMatrix *W, int r) {
+static inline const uint8_t *qmatrix_row_data(const QMatrix *W, int r) {
     return (const uint8_t *)W->data + (size_t)r * row_bytes(W->type, W->cols);
 }
 
@@ -2809,7 +2809,7 @@ static int x16_layout(int type, int IN) {
     switch (type) {
     case TYPE_Q4_0: return IN % 64 == 0 ? 1 : -1;
     case TYPE_Q6_K: return 0;
-    default: return -1;  // Q8_0, Q4_K: the fp32 rows (row_dot) are as fast, and exact
+    default: return -1;  // Q8_0, Q4_K and the rest: the fp32 rows (row_dot) are as fast, and exact
     }
 }
 
@@ -2835,38 +2835,53 @@ static void x16_quantize(const X16 *x16, const float *x, int n, int pairs) {
 // Lane k of the result: s[idx[k]]; idx starts as |i x 8|j x 8|.
 static inline __m512i lane_index(int i, int j) { return _mm512_inserti64x4(_mm512_set1_epi32(i), _mm256_set1_epi32(j), 1); }
 
-// The fp16 scales of 16 blocks of `bytes` bytes each (the scale in the first two), as floats:
-// one gather of the 32-bit words that start the blocks (n < 16: the others read as 0).
-static inline __m512 block_scales16(const uint8_t *blocks, int bytes, int n) {
-    __m512i at = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0), _mm512_set1_epi32(bytes));
-    __m512i words = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), (__mmask16)((1u << n) - 1), at, blocks, 1);
-    return _mm512_cvtph_ps(_mm512_cvtepi32_epi16(words));  // the low half of each word: the scale
+// The fp16 scales of n <= 16 Q4_0 blocks (18 bytes each, the scale first), as floats (0 past n):
+// for 16 blocks, the 16-bit words at byte 18 k picked out of two pairs of 128-byte loads (a gather
+// is slower on Zen 4 than the whole row product).
+static inline __m512 q4_0_scales16(const BlockQ4_0 *w, int n) {
+    if (n < 16) {
+        uint16_t h[16] = {0};
+        for (int i = 0; i < n; i++) h[i] = w[i].d;
+        return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)h));
+    }
+    const uint8_t *p = (const uint8_t *)w;  // blocks 0-7 at bytes 0..126, 8-15 at 144..270
+    const __m512i idx = _mm512_set_epi16(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+                                         63, 54, 45, 36, 27, 18, 9, 0);
+    __m512i lo = _mm512_permutex2var_epi16(_mm512_loadu_si512(p), idx, _mm512_loadu_si512(p + 64));
+    __m512i hi = _mm512_permutex2var_epi16(_mm512_loadu_si512(p + 144), idx, _mm512_loadu_si512(p + 208));
+    return _mm512_cvtph_ps(_mm256_inserti128_si256(_mm512_castsi512_si256(lo), _mm512_castsi512_si128(hi), 1));
+}
+
+// sum_k q_k xq_k of two Q4_0 blocks w[0], w[1] against their xq (pair layout), as floats: lanes
+// 0-7 block w[0]'s products, 8-15 block w[1]'s.
+static inline __m512 q4_0_pair_sums(const BlockQ4_0 *w, const int16_t *xq) {
+    __m256i qs = _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_loadu_si128((const __m128i *)w[0].qs)),
+                                         _mm_loadu_si128((const __m128i *)w[1].qs), 1);
+    __m512i v = _mm512_cvtepu8_epi16(qs);
+    __m512i p = _mm512_madd_epi16(_mm512_and_si512(v, _mm512_set1_epi16(15)), _mm512_loadu_si512(xq));
+    return _mm512_cvtepi32_ps(_mm512_dpwssd_epi32(p, _mm512_srli_epi16(v, 4), _mm512_loadu_si512(xq + 32)));
 }
 
 // sum_b dW_b dx_b (sum_k q_k xq_k - 8 sum_k xq_k) over the blocks of a Q4_0 row: two blocks a
-// vector (lanes 0-7 block A, 8-15 block B), their 16 scales in one register per 16 blocks, two
-// sums in turn (so that no multiply-add waits for the one before).
+// vector, their 16 scales in one register per 16 blocks, two sums in turn (so that no multiply-add
+// waits for the one before).
 static float dot16_q4_0(const BlockQ4_0 *w, const X16 *x, int nb) {
-    __m512 acc[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()}, off = _mm512_setzero_ps();
-    const __m512i m15 = _mm512_set1_epi16(15), two = _mm512_set1_epi32(2);
+    __m512 acc0 = _mm512_setzero_ps(), acc1 = acc0, off = acc0;
     for (int g = 0; g < nb; g += 16) {
-        int n = nb - g < 16 ? nb - g : 16;
+        int n = nb - g < 16 ? nb - g : 16, i = 0;  // n is even
         __mmask16 m = (__mmask16)((1u << n) - 1);
-        __m512 dw = block_scales16((const uint8_t *)(w + g), sizeof(BlockQ4_0), n);
+        __m512 dw = q4_0_scales16(w + g, n);
         __m512 s = _mm512_mul_ps(dw, _mm512_maskz_loadu_ps(m, x->d + g));
         off = _mm512_fmadd_ps(dw, _mm512_maskz_loadu_ps(m, x->s32 + g), off);
-        __m512i idx = lane_index(0, 1);
-        for (int i = 0; i < n; i += 2, idx = _mm512_add_epi32(idx, two)) {
-            __m256i qs = _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_loadu_si128((const __m128i *)w[g + i].qs)),
-                                                 _mm_loadu_si128((const __m128i *)w[g + i + 1].qs), 1);
-            __m512i v = _mm512_cvtepu8_epi16(qs), lo = _mm512_and_si512(v, m15), hi = _mm512_srli_epi16(v, 4);
-            const int16_t *xq = x->q + 32 * (g + i);
-            __m512i p = _mm512_madd_epi16(lo, _mm512_loadu_si512(xq));
-            p = _mm512_dpwssd_epi32(p, hi, _mm512_loadu_si512(xq + 32));
-            acc[i / 2 % 2] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), _mm512_permutexvar_ps(idx, s), acc[i / 2 % 2]);
+        const int16_t *xq = x->q + 32 * g;
+        for (; i + 4 <= n; i += 4) {
+            acc0 = _mm512_fmadd_ps(q4_0_pair_sums(w + g + i, xq + 32 * i), _mm512_permutexvar_ps(lane_index(i, i + 1), s), acc0);
+            acc1 = _mm512_fmadd_ps(q4_0_pair_sums(w + g + i + 2, xq + 32 * i + 64),
+                                   _mm512_permutexvar_ps(lane_index(i + 2, i + 3), s), acc1);
         }
+        if (i < n) acc0 = _mm512_fmadd_ps(q4_0_pair_sums(w + g + i, xq + 32 * i), _mm512_permutexvar_ps(lane_index(i, i + 1), s), acc0);
     }
-    return _mm512_reduce_add_ps(_mm512_add_ps(acc[0], acc[1])) - 8.0f * _mm512_reduce_add_ps(off);
+    return _mm512_reduce_add_ps(_mm512_fnmadd_ps(_mm512_set1_ps(8.0f), off, _mm512_add_ps(acc0, acc1)));
 }
 
 // Q6_K: group G (16 values) is d sc_G (q - 32); a vector holds 32 values, two groups.
