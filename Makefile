@@ -12,10 +12,9 @@
 CC     ?= cc
 # x86-64: the CPU's own instruction set (AVX2, AVX-512); arm64: NEON is always there.
 ifeq ($(shell uname -m),x86_64)
-OPT    ?= -O2 -march=native
-else
-OPT    ?= -O2
+ARCH   ?= -march=native
 endif
+OPT    ?= -O2 $(ARCH)
 CFLAGS += -std=c11 -Wall -Wextra -D_POSIX_C_SOURCE=200809L -D_DARWIN_C_SOURCE -pthread
 LDLIBS  = -lm -pthread
 LIB     = $(filter-out sft.c,$(wildcard *.c))
@@ -41,7 +40,7 @@ test: $(BUILD)test/run
 
 test-asan:
 	ASAN_OPTIONS=detect_leaks=1 $(MAKE) -B test BUILD=build/asan/ \
-	    OPT="-O1 -g -fsanitize=address,undefined -fno-sanitize-recover=all -fno-omit-frame-pointer"
+	    OPT="-O1 -g $(ARCH) $(ASAN_EXTRA) -fsanitize=address,undefined -fno-sanitize-recover=all -fno-omit-frame-pointer"
 
 test/bench test/bench_kernels: sft test/bench.c test/bench_kernels.c
 	$(CC) $(OPT) $(CFLAGS) -o test/bench test/bench.c $(LIB) $(LDLIBS)

@@ -1883,9 +1883,10 @@ static void pack_x16(void *ctx, int t0, int t1) {
             }
             float a = _mm512_reduce_max_ps(amax);
             __m512 id = _mm512_set1_ps(a > 0 ? (float)XQ_MAX / a : 0.0f);
+            int zero = t >= f->f.T || bad;  // padding tokens, and non-finite chunks (dx NaN says it)
             for (int k = 0; k < kn; k += 32) {  // 32 values: one block, 16 words
-                __m512 v0 = t < f->f.T ? _mm512_loadu_ps(x + k0 + k) : _mm512_setzero_ps();
-                __m512 v1 = t < f->f.T ? _mm512_loadu_ps(x + k0 + k + 16) : _mm512_setzero_ps();
+                __m512 v0 = zero ? _mm512_setzero_ps() : _mm512_loadu_ps(x + k0 + k);
+                __m512 v1 = zero ? _mm512_setzero_ps() : _mm512_loadu_ps(x + k0 + k + 16);
                 __m512i q0 = _mm512_cvtps_epi32(_mm512_mul_ps(v0, id)), q1 = _mm512_cvtps_epi32(_mm512_mul_ps(v1, id));
                 ((float *)f->xs)[(size_t)((k0 + k) / 32) * TP + t] = (float)_mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1));
                 __m512i words = _mm512_inserti64x4(_mm512_castsi256_si512(_mm512_cvtsepi32_epi16(q0)), _mm512_cvtsepi32_epi16(q1), 1);
@@ -2820,8 +2821,9 @@ static void x16_quantize(const X16 *x16, const float *x, int n, int pairs) {
         float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
         __m512 id = _mm512_set1_ps(amax > 0 ? 32767.0f / amax : 0.0f);
         __m512i q0 = _mm512_cvtps_epi32(_mm512_mul_ps(v0, id)), q1 = _mm512_cvtps_epi32(_mm512_mul_ps(v1, id));
-        float dx = amax / 32767.0f;
-        if (_mm512_cmp_ps_mask(v0, v1, _CMP_UNORD_Q) || !(amax <= FLT_MAX)) dx = NAN;  // NaN, inf: the outputs too
+        int bad = _mm512_cmp_ps_mask(v0, v1, _CMP_UNORD_Q) || !(amax <= FLT_MAX);  // NaN, inf: the outputs too
+        if (bad) q0 = q1 = _mm512_setzero_si512();
+        float dx = bad ? NAN : amax / 32767.0f;
         int s0 = _mm512_reduce_add_epi32(q0), s1 = _mm512_reduce_add_epi32(q1);
         x16->d[b] = dx;
         x16->s32[b] = dx * (float)(s0 + s1);
