@@ -1908,9 +1908,10 @@ static int has_unpack16(int type) {
 // multiple of 32).
 static void matmul_int16(float *out, const float *inp, const QMatrix *W, const float *bias, int T) {
     int IN = W->cols, TP = (int)round_up((size_t)T, 16);
-    // K-chunks keep the packed activations of a chunk (TP x KC int16) within ~256 KB
-    int KC = (int)round_up((size_t)(256 * 1024 / 2 / TP), CHUNK_ALIGN);
-    if (KC < CHUNK_ALIGN) KC = CHUNK_ALIGN;
+    // K-chunks keep the packed activations of a chunk (TP x KC int16) within ~320 KB, in chunks of
+    // about the same size (a short last chunk would pay a tile's set-up for a few blocks)
+    size_t budget = 320 * 1024 / 2 / (size_t)TP, parts = ((size_t)IN + budget - 1) / budget;
+    int KC = (int)round_up(((size_t)IN + parts - 1) / parts, CHUNK_ALIGN);
     if (KC >= IN) KC = IN;
     int chunks = (IN + KC - 1) / KC;
     size_t xw = (size_t)IN / 2 * TP * 4, dxb = (size_t)chunks * TP * 4, xsb = (size_t)IN / 32 * TP * 4;
