@@ -444,12 +444,7 @@ def peer_errors(cfg, w32, lora32, r, alpha, examples, want):
     """The peer's errors against the float64 values `want` on the same weights: relative error of the
     loss, largest relative norm error of a LoRA gradient, largest absolute error of a logit."""
     w = {k: torch.tensor(v).to(torch.bfloat16) for k, v in w32.items()}
-    params = {k: torch.tensor(v, dtype=torch.float32, requires_grad=True) for k, v in lora32.items()}
-    lora = {"scale": alpha / r, "A": {}, "B": {}}
-    for l in range(cfg["num_hidden_layers"]):
-        for proj in TARGETS:
-            lora["A"][f"{l}.{proj}"] = params[lora_name(l, proj, "A")]
-            lora["B"][f"{l}.{proj}"] = params[lora_name(l, proj, "B")]
+    params, lora = lora_params(cfg, lora32, r, alpha, torch.float32)
     n_targets = sum(sum(m[1:]) for _, m in examples)
     total, logits0 = 0, None
     for k, (ids, mask) in enumerate(examples):
@@ -542,15 +537,22 @@ def hf_config(C, NH, NKV, FF, L, V, theta, tied):
             "vocab_size": V}
 
 
-def expected(cfg, w32, lora32, r, alpha, examples):
-    """Loss, logits and LoRA gradients in float64 for weights w32 (float32 arrays)."""
-    w = {k: torch.tensor(v, dtype=torch.float64) for k, v in w32.items()}
-    params = {k: torch.tensor(v, dtype=torch.float64, requires_grad=True) for k, v in lora32.items()}
+def lora_params(cfg, lora32, r, alpha, dtype):
+    """The adapter's tensors as leaves that take gradients (dtype), and the {"scale", "A", "B"} view
+    of them that linear() reads."""
+    params = {k: torch.tensor(v, dtype=dtype, requires_grad=True) for k, v in lora32.items()}
     lora = {"scale": alpha / r, "A": {}, "B": {}}
     for l in range(cfg["num_hidden_layers"]):
         for proj in TARGETS:
             lora["A"][f"{l}.{proj}"] = params[lora_name(l, proj, "A")]
             lora["B"][f"{l}.{proj}"] = params[lora_name(l, proj, "B")]
+    return params, lora
+
+
+def expected(cfg, w32, lora32, r, alpha, examples):
+    """Loss, logits and LoRA gradients in float64 for weights w32 (float32 arrays)."""
+    w = {k: torch.tensor(v, dtype=torch.float64) for k, v in w32.items()}
+    params, lora = lora_params(cfg, lora32, r, alpha, torch.float64)
     n_targets = sum(sum(m[1:]) for _, m in examples)
     n_all = sum(len(ids) - 1 for ids, _ in examples)
     total, total_all, total_base, logits0 = 0, 0.0, 0.0, None

@@ -87,6 +87,16 @@ int run_command(const char *cmd, char **out) {
     return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
 }
 
+int run_commandf(char **out, const char *err_path, const char *fmt, ...) {
+    char cmd[4096], full[4400];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(cmd, sizeof cmd, fmt, ap);
+    va_end(ap);
+    snprintf(full, sizeof full, "( %s ) 2>%s", cmd, err_path);
+    return run_command(full, out);
+}
+
 const char *scratch_dir(const char *name) {
     static char path[512];  // valid until the next call
     char cmd[1100];

@@ -23,6 +23,10 @@ const char *sft_binary(void);
 // may be NULL) when out is not NULL. stderr goes to test/tmp/last_stderr.txt.
 int run_command(const char *cmd, char **out);
 
+// run_command for a command formatted printf-style, its stderr into the file err_path (each suite
+// its own: suites may run at the same time).
+int run_commandf(char **out, const char *err_path, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
+
 // A scratch directory (test/tmp/NAME, emptied first) for files a test writes; returns its path.
 const char *scratch_dir(const char *name);
 

@@ -11,20 +11,6 @@
 #define DIR "test/tmp/cli"
 #define TOKENIZER "test/fixtures/tied/model/tokenizer.json"
 
-// Runs a command (formatted), returns its exit status; stdout into *out when out is not NULL,
-// stderr into DIR/stderr.txt (our own file: other suites may run at the same time).
-static int run(char **out, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
-#include <stdarg.h>
-static int run(char **out, const char *fmt, ...) {
-    char cmd[4096], full[4200];
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(cmd, sizeof cmd, fmt, ap);
-    va_end(ap);
-    snprintf(full, sizeof full, "( %s ) 2>" DIR "/stderr.txt", cmd);
-    return run_command(full, out);
-}
-
 static char *slurp(const char *path, size_t *len) {
     FILE *f = fopen(path, "rb");
     if (!f) return NULL;
@@ -91,8 +77,8 @@ static int setup(void) {
                       "{\"messages\": [{\"role\": \"user\", \"content\": \"b\"}, {\"role\": \"assistant\", \"content\": \"two\"}]}\n"
                       "\n"
                       "{\"prompt\": \"c\", \"completion\": \"three\"}\r\n");
-    int r1 = run(NULL, "%s init --config tiny --tokenizer %s --seed 1 --embed-std 0.3 --out %s", sft, TOKENIZER, model);
-    int r2 = run(NULL, "%s init --config tiny --tokenizer %s --seed 2 --embed-std 0.3 --out %s", sft, TOKENIZER, other_model);
+    int r1 = run_commandf(NULL, DIR "/stderr.txt", "%s init --config tiny --tokenizer %s --seed 1 --embed-std 0.3 --out %s", sft, TOKENIZER, model);
+    int r2 = run_commandf(NULL, DIR "/stderr.txt", "%s init --config tiny --tokenizer %s --seed 2 --embed-std 0.3 --out %s", sft, TOKENIZER, other_model);
     check(r1 == 0 && r2 == 0, "cli: sft init makes two tiny models", "exit %d %d", r1, r2);
     return r1 == 0 && r2 == 0;
 }
@@ -103,7 +89,7 @@ static int setup(void) {
 // for 11 seeds (measured), far below the 0.05 the check asks.
 static void test_memorize(void) {
     char *out = NULL;
-    int r = run(&out, "%s train --model %s --data %s --out " DIR "/mem --lr 5e-3 --dropout 0 --grad-accum 1 "
+    int r = run_commandf(&out, DIR "/stderr.txt", "%s train --model %s --data %s --out " DIR "/mem --lr 5e-3 --dropout 0 --grad-accum 1 "
                 "--max-steps 240 --rank 4 --alpha 8 --threads 1", sft, model, data);
     char *err = last_stderr();
     double loss = last_loss(out);
@@ -126,29 +112,29 @@ static void test_memorize(void) {
     check(cfg && strstr(cfg, "\"LORA\"") && strstr(cfg, "\"r\": 4"), "cli: adapter_config.json written", "%.200s",
           cfg ? cfg : "(missing)");
     free(cfg);
-    r = run(&out, "%s generate --model %s --lora " DIR "/mem --prompt Hi --temp 0 --max-new 20", sft, model);
+    r = run_commandf(&out, DIR "/stderr.txt", "%s generate --model %s --lora " DIR "/mem --prompt Hi --temp 0 --max-new 20", sft, model);
     check(r == 0 && strcmp(out, "xyzzy!\n") == 0, "cli: greedy generate gives the memorized answer", "exit %d, got '%s'", r, out);
     free(out);
-    r = run(&out, "%s generate --model %s --prompt Hi --temp 0 --max-new 20", sft, model);
+    r = run_commandf(&out, DIR "/stderr.txt", "%s generate --model %s --prompt Hi --temp 0 --max-new 20", sft, model);
     check(r == 0 && strcmp(out, "xyzzy!\n") != 0, "cli: without the adapter the answer differs", "exit %d, got '%s'", r, out);
     free(out);
     // chat through a pipe: the second turn runs on the cached first one; /reset starts afresh
-    r = run(&out, "printf 'Hi\\nHo\\n/reset\\nHi\\n' | %s chat --model %s --lora " DIR "/mem --temp 0 --max-new 12", sft, model);
+    r = run_commandf(&out, DIR "/stderr.txt", "printf 'Hi\\nHo\\n/reset\\nHi\\n' | %s chat --model %s --lora " DIR "/mem --temp 0 --max-new 12", sft, model);
     check(r == 0 && strcmp(out, "xyzzy!\nplugh.\nxyzzy!\n") == 0, "cli: chat through a pipe: two turns, /reset",
           "exit %d, got '%s'", r, out);
     free(out);
-    r = run(&out, "%s generate --model %s --lora " DIR "/mem --data %s --temp 0 --max-new 12", sft, model, data);
+    r = run_commandf(&out, DIR "/stderr.txt", "%s generate --model %s --lora " DIR "/mem --data %s --temp 0 --max-new 12", sft, model, data);
     check(r == 0 && strcmp(out, "{\"prompt\": \"Ho\", \"response\": \"plugh.\"}\n") == 0,
           "cli: generate --data answers the last user turn", "exit %d, got '%s'", r, out);
     free(out);
-    r = run(&out, "%s generate --model %s --lora " DIR "/mem --data %s --temp 0 --max-new 12", sft, model, data3);
+    r = run_commandf(&out, DIR "/stderr.txt", "%s generate --model %s --lora " DIR "/mem --data %s --temp 0 --max-new 12", sft, model, data3);
     check(r == 0 && count_substr(out, "{\"prompt\": ") == 3 && strstr(out, "{\"prompt\": \"b\", \"response\": \""),
           "cli: generate --data writes JSONL", "exit %d, got '%s'", r, out);
     free(out);
     // sampling is deterministic for a seed
     char *a = NULL, *b = NULL;
-    run(&a, "%s generate --model %s --prompt Hi --temp 1.5 --top-k 0 --top-p 1 --seed 7 --max-new 10", sft, model);
-    run(&b, "%s generate --model %s --prompt Hi --temp 1.5 --top-k 0 --top-p 1 --seed 7 --max-new 10", sft, model);
+    run_commandf(&a, DIR "/stderr.txt", "%s generate --model %s --prompt Hi --temp 1.5 --top-k 0 --top-p 1 --seed 7 --max-new 10", sft, model);
+    run_commandf(&b, DIR "/stderr.txt", "%s generate --model %s --prompt Hi --temp 1.5 --top-k 0 --top-p 1 --seed 7 --max-new 10", sft, model);
     check(a && b && strcmp(a, b) == 0 && strlen(a) > 1, "cli: sampling with a seed repeats", "'%s' vs '%s'", a, b);
     free(a), free(b);
 }
@@ -158,8 +144,8 @@ static void test_memorize(void) {
 static void test_resume_and_threads(void) {
     const char *opts = "--grad-accum 2 --max-steps 6 --save-every 3 --lr 5e-3 --dropout 0.1 --weight-decay 0.01 "
                        "--warmup-steps 1 --rank 2";
-    int r1 = run(NULL, "%s train --model %s --data %s --out " DIR "/straight %s --threads 1", sft, model, data3, opts);
-    int r2 = run(NULL, "%s train --model %s --data %s --out " DIR "/resumed %s --threads 2 --resume " DIR "/straight/checkpoint-3",
+    int r1 = run_commandf(NULL, DIR "/stderr.txt", "%s train --model %s --data %s --out " DIR "/straight %s --threads 1", sft, model, data3, opts);
+    int r2 = run_commandf(NULL, DIR "/stderr.txt", "%s train --model %s --data %s --out " DIR "/resumed %s --threads 2 --resume " DIR "/straight/checkpoint-3",
                  sft, model, data3, opts);
     char *err = last_stderr();
     check(r1 == 0 && r2 == 0 && same_bytes(DIR "/straight/adapter_model.safetensors", DIR "/resumed/adapter_model.safetensors"),
@@ -167,10 +153,10 @@ static void test_resume_and_threads(void) {
     free(err);
     check(same_bytes(DIR "/straight/checkpoint-6/adapter_model.safetensors", DIR "/straight/adapter_model.safetensors"),
           "cli: the final checkpoint holds the final adapter", "checkpoint-6 differs");
-    int r3 = run(NULL, "%s train --model %s --data %s --out " DIR "/threads2 %s --threads 2", sft, model, data3, opts);
+    int r3 = run_commandf(NULL, DIR "/stderr.txt", "%s train --model %s --data %s --out " DIR "/threads2 %s --threads 2", sft, model, data3, opts);
     check(r3 == 0 && same_bytes(DIR "/straight/adapter_model.safetensors", DIR "/threads2/adapter_model.safetensors"),
           "cli: --threads 1 and 2 give the same adapter bytes", "exit %d", r3);
-    int r5 = run(NULL, "%s train --model %s --data %s --out " DIR "/seed43 %s --seed 43", sft, model, data3, opts);
+    int r5 = run_commandf(NULL, DIR "/stderr.txt", "%s train --model %s --data %s --out " DIR "/seed43 %s --seed 43", sft, model, data3, opts);
     check(r5 == 0 && !same_bytes(DIR "/straight/adapter_model.safetensors", DIR "/seed43/adapter_model.safetensors"),
           "cli: another --seed gives other bytes (the comparisons above can fail)", "exit %d", r5);
     size_t n1, n2;
@@ -178,17 +164,17 @@ static void test_resume_and_threads(void) {
     check(l1 && l2 && count_substr(l2, "\"loss\"") == 6, "cli: the resumed log holds all 6 steps", "%s", l2 ? l2 : "");
     free(l1), free(l2);
     // resuming into its own directory is allowed
-    int r4 = run(NULL, "%s train --model %s --data %s %s --resume " DIR "/threads2/checkpoint-3", sft, model, data3, opts);
+    int r4 = run_commandf(NULL, DIR "/stderr.txt", "%s train --model %s --data %s %s --resume " DIR "/threads2/checkpoint-3", sft, model, data3, opts);
     check(r4 == 0 && same_bytes(DIR "/straight/adapter_model.safetensors", DIR "/threads2/adapter_model.safetensors"),
           "cli: resume into the checkpoint's own directory", "exit %d", r4);
     // refusals
-    int r = run(NULL, "%s train --model %s --data %s --out " DIR "/x1 %s --resume " DIR "/straight/checkpoint-3", sft,
+    int r = run_commandf(NULL, DIR "/stderr.txt", "%s train --model %s --data %s --out " DIR "/x1 %s --resume " DIR "/straight/checkpoint-3", sft,
                 other_model, data3, opts);
     err = last_stderr();
     check(r == 1 && strstr(err, "model weights") && count_substr(err, "\n") == 1,
           "cli: a checkpoint of another model is refused", "exit %d: %s", r, err);
     free(err);
-    r = run(NULL, "%s train --model %s --data %s --out " DIR "/x2 %s --lr 1e-3 --resume " DIR "/straight/checkpoint-3", sft,
+    r = run_commandf(NULL, DIR "/stderr.txt", "%s train --model %s --data %s --out " DIR "/x2 %s --lr 1e-3 --resume " DIR "/straight/checkpoint-3", sft,
             model, data3, opts);
     err = last_stderr();
     check(r == 1 && strstr(err, "--lr"), "cli: a checkpoint of other options is refused", "exit %d: %s", r, err);
@@ -198,7 +184,7 @@ static void test_resume_and_threads(void) {
 // Ctrl-C finishes the step, saves a checkpoint that generate can load, and exits with 130.
 static void test_interrupt(void) {
     char *out = NULL;
-    int r = run(&out, "%s train --model %s --data %s --out " DIR "/int --max-steps 100000 --grad-accum 1 > " DIR "/int.log & "
+    int r = run_commandf(&out, DIR "/stderr.txt", "%s train --model %s --data %s --out " DIR "/int --max-steps 100000 --grad-accum 1 > " DIR "/int.log & "
                 "pid=$!; i=0; while ! grep -q '^step 3/' " DIR "/int.log 2>/dev/null && [ $i -lt 600 ]; do sleep 0.05; i=$((i+1)); done; "
                 "kill -INT $pid; wait $pid; echo $?", sft, model, data);
     int status = out ? atoi(out) : -1;
@@ -206,7 +192,7 @@ static void test_interrupt(void) {
     check(r == 0 && status == 130 && strstr(err, "checkpoint saved"), "cli: Ctrl-C saves a checkpoint and exits 130",
           "status %d: %s", status, err);
     free(out), free(err);
-    r = run(&out, "ls -d " DIR "/int/checkpoint-* | head -1 | xargs -I{} %s generate --model %s --lora {} --prompt Hi "
+    r = run_commandf(&out, DIR "/stderr.txt", "ls -d " DIR "/int/checkpoint-* | head -1 | xargs -I{} %s generate --model %s --lora {} --prompt Hi "
             "--temp 0 --max-new 4", sft, model);
     check(r == 0 && out && strlen(out) >= 1, "cli: the interrupted checkpoint loads", "exit %d", r);
     free(out);
@@ -214,42 +200,42 @@ static void test_interrupt(void) {
 
 static void test_bad_input(void) {
     char *err;
-    int r = run(NULL, "mkdir -p " DIR "/full && touch " DIR "/full/x && %s train --model %s --data %s --out " DIR "/full", sft, model, data);
+    int r = run_commandf(NULL, DIR "/stderr.txt", "mkdir -p " DIR "/full && touch " DIR "/full/x && %s train --model %s --data %s --out " DIR "/full", sft, model, data);
     err = last_stderr();
     check(r == 1 && strstr(err, "--overwrite") && count_substr(err, "\n") == 1,
           "cli: a non-empty --out needs --overwrite", "exit %d: %s", r, err);
     free(err);
-    r = run(NULL, "%s train --model %s --data %s --out " DIR "/full/x/sub --max-steps 1", sft, model, data);
+    r = run_commandf(NULL, DIR "/stderr.txt", "%s train --model %s --data %s --out " DIR "/full/x/sub --max-steps 1", sft, model, data);
     err = last_stderr();
     check(r == 1 && strstr(err, DIR "/full/x") && count_substr(err, "\n") == 1, "cli: an unwritable --out is refused",
           "exit %d: %s", r, err);
     free(err);
     write_text(DIR "/bad.jsonl", "{\"prompt\": \"a\", \"completion\": \"b\"}\n{\"prompt\": 3}\n");
-    r = run(NULL, "%s train --model %s --data " DIR "/bad.jsonl --out " DIR "/bad_out", sft, model);
+    r = run_commandf(NULL, DIR "/stderr.txt", "%s train --model %s --data " DIR "/bad.jsonl --out " DIR "/bad_out", sft, model);
     err = last_stderr();
     FILE *f = fopen(DIR "/bad_out", "r");
     check(r == 1 && strstr(err, "bad.jsonl:2") && count_substr(err, "\n") == 1 && !f,
           "cli: a bad data line is named and --out is left untouched", "exit %d: %s", r, err);
     if (f) fclose(f);
     free(err);
-    r = run(NULL, "%s train --model %s --data " DIR "/one.jsonl --out " DIR "/bad_out --resume " DIR "/straight", sft, model);
+    r = run_commandf(NULL, DIR "/stderr.txt", "%s train --model %s --data " DIR "/one.jsonl --out " DIR "/bad_out --resume " DIR "/straight", sft, model);
     err = last_stderr();
     check(r == 1 && strstr(err, DIR "/straight") && count_substr(err, "\n") == 1,
           "cli: --resume of a directory that is no checkpoint is refused", "exit %d: %s", r, err);
     free(err);
-    r = run(NULL, "%s train --model %s --data %s --out " DIR "/nan --lr 1e30 --max-steps 5 --grad-accum 1 --save-every 1 "
+    r = run_commandf(NULL, DIR "/stderr.txt", "%s train --model %s --data %s --out " DIR "/nan --lr 1e30 --max-steps 5 --grad-accum 1 --save-every 1 "
             "--max-grad-norm 0", sft, model, data);
     err = last_stderr();
     check(r == 1 && strstr(err, "step ") && strstr(err, "training stopped") && strstr(err, "checkpoint-"),
           "cli: a non-finite loss stops training, naming the step", "exit %d: %s", r, err);
     free(err);
-    r = run(NULL, "%s train --model %s --data %s --out " DIR "/trunc --max-len 40 --loss-on all --max-steps 1", sft, model, data3);
+    r = run_commandf(NULL, DIR "/stderr.txt", "%s train --model %s --data %s --out " DIR "/trunc --max-len 40 --loss-on all --max-steps 1", sft, model, data3);
     err = last_stderr();
     check(r == 0 && count_substr(err, "were cut") == 1 && strstr(err, "too few"),
           "cli: one truncation warning, and the small-plan warning", "exit %d: %s", r, err);
     free(err);
     char *out = NULL;
-    r = run(&out, "%s train --help", sft);
+    r = run_commandf(&out, DIR "/stderr.txt", "%s train --help", sft);
     check(r == 0 && strstr(out, "--grad-accum K       4") && strstr(out, "130") && strstr(out, "--max-grad-norm"),
           "cli: train --help lists options, defaults and exit status", "exit %d", r);
     free(out);

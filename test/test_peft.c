@@ -33,17 +33,6 @@
 // rounding), so the error is sft's float32 against PyTorch's float32, whatever the path.
 static const double TOL_LOSS = 1.5e-7, TOL_LOGITS = 9e-7, TOL_GRADS = 1.8e-6;
 
-static int run(char **out, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
-static int run(char **out, const char *fmt, ...) {
-    char cmd[4096], full[4300];
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(cmd, sizeof cmd, fmt, ap);
-    va_end(ap);
-    snprintf(full, sizeof full, "( %s ) 2>" TMP "/stderr.txt", cmd);
-    return run_command(full, out);
-}
-
 static char *slurp(const char *path, size_t *len) {
     Err e;
     size_t n;
@@ -107,7 +96,7 @@ static double grads_error(const StFile *got, const StFile *want, const StFile *a
 // sft eval --logits and sft grads with one of peft's adapters, against peft's numbers.
 static void peft_case(const char *name) {
     char *out = NULL, label[160];
-    int rc = run(&out, "%s eval " EVAL_ARGS " --lora " PEFT "/%s --logits " TMP "/%s.logits", sft_binary(), name, name);
+    int rc = run_commandf(&out, TMP "/stderr.txt", "%s eval " EVAL_ARGS " --lora " PEFT "/%s --logits " TMP "/%s.logits", sft_binary(), name, name);
     StFile want, got, grads, adapter;
     Err e;
     char path[256];
@@ -130,7 +119,7 @@ static void peft_case(const char *name) {
         check(same && err <= TOL_LOGITS, label, "tokens %s, worst rel err %.3g", same ? "same" : "differ", err);
         safetensors_close(&got);
     }
-    rc = run(NULL, "%s grads " EVAL_ARGS " --lora " PEFT "/%s --out " TMP "/%s.grads", sft_binary(), name, name);
+    rc = run_commandf(NULL, TMP "/stderr.txt", "%s grads " EVAL_ARGS " --lora " PEFT "/%s --out " TMP "/%s.grads", sft_binary(), name, name);
     snprintf(path, sizeof path, TMP "/%s.grads", name);
     char apath[256];
     snprintf(apath, sizeof apath, PEFT "/%s/adapter_model.safetensors", name);
@@ -168,7 +157,7 @@ static char *st_header(const char *path, size_t *n) {
 // of that build (the result does not depend on threads or timing), never now and then. Then peft's logits with that adapter (PeftModel.from_pretrained)
 // equal sft's.
 static void sft_trained_case(void) {
-    int rc = run(NULL, "%s train --model " PEFT "/model --data " PEFT "/data.jsonl --quant f32 --loss-on all --rank 4 "
+    int rc = run_commandf(NULL, TMP "/stderr.txt", "%s train --model " PEFT "/model --data " PEFT "/data.jsonl --quant f32 --loss-on all --rank 4 "
                  "--alpha 8 --max-steps 3 --lr 1e-2 --batch 1 --grad-accum 1 --seed 7 --threads 1 --out " TMP "/trained",
                  sft_binary());
     size_t n1, n2, h1, h2;
@@ -203,7 +192,7 @@ static void sft_trained_case(void) {
 #endif
     safetensors_close(&got), safetensors_close(&want);
     char *out = NULL;
-    rc = run(&out, "%s eval " EVAL_ARGS " --lora " PEFT "/sft_trained --logits " TMP "/trained.logits", sft_binary());
+    rc = run_commandf(&out, TMP "/stderr.txt", "%s eval " EVAL_ARGS " --lora " PEFT "/sft_trained --logits " TMP "/trained.logits", sft_binary());
     StFile l, x;
     if (rc == 0 && safetensors_open(&l, TMP "/trained.logits", &e) == 0 && safetensors_open(&x, PEFT "/sft_trained/expected.safetensors", &e) == 0) {
         int same_tokens;
@@ -222,7 +211,7 @@ static void sft_trained_case(void) {
 // the same keys with the same values (general.name aside: the converter makes "Plain" of the
 // directory's name), the same tensor names, types, GGUF dims and bytes. And sft reads that file.
 static void gguf_case(void) {
-    int rc = run(NULL, "%s export --model " PEFT "/model --lora " PEFT "/plain --out " TMP "/plain.gguf", sft_binary());
+    int rc = run_commandf(NULL, TMP "/stderr.txt", "%s export --model " PEFT "/model --lora " PEFT "/plain --out " TMP "/plain.gguf", sft_binary());
     GgufFile a, b;
     Err e;
     if (rc != 0 || gguf_open(&a, TMP "/plain.gguf", &e) != 0) return check(0, "sft export runs", "exit %d", rc);
@@ -243,8 +232,8 @@ static void gguf_case(void) {
     check(tensors, "sft export: the converter's tensor names, types, dims and bytes", "%d tensors, converter %d", a.n_tensors, b.n_tensors);
     gguf_close(&a), gguf_close(&b);
     char *x = NULL, *y = NULL;
-    int r1 = run(&x, "%s eval " EVAL_ARGS " --lora " PEFT "/plain.gguf", sft_binary());
-    int r2 = run(&y, "%s eval " EVAL_ARGS " --lora " PEFT "/plain", sft_binary());
+    int r1 = run_commandf(&x, TMP "/stderr.txt", "%s eval " EVAL_ARGS " --lora " PEFT "/plain.gguf", sft_binary());
+    int r2 = run_commandf(&y, TMP "/stderr.txt", "%s eval " EVAL_ARGS " --lora " PEFT "/plain", sft_binary());
     check(r1 == 0 && r2 == 0 && x && y && strcmp(x, y) == 0, "sft reads convert_lora_to_gguf.py's adapter: the loss of the PEFT one",
           "'%s' vs '%s'", x ? x : "", y ? y : "");
     free(x), free(y);
@@ -256,9 +245,9 @@ static void export_variants(void) {
     const char *names[] = {"variants", "rslora", "regex"};
     for (int i = 0; i < 3; i++) {
         char *x = NULL, *y = NULL, label[128];
-        int r0 = run(NULL, "%s export --model " PEFT "/model --lora " PEFT "/%s --out " TMP "/%s.gguf --type f32", sft_binary(), names[i], names[i]);
-        int r1 = run(&x, "%s eval " EVAL_ARGS " --lora " TMP "/%s.gguf", sft_binary(), names[i]);
-        int r2 = run(&y, "%s eval " EVAL_ARGS " --lora " PEFT "/%s", sft_binary(), names[i]);
+        int r0 = run_commandf(NULL, TMP "/stderr.txt", "%s export --model " PEFT "/model --lora " PEFT "/%s --out " TMP "/%s.gguf --type f32", sft_binary(), names[i], names[i]);
+        int r1 = run_commandf(&x, TMP "/stderr.txt", "%s eval " EVAL_ARGS " --lora " TMP "/%s.gguf", sft_binary(), names[i]);
+        int r2 = run_commandf(&y, TMP "/stderr.txt", "%s eval " EVAL_ARGS " --lora " PEFT "/%s", sft_binary(), names[i]);
         double lx = NAN, ly = NAN;
         if (x) sscanf(x, "loss %lf", &lx);
         if (y) sscanf(y, "loss %lf", &ly);
@@ -278,13 +267,13 @@ static void export_variants(void) {
 // the loss of base + adapter.
 static void merge_cases(void) {
     char *want = NULL, *x = NULL, *y = NULL;
-    run(&want, "%s eval " EVAL_ARGS " --lora " PEFT "/variants", sft_binary());
-    int r1 = run(NULL, "%s merge --model " PEFT "/model --lora " PEFT "/variants --out " TMP "/merged.gguf --type f32", sft_binary());
-    int r2 = run(&x, "%s eval --model " TMP "/merged.gguf --data " PEFT "/data.jsonl --loss-on all", sft_binary());
-    int r3 = run(NULL, "%s merge --model " TMP "/merged.gguf --lora " PEFT "/rslora --out " TMP "/merged_dir/ --dtype f32", sft_binary());
-    int r4 = run(&y, "%s eval --model " TMP "/merged.gguf --data " PEFT "/data.jsonl --loss-on all --lora " PEFT "/rslora", sft_binary());
+    run_commandf(&want, TMP "/stderr.txt", "%s eval " EVAL_ARGS " --lora " PEFT "/variants", sft_binary());
+    int r1 = run_commandf(NULL, TMP "/stderr.txt", "%s merge --model " PEFT "/model --lora " PEFT "/variants --out " TMP "/merged.gguf --type f32", sft_binary());
+    int r2 = run_commandf(&x, TMP "/stderr.txt", "%s eval --model " TMP "/merged.gguf --data " PEFT "/data.jsonl --loss-on all", sft_binary());
+    int r3 = run_commandf(NULL, TMP "/stderr.txt", "%s merge --model " TMP "/merged.gguf --lora " PEFT "/rslora --out " TMP "/merged_dir/ --dtype f32", sft_binary());
+    int r4 = run_commandf(&y, TMP "/stderr.txt", "%s eval --model " TMP "/merged.gguf --data " PEFT "/data.jsonl --loss-on all --lora " PEFT "/rslora", sft_binary());
     char *z = NULL;
-    int r5 = run(&z, "%s eval --model " TMP "/merged_dir --data " PEFT "/data.jsonl --loss-on all --quant f32", sft_binary());
+    int r5 = run_commandf(&z, TMP "/stderr.txt", "%s eval --model " TMP "/merged_dir --data " PEFT "/data.jsonl --loss-on all --quant f32", sft_binary());
     double lw = NAN, lx = NAN, lz = NAN, ly = NAN;
     if (want) sscanf(want, "loss %lf", &lw);
     if (y) sscanf(y, "loss %lf", &ly);
@@ -294,7 +283,7 @@ static void merge_cases(void) {
     check(r3 == 0 && r4 == 0 && r5 == 0 && fabs(lz - ly) <= 2e-6 * ly,
           "merge a GGUF base into a Hugging Face directory (tokenizer.json written): the loss of base + adapter", "%.9g vs %.9g", lz, ly);
     free(want), free(x), free(y), free(z);
-    int r6 = run(NULL, "%s merge --model " PEFT "/model --lora " PEFT "/plain --out " TMP "/m.gguf --dtype f32", sft_binary());
+    int r6 = run_commandf(NULL, TMP "/stderr.txt", "%s merge --model " PEFT "/model --lora " PEFT "/plain --out " TMP "/m.gguf --dtype f32", sft_binary());
     char *err = NULL;
     check(r6 == 1 && one_line_with("--dtype is for a directory", &err), "merge: --dtype with a GGUF output refused", "%s", err ? err : "");
     free(err);
@@ -331,7 +320,7 @@ static void refusals(void) {
         char dir[128], *err = NULL, label[160];
         snprintf(dir, sizeof dir, TMP "/refuse%d", i);
         config_with(dir, cases[i][0][0] ? cases[i][0] : all, cases[i][1], cases[i][2]);
-        int rc = run(NULL, "%s eval " EVAL_ARGS " --lora %s", sft_binary(), dir);
+        int rc = run_commandf(NULL, TMP "/stderr.txt", "%s eval " EVAL_ARGS " --lora %s", sft_binary(), dir);
         snprintf(label, sizeof label, "adapter: %s, one line naming the file", cases[i][4]);
         check(rc == 1 && one_line_with(cases[i][3], &err) && strstr(err, "adapter_config.json"), label, "exit %d: %s", rc, err ? err : "");
         free(err);
@@ -339,7 +328,7 @@ static void refusals(void) {
     char dir[] = TMP "/subset";  // a subset in some layers, applied exactly: the tensors must match it
     config_with(dir, "[\"q_proj\"]", "\"none\"", ", \"layers_to_transform\": [1]");
     char *err = NULL;
-    int rc = run(NULL, "%s eval " EVAL_ARGS " --lora %s", sft_binary(), dir);
+    int rc = run_commandf(NULL, TMP "/stderr.txt", "%s eval " EVAL_ARGS " --lora %s", sft_binary(), dir);
     check(rc == 1 && one_line_with("is not in target_modules", &err), "adapter: tensors outside the config's modules refused", "exit %d: %s", rc, err ? err : "");
     free(err);
 }
@@ -450,7 +439,7 @@ static void bad_gguf(void) {
 // else the path given.
 static void base_model_id(void) {
     char *x = NULL;
-    int rc = run(NULL, "rm -rf " TMP "/named && cp -r " PEFT "/model " TMP "/named && sed -i 's/\"architectures\"/\"_name_or_path\": "
+    int rc = run_commandf(NULL, TMP "/stderr.txt", "rm -rf " TMP "/named && cp -r " PEFT "/model " TMP "/named && sed -i 's/\"architectures\"/\"_name_or_path\": "
                  "\"Qwen\\/Qwen2.5-0.5B-Instruct\", \"architectures\"/' " TMP "/named/config.json && %s train --model " TMP "/named "
                  "--data " PEFT "/data.jsonl --max-steps 1 --out " TMP "/named_out && grep base_model " TMP "/named_out/adapter_config.json",
                  sft_binary());
