@@ -696,37 +696,37 @@ void qmatrix_row(float *out, const QMatrix *W, int r) {
 // Products, fast versions (make debug, -DSFT_REF, uses the _ref versions instead).
 #if !defined(SFT_REF)
 //
-// Two routes, chosen by the number of tokens T (FWD_TILE_MIN_T, BWD_TILE_MIN_T):
-// - Few tokens (generation: T = 1): fp32. Each weight row is dequantized once (SIMD per format;
+// matmul_route chooses, per product, one of these (quant.h: Route), matmul and
+// matmul_backward_input dispatch by it:
+// - Few tokens (generation: T = 1): rows. Each weight row is dequantized once (SIMD per format;
 //   for T = 1 and Q4_0, Q8_0, Q4_K, Q6_K in registers, fused with the dot product) and dotted
-//   with every token row (forward), or added to every token's gradient row (backward).
-//   Memory-bound: the weights stream through once.
-// - More tokens (training, prompts): compute-bound register-tiled products, on bf16 pairs for
-//   quantized weights where AVX512-BF16 exists, else in fp32 (see tile_pairs). Activations are
-//   rounded to bf16 once per call and packed into the pool's shared scratch; weight rows are
-//   dequantized to bf16, a chunk at a time, into the thread's own scratch; AVX512-BF16's
-//   vdpbf16ps adds two exact products per lane (32 MACs an instruction, 24 accumulators in
-//   registers). Why not llama.cpp's int8 route (Q8 activations, vpdpbusd): measured on the 2-core
-//   Zen 4 that sets the targets, its inner loop with the per-block scaling (vpdpbusd + vcvtdq2ps
-//   + vmulps + vfmadd231ps per 64 MACs) peaks at 113 GMAC/s a core, vdpbf16ps at 117; bf16 adds
-//   no per-block work in the inner loop, is one kernel for every weight type, and the backward
-//   pass needs no transposed or requantized copy of W (only rows interleaved in pairs). Rounding
-//   both factors to bf16 (8 significant bits) gives a relative error of at most 2^-7 per
-//   product (bounds in test/test_quant.c); sums stay in fp32.
-//   Forward: lanes are 16 tokens; tile = 4 x 16 tokens x FWD_N rows, over K-chunks of IN.
-//   Backward: lanes are 16 input columns; tile = 4 x 16 columns x BWD_N tokens, over chunks of
-//   BWD_OC rows of W, whose slices are interleaved in pairs of rows.
-// Both routes split the output rows (forward) or input columns (backward) among the threads, and
+//   with every token row (forward), or added to every token's gradient row (backward), in fp32.
+//   On AVX512-VNNI, Q4_0 and Q6_K rows take the activations in 16-bit integers instead (X16,
+//   ROUTE_INT16_ROWS): 1.5x faster, with an error a hundred times below bf16's.
+// - More tokens (training, prompts): compute-bound register tiles.
+//   Forward, AVX512-VNNI, quantized weights: the weights' own integers times the activations in
+//   14-bit integers (vpdpwssd, ROUTE_INT16_TILES; see matmul_int16): exact products, so that the
+//   loss is as accurate as with fp32 weights. Lanes are 16 tokens; tile = 4 x 16 tokens x FWD_N
+//   rows over the blocks of a K-chunk of IN.
+//   Backward (and the forward of Q4_1, Q5_1) with AVX512-BF16: both factors rounded to bf16, fp32
+//   sums (vdpbf16ps, ROUTE_BF16: two exact products per lane, 32 multiply-adds an instruction, 24
+//   accumulators in registers; or AMX tiles, ROUTE_AMX). Activations are rounded once per call and
+//   packed into the pool's shared scratch; weight rows are dequantized to bf16, a chunk at a time,
+//   into the thread's own scratch. Backward: lanes are 16 input columns; tile = 4 x 16 columns x
+//   BWD_N tokens, over chunks of BWD_OC rows of W, whose slices are interleaved in pairs of rows.
+//   The relative error of a product is at most 2^-7 (bounds in test/test_quant.c), and the
+//   gradients measured on the fixtures stay below PyTorch bf16 autocast's.
+//   Why not llama.cpp's 8-bit activations (vpdpbusd): their error per value is absmax / 254 of
+//   its block, 2-3x that of bf16 rounding, which would make the loss less exact than the peer's.
+// Every route splits the output rows (forward) or input columns (backward) among the threads, and
 // every output element is computed by one thread in an order fixed by the sizes alone, so results
 // do not depend on the thread count.
-// Other CPUs (each route below compiled only where the one before is not):
+// Other CPUs (each route below compiled only where the one before is not), all ROUTE_FP32:
 // - AVX2 + FMA (x86-64-v3): every format dequantized in registers of 8 floats (dequantize_span,
 //   and for T = 1 fused with the dot product: row_dot_avx2); fp32 tiles of 16 tokens (or input
 //   columns) x 6 in 12 of the 16 ymm registers (fwd_tile_avx2, bwd_tile_avx2), at the FMA peak
 //   (2 x 8 MACs a cycle; ~100 GFLOP/s a Zen 4 core). Errors: those of fp32 sums, as for F32
-//   weights. Why not int8 activations at T = 1 (llama.cpp's vpmaddubsw route): measured here it
-//   is 1.65x faster (Q4_0: 45 vs 27 GFLOP/s a core), but it moves the logits of test_model.c's
-//   tiny models by ~0.1, whose token-by-token checks expect fp32 products for T < 8.
+//   weights.
 // - NEON (arm64): Q4_0 and Q8_0 dequantized in registers (T = 1: row_dot_neon), fp32 tiles of
 //   16 x 6 in 24 of the 32 q registers (fwd_tile_neon, bwd_tile_neon).
 // - Anything else: the same tiles in plain C (fwd_tile_c, bwd_tile_c), which compilers vectorize
