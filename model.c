@@ -1010,6 +1010,18 @@ typedef struct {
     float *dup;      // [T, FF]
 } GradBufs;
 
+// dq, dk, dv, dsum of g +=  <- datt of g and the layer's saved q, k, v, att, lse: one sequence at a time
+static void attention_backward_seqs(const Pass *ps, const GradBufs *g, const LayerBufs *b) {
+    const Config *c = ps->c;
+    size_t QD = (size_t)c->NH * c->HS, KD = (size_t)c->NKV * c->HS;
+    for (int s = 0; s < ps->B; s++) {
+        size_t o = (size_t)ps->seg[s];
+        attention_backward(g->dq + o * QD, g->dk + o * KD, g->dv + o * KD, g->dsum + o * c->NH, ps->att_work,
+                           g->datt + o * QD, b->att + o * QD, b->q + o * QD, b->k + o * KD, b->v + o * KD,
+                           b->lse + o * c->NH, ps->seg[s + 1] - ps->seg[s], c->NH, c->NKV, c->HS);
+    }
+}
+
 // recompute_ff: gate and up were not saved; run gate_proj and up_proj again (same dropout masks).
 static void block_backward(const Pass *ps, int l, const LayerBufs *b, const GradBufs *g, int T, int recompute_ff) {
     const Config *c = ps->c;
@@ -1041,12 +1053,7 @@ static void block_backward(const Pass *ps, int l, const LayerBufs *b, const Grad
     memset(g->dq, 0, (size_t)T * QD * sizeof(float));
     memset(g->dk, 0, (size_t)T * KD * sizeof(float));
     memset(g->dv, 0, (size_t)T * KD * sizeof(float));
-    for (int s = 0; s < ps->B; s++) {
-        size_t o = (size_t)ps->seg[s];
-        attention_backward(g->dq + o * QD, g->dk + o * KD, g->dv + o * KD, g->dsum + o * c->NH, ps->att_work,
-                           g->datt + o * QD, b->att + o * QD, b->q + o * QD, b->k + o * KD, b->v + o * KD,
-                           b->lse + o * c->NH, ps->seg[s + 1] - ps->seg[s], c->NH, c->NKV, c->HS);
-    }
+    attention_backward_seqs(ps, g, b);
     rope_backward_seqs(ps, g->dq, c->NH);
     rope_backward_seqs(ps, g->dk, c->NKV);
     rmsnorm_apply(b->ln, b->x, b->rstd1, lw->attn_norm, T, C);
