@@ -2371,28 +2371,29 @@ static AMX_TARGET void amx_fwd_rows(void *ctx, int r0, int r1) {
     tile_release();
 }
 
+// The left operands of the AMX products: rows [t0, t1) of src[T, n] as rows of `words` bf16 pairs
+// in dst[round_up(T, 32), words] (zeros past n, and for the rows past T).
 typedef struct {
-    AmxFwd *f;
-    const float *inp;
-} AmxPackX;
+    uint32_t *dst;
+    const float *src;
+    int T, n, words;
+} AmxRows;
 
-// Tokens [t0, t1) of inp as rows of bf16 pairs (zeros past IN, and for tokens past T).
-static void amx_pack_x(void *ctx, int t0, int t1) {
-    const AmxPackX *p = ctx;
-    const AmxFwd *f = p->f;
-    int IN = f->W->cols;
+static void amx_pack_rows(void *ctx, int t0, int t1) {
+    const AmxRows *p = ctx;
     for (int t = t0; t < t1; t++) {
-        uint32_t *row = (uint32_t *)f->x + (size_t)t * f->KP;
-        memset(row, 0, (size_t)f->KP * sizeof(uint32_t));
-        if (t < f->T) to_bf16_pairs(row, p->inp + (size_t)t * IN, IN);
+        uint32_t *row = p->dst + (size_t)t * p->words;
+        memset(row, 0, (size_t)p->words * sizeof(uint32_t));
+        if (t < p->T) to_bf16_pairs(row, p->src + (size_t)t * p->n, p->n);
     }
 }
 
 static void matmul_amx(float *out, const float *inp, const QMatrix *W, const float *bias, int T) {
     int TP = (int)round_up((size_t)T, 32), KP = (int)round_up((size_t)(W->cols + 1) / 2, AMX_PAIRS);
-    AmxFwd f = {out, bias, W, T, KP, scratch_shared((size_t)TP * KP * sizeof(uint32_t))};
-    AmxPackX p = {&f, inp};
-    parallel_for(amx_pack_x, &p, TP, 16);
+    uint32_t *x = scratch_shared((size_t)TP * KP * sizeof(uint32_t));
+    AmxFwd f = {out, bias, W, T, KP, x};
+    AmxRows p = {x, inp, T, W->cols, KP};
+    parallel_for(amx_pack_rows, &p, TP, 16);
     parallel_for(amx_fwd_rows, &f, W->rows, 32);
 }
 
@@ -2460,29 +2461,13 @@ static AMX_TARGET void amx_bwd_cols(void *ctx, int c0, int c1) {
     tile_release();
 }
 
-typedef struct {
-    AmxBwd *b;
-    const float *dout;
-} AmxPackD;
-
-// Tokens [t0, t1) of dout as rows of bf16 pairs along OUT (zeros past OUT, and past T).
-static void amx_pack_d(void *ctx, int t0, int t1) {
-    const AmxPackD *p = ctx;
-    const AmxBwd *b = p->b;
-    int OUT = b->W->rows;
-    for (int t = t0; t < t1; t++) {
-        uint32_t *row = (uint32_t *)b->d + (size_t)t * b->QP;
-        memset(row, 0, (size_t)b->QP * sizeof(uint32_t));
-        if (t < b->T) to_bf16_pairs(row, p->dout + (size_t)t * OUT, OUT);
-    }
-}
-
 static void matmul_backward_amx(float *dinp, const float *dout, const QMatrix *W, int T) {
     int TP = (int)round_up((size_t)T, 32), QP = (int)round_up((size_t)(W->rows + 1) / 2, AMX_PAIRS);
     int bs = type_info(W->type)->block;
-    AmxBwd b = {dinp, W, T, QP, scratch_shared((size_t)TP * QP * sizeof(uint32_t))};
-    AmxPackD p = {&b, dout};
-    parallel_for(amx_pack_d, &p, TP, 16);
+    uint32_t *d = scratch_shared((size_t)TP * QP * sizeof(uint32_t));
+    AmxBwd b = {dinp, W, T, QP, d};
+    AmxRows p = {d, dout, T, W->rows, QP};
+    parallel_for(amx_pack_rows, &p, TP, 16);
     parallel_for(amx_bwd_cols, &b, W->cols, bs > 64 ? bs : 64);
 }
 #endif  // HAVE_AMX
