@@ -1,10 +1,11 @@
-// lora.c: the adapter's storage (one array of parameters, one of gradients), PEFT's
-// initialization, and its files in Hugging Face PEFT's format (adapter_config.json +
-// adapter_model.safetensors), read strictly and written atomically.
+// lora.c: low-rank adapters: their arithmetic (lora_forward, lora_backward, at the end of the
+// file), their storage (one array of parameters, one of gradients), PEFT's initialization, and
+// their files in Hugging Face PEFT's format (adapter_config.json + adapter_model.safetensors),
+// read strictly and written atomically.
 //
 // PEFT's variants are read exactly as PEFT applies them (any subset of the seven projections in
 // any layers, per-module ranks and alphas, rsLoRA), and written back so that PEFT reads the same.
-// Left out: the adapter's arithmetic (model.c: lora_forward / lora_backward), the optimizer
+// Left out: where the adapters sit in the model (model.c: linear_forward, lora_site), the optimizer
 // (optim.c) and llama.cpp's GGUF adapters (lora_gguf.c). What PEFT can do that plain LoRA cannot
 // express (DoRA, LoRA biases, modules_to_save, ...) is refused with a clear error. Read lora.h first.
 #include "lora.h"
@@ -18,6 +19,13 @@
 #include "quant.h"
 #include "regex.h"
 #include "safetensors.h"
+#include "threads.h"
+#include "vec.h"
+
+// Products are rounded as written (no fused multiply-add), as in quant.c.
+#if defined(__clang__)
+#pragma STDC FP_CONTRACT OFF
+#endif
 
 const char *const lora_target_names[LORA_NTARGETS] = {"q_proj", "k_proj", "v_proj", "o_proj",
                                                       "gate_proj", "up_proj", "down_proj"};
@@ -607,3 +615,194 @@ int lora_save(const Lora *lora, const char *dir, Err *e) {
 }
 
 int lora_save_grads(const Lora *lora, const char *path, Err *e) { return write_tensors(lora, path, 1, e); }
+// ---------------------------------------------------------------------------------------------
+// LoRA: y = W x + b + s B (A dropout(x)), s = alpha / R. The kernels split work by output
+// element and keep every sum in a fixed order; B is used transposed (s->bt = B^T [R, out]) so that
+// the loops over the long `out` dimension run over contiguous memory.
+//
+// The three products below carry them. R is small (8), the other dimension long (C, FF): sums run
+// in LANES lanes (blocks of 16 consecutive elements, which compilers keep in vector registers),
+// over 4 rows of the short dimension at a time, so that each long vector is read once per 4 rows.
+// Each output's order of summation depends on the sizes alone, not on how threads split the work.
+
+// out[R] = M[R, n] x[n]: the rows of M (row stride ld) against one vector, 4 rows at a time
+// (a missing fourth row repeats the first: computed, not stored).
+static void rows_dot(float *out, const float *M, size_t ld, const float *x, int R, int n) {
+    for (int r = 0; r < R; r += 4) {
+        const float *m0 = M + (size_t)r * ld, *m1 = r + 1 < R ? m0 + ld : m0;
+        const float *m2 = r + 2 < R ? m0 + 2 * ld : m0, *m3 = r + 3 < R ? m0 + 3 * ld : m0;
+        float a0[LANES] = {0}, a1[LANES] = {0}, a2[LANES] = {0}, a3[LANES] = {0};
+        int i = 0;
+        for (; i + LANES <= n; i += LANES)
+            for (int k = 0; k < LANES; k++) {
+                float xk = x[i + k];
+                a0[k] += m0[i + k] * xk, a1[k] += m1[i + k] * xk, a2[k] += m2[i + k] * xk, a3[k] += m3[i + k] * xk;
+            }
+        float s[4] = {lanes_sum(a0), lanes_sum(a1), lanes_sum(a2), lanes_sum(a3)};
+        for (; i < n; i++)  // the last columns
+            s[0] += m0[i] * x[i], s[1] += m1[i] * x[i], s[2] += m2[i] * x[i], s[3] += m3[i] * x[i];
+        for (int k = 0; k < 4 && r + k < R; k++) out[r + k] = s[k];
+    }
+}
+
+// y[i] += scale * sum_r c[r] M[r, i] for i < n (M's row stride ld), only where bit i of keep is
+// set (keep NULL: everywhere). A block of LANES columns at a time, its rows added 4 at a time.
+static void rows_combine(float *y, const float *c, const float *M, size_t ld, int R, int n, float scale,
+                         const uint32_t *keep) {
+    int i = 0;
+    for (; i + LANES <= n; i += LANES) {
+        float acc[LANES] = {0};
+        int r = 0;
+        for (; r + 4 <= R; r += 4) {
+            const float *m = M + (size_t)r * ld + i;
+            float c0 = c[r], c1 = c[r + 1], c2 = c[r + 2], c3 = c[r + 3];
+            for (int k = 0; k < LANES; k++) acc[k] += (c0 * m[k] + c1 * m[ld + k]) + (c2 * m[2 * ld + k] + c3 * m[3 * ld + k]);
+        }
+        for (; r < R; r++)
+            for (int k = 0; k < LANES; k++) acc[k] += c[r] * M[(size_t)r * ld + i + k];
+        uint32_t bits = keep ? keep[i / 32] >> (i % 32) : 0xffff;  // i is a multiple of 16: this block's bits
+        for (int k = 0; k < LANES; k++) y[i + k] += acc[k] * (scale * (float)(bits >> k & 1));  // no branch
+    }
+    for (; i < n; i++) {  // the last columns
+        float acc = 0;
+        for (int r = 0; r < R; r++) acc += c[r] * M[(size_t)r * ld + i];
+        if (!keep || (keep[i / 32] >> (i % 32) & 1)) y[i] += scale * acc;
+    }
+}
+
+// D[r, i] += scale * sum_t U[t, r] X[t, i] for r < R and the columns i in [i0, i1) (a multiple of
+// LANES apart, but at the end of X's rows): D has row stride ldd, U is [T, R], X has row stride ldx.
+// 4 rows of D at a time (a missing row repeats the first: computed, not stored), summed over
+// every token in the lanes of a block of columns.
+static void outer_cols(float *D, size_t ldd, const float *U, const float *X, size_t ldx, int T, int R, int i0, int i1,
+                       float scale) {
+    int i = i0;
+    for (; i + LANES <= i1; i += LANES) {
+        for (int r = 0; r < R; r += 4) {
+            int r1 = r + 1 < R ? r + 1 : r, r2 = r + 2 < R ? r + 2 : r, r3 = r + 3 < R ? r + 3 : r;
+            float a0[LANES] = {0}, a1[LANES] = {0}, a2[LANES] = {0}, a3[LANES] = {0};
+            for (int t = 0; t < T; t++) {
+                const float *x = X + (size_t)t * ldx + i, *u = U + (size_t)t * R;
+                float u0 = u[r], u1 = u[r1], u2 = u[r2], u3 = u[r3];
+                for (int k = 0; k < LANES; k++) a0[k] += u0 * x[k], a1[k] += u1 * x[k], a2[k] += u2 * x[k], a3[k] += u3 * x[k];
+            }
+            lanes_add(D + (size_t)r * ldd + i, a0, scale);
+            if (r + 1 < R) lanes_add(D + (size_t)r1 * ldd + i, a1, scale);
+            if (r + 2 < R) lanes_add(D + (size_t)r2 * ldd + i, a2, scale);
+            if (r + 3 < R) lanes_add(D + (size_t)r3 * ldd + i, a3, scale);
+        }
+    }
+    for (; i < i1; i++) {  // the last columns
+        for (int r = 0; r < R; r++) {
+            float acc = 0;
+            for (int t = 0; t < T; t++) acc += U[(size_t)t * R + r] * X[(size_t)t * ldx + i];
+            D[(size_t)r * ldd + i] += scale * acc;
+        }
+    }
+}
+
+typedef struct {
+    const LoraSite *s;
+    float *y;           // forward: y[T, out] +=
+    float *dx;          // backward: dx[T, in] += (or NULL)
+    const float *x;     // x[T, in]
+    const float *dy;    // backward: dy[T, out]
+    int T, in, out;
+} LoraArgs;
+
+// Inverted dropout: an input is kept with probability 1 - p (rng_hash_uniform(seed, site, t, i) >= p)
+// and scaled by 1 / (1 - p). The forward pass draws the masks into s->keep, one bit per input;
+// the backward pass reads them.
+static int dropout_kept(const uint32_t *keep_row, int i) { return keep_row[i / 32] >> (i % 32) & 1; }
+
+// xd[n] = x[n] * scale where the bit of keep[n / 32] is set, else 0
+static void dropout_row(float *restrict xd, const float *restrict x, const uint32_t *keep, float scale, int n) {
+    int i = 0;
+    for (; i + 32 <= n; i += 32, x += 32, xd += 32) {  // a word of the mask at a time, without a branch
+        uint32_t w = keep[i / 32];
+        for (int j = 0; j < 32; j++) xd[j] = x[j] * (scale * (float)(int)(w >> j & 1));
+    }
+    for (int j = 0; i + j < n; j++) xd[j] = dropout_kept(keep, i + j) ? x[j] * scale : 0.0f;
+}
+
+// The input of A for token t: x[t] itself, or dropout(x[t]) written into its row of s->xdrop
+// (draw = 1: the forward pass draws the masks first).
+static const float *lora_input_row(const LoraArgs *a, int t, int draw) {
+    const LoraSite *s = a->s;
+    const float *x = a->x + (size_t)t * a->in;
+    if (s->p <= 0) return x;
+    uint32_t *keep = s->keep + (size_t)t * ((a->in + 31) / 32);
+    if (draw) rng_hash_bits(keep, s->seed, s->site, (uint64_t)t, a->in, s->p);
+    float *xd = s->xdrop + (size_t)t * a->in;
+    dropout_row(xd, x, keep, 1.0f / (1.0f - s->p), a->in);
+    return xd;
+}
+
+// s->bt[R, out] = B[out, R]^T
+static void lora_transpose_B(const LoraSite *s, int out) {
+    for (int o = 0; o < out; o++)
+        for (int r = 0; r < s->R; r++) s->bt[(size_t)r * out + o] = s->pair->B[(size_t)o * s->R + r];
+}
+
+// Tokens [start, end): u[t, R] = A xd[t]; y[t] += s B u[t]
+static void lora_forward_rows(void *ctx, int start, int end) {
+    const LoraArgs *a = ctx;
+    const LoraSite *s = a->s;
+    for (int t = start; t < end; t++) {
+        float *u = s->u + (size_t)t * s->R;
+        rows_dot(u, s->pair->A, (size_t)a->in, lora_input_row(a, t, 1), s->R, a->in);
+        rows_combine(a->y + (size_t)t * a->out, u, s->bt, (size_t)a->out, s->R, a->out, s->scale, NULL);
+    }
+}
+
+// y[T, out] += s B[out, R] u, with u[T, R] = A[R, in] xd   (xd[T, in] = dropout(x)); one thread per token
+void lora_forward(float *y, const LoraSite *s, const float *x, int T, int in, int out) {
+    LoraArgs a = {s, y, NULL, x, NULL, T, in, out};
+    lora_transpose_B(s, out);
+    parallel_for(lora_forward_rows, &a, T, 1);
+}
+
+// Tokens [start, end): xd[t] again (for dA), du[t, r] = s sum_o dy[t, o] B[o, r], and
+// dx[t, i] += dropout'(t, i) sum_r du[t, r] A[r, i]
+static void lora_backward_rows(void *ctx, int start, int end) {
+    const LoraArgs *a = ctx;
+    const LoraSite *s = a->s;
+    float dscale = s->p > 0 ? 1.0f / (1.0f - s->p) : 1.0f;
+    for (int t = start; t < end; t++) {
+        float *du = s->du + (size_t)t * s->R;
+        lora_input_row(a, t, 0);
+        rows_dot(du, s->bt, (size_t)a->out, a->dy + (size_t)t * a->out, s->R, a->out);
+        for (int r = 0; r < s->R; r++) du[r] *= s->scale;
+        if (a->dx)
+            rows_combine(a->dx + (size_t)t * a->in, du, s->pair->A, (size_t)a->in, s->R, a->in, dscale,
+                         s->p > 0 ? s->keep + (size_t)t * ((a->in + 31) / 32) : NULL);
+    }
+}
+
+// Columns [start, end) of [0, padded(out) + in): the first padded(out) are dB's rows o,
+// dB[o, r] += s sum_t dy[t, o] u[t, r] (summed in s->bt as dB^T), the others dA's columns i,
+// dA[r, i] += sum_t du[t, r] xd[t, i]
+static void lora_backward_cols(void *ctx, int start, int end) {
+    const LoraArgs *a = ctx;
+    const LoraSite *s = a->s;
+    int ob = padded(a->out), o0 = start, o1 = min_int(end, a->out);
+    if (o0 < o1) {
+        for (int r = 0; r < s->R; r++) memset(s->bt + (size_t)r * a->out + o0, 0, (size_t)(o1 - o0) * sizeof(float));
+        outer_cols(s->bt, (size_t)a->out, s->u, a->dy, (size_t)a->out, a->T, s->R, o0, o1, 1.0f);
+        for (int o = o0; o < o1; o++)
+            for (int r = 0; r < s->R; r++) s->pair->dB[(size_t)o * s->R + r] += s->scale * s->bt[(size_t)r * a->out + o];
+    }
+    int i0 = (start > ob ? start : ob) - ob, i1 = end - ob;
+    if (i0 < i1)
+        outer_cols(s->pair->dA, (size_t)a->in, s->du, s->p > 0 ? s->xdrop : a->x, (size_t)a->in, a->T, s->R, i0, i1, 1.0f);
+}
+
+// dA[R, in], dB[out, R] (in s->pair) +=, dx[T, in] += (when not NULL) <- dy[T, out], x[T, in], s->u;
+// one thread per token, then per column of dB and dA
+void lora_backward(float *dx, const LoraSite *s, const float *dy, const float *x, int T, int in, int out) {
+    LoraArgs a = {s, NULL, dx, x, dy, T, in, out};
+    lora_transpose_B(s, out);
+    parallel_for(lora_backward_rows, &a, T, 1);
+    parallel_for(lora_backward_cols, &a, padded(out) + in, LANES);  // s->bt now holds dB^T
+}
+

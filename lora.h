@@ -73,7 +73,7 @@ typedef struct {
     uint64_t site;         // l * LORA_NTARGETS + target
 } LoraSite;
 
-// The LoRA kernels (model.c), public for the tests. With s->p > 0, input i of token t is kept
+// The LoRA kernels (lora.c), called by model.c. With s->p > 0, input i of token t is kept
 // when rng_hash_uniform(s->seed, s->site, t, i) >= p.
 // y[T, out] += scale B (u[T, R] = A dropout(x[T, in]))
 void lora_forward(float *y, const LoraSite *s, const float *x, int T, int in, int out);

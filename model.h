@@ -145,20 +145,15 @@ void rmsnorm_backward(float *dinp, const float *dout, const float *inp, const fl
 void rope_tables(float *cos_t, float *sin_t, int max_T, int HS, float theta);
 void rope_forward(float *x, const float *cos_t, const float *sin_t, int T, int pos0, int H, int HS);
 void rope_backward(float *dx, const float *cos_t, const float *sin_t, int T, int H, int HS);
-// out[T, NH*HS], lse[NH, T] (or NULL) <- q[T, NH*HS] at positions pos0.., k, v [pos0+T, NKV*HS];
-// work[NKV*HS*P(pos0+T)] is scratch, P(n) = n rounded up to a multiple of 16
-void attention_forward(float *out, float *lse, float *work, const float *q, const float *k, const float *v, int T,
-                       int pos0, int NH, int NKV, int HS);
-// dq[T, NH*HS], dk, dv [T, NKV*HS] +=, dsum[NH, T] <- dout, out, q, k, v, lse (pos0 = 0);
-// work[4*P(T)*NKV*HS] is scratch
-void attention_backward(float *dq, float *dk, float *dv, float *dsum, float *work, const float *dout, const float *out,
-                        const float *q, const float *k, const float *v, const float *lse, int T, int NH, int NKV,
-                        int HS);
+// (attention: attention.h)
 // h[n] = silu(gate) * up;  dgate[n], dup[n] +=
 void swiglu_forward(float *h, const float *gate, const float *up, int n);
 void swiglu_backward(float *dgate, float *dup, const float *dh, const float *gate, const float *up, int n);
 // Returns the sum of row_loss[n] = logsumexp(logits[r]) - logits[r, targets[r]] over logits[n, V];
 // logits is overwritten: with backward, by grad_scale * (softmax - onehot(target)).
+// crossentropy_ref is the textbook version (the reference build runs it), crossentropy the one that runs.
 double crossentropy(float *logits, double *row_loss, const int *targets, int n, int V, float grad_scale, int backward);
+double crossentropy_ref(float *logits, double *row_loss, const int *targets, int n, int V, float grad_scale,
+                        int backward);
 
 #endif

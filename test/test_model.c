@@ -8,6 +8,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "../attention.h"
 #include "../data.h"
 #include "../lora.h"
 #include "../model.h"
@@ -140,7 +141,21 @@ static void fd_attention(uint64_t *rng) {
 // tail), and one row at a time (fewer than 8 tokens). Then the forward of the last rows alone, at
 // positions pos0.. against the cached keys, as generation runs a prompt after earlier tokens.
 // Tolerance: 1e-5 + 1e-4 relative (float sums of <= 100 terms of magnitude ~1).
-static void attention_vs_definition(uint64_t *rng, int T, int NH, int NKV, int HS) {
+typedef void (*AttentionForwardFn)(float *, float *, float *, const float *, const float *, const float *, int, int,
+                                   int, int, int);
+typedef void (*AttentionBackwardFn)(float *, float *, float *, float *, float *, const float *, const float *,
+                                    const float *, const float *, const float *, const float *, int, int, int, int);
+typedef struct {
+    const char *name;
+    AttentionForwardFn forward;
+    AttentionBackwardFn backward;
+} AttentionImpl;
+static const AttentionImpl ATTENTION_IMPLS[2] = {
+    {"textbook", attention_forward_ref, attention_backward_ref},
+    {"tiled", attention_forward_tiled, attention_backward_tiled},
+};
+
+static void attention_impl_vs_definition(const AttentionImpl *impl, uint64_t *rng, int T, int NH, int NKV, int HS) {
     int QD = NH * HS, KD = NKV * HS, P = (T + 15) / 16 * 16;
     float *q = xmalloc((size_t)T * QD * 4), *k = xmalloc((size_t)T * KD * 4), *v = xmalloc((size_t)T * KD * 4);
     float *dy = xmalloc((size_t)T * QD * 4), *y = xmalloc((size_t)T * QD * 4), *lse = xmalloc((size_t)NH * T * 4);
@@ -150,8 +165,8 @@ static void attention_vs_definition(uint64_t *rng, int T, int NH, int NKV, int H
     float *wv = xcalloc((size_t)T * KD, 4);
     fill(q, (size_t)T * QD, rng, -0.5f, 0.5f), fill(k, (size_t)T * KD, rng, -0.5f, 0.5f);
     fill(v, (size_t)T * KD, rng, -1, 1), fill(dy, (size_t)T * QD, rng, -1, 1);
-    attention_forward(y, lse, work, q, k, v, T, 0, NH, NKV, HS);
-    attention_backward(dq, dk, dv, dsum, work, dy, y, q, k, v, lse, T, NH, NKV, HS);
+    impl->forward(y, lse, work, q, k, v, T, 0, NH, NKV, HS);
+    impl->backward(dq, dk, dv, dsum, work, dy, y, q, k, v, lse, T, NH, NKV, HS);
     double *p = xmalloc((size_t)T * sizeof(double)), *dp = xmalloc((size_t)T * sizeof(double)), scale = 1 / sqrt(HS);
     for (int h = 0; h < NH; h++) {
         int g = h / (NH / NKV);
@@ -188,12 +203,14 @@ static void attention_vs_definition(uint64_t *rng, int T, int NH, int NKV, int H
     const char *what[4] = {"y", "dq", "dk", "dv"};
     const float *got[4] = {y, dq, dk, dv}, *want[4] = {wy, wq, wk, wv};
     for (int c = 0; c < 4; c++) {
-        snprintf(name, sizeof name, "attention T %d, NH %d, NKV %d, HS %d vs definition: %s", T, NH, NKV, HS, what[c]);
+        snprintf(name, sizeof name, "attention (%s) T %d, NH %d, NKV %d, HS %d vs definition: %s", impl->name, T, NH, NKV,
+                 HS, what[c]);
         check_close(name, got[c], want[c], (size_t)T * (c < 2 ? QD : KD), 1e-5, 1e-4);
     }
     int pos0 = T / 3, T2 = T - pos0;  // the last T2 rows, after pos0 cached ones
-    attention_forward(y, NULL, work, q + (size_t)pos0 * QD, k, v, T2, pos0, NH, NKV, HS);
-    snprintf(name, sizeof name, "attention T %d, NH %d, NKV %d, HS %d: rows %d.. at pos0 %d", T, NH, NKV, HS, pos0, pos0);
+    impl->forward(y, NULL, work, q + (size_t)pos0 * QD, k, v, T2, pos0, NH, NKV, HS);
+    snprintf(name, sizeof name, "attention (%s) T %d, NH %d, NKV %d, HS %d: rows %d.. at pos0 %d", impl->name, T, NH, NKV,
+             HS, pos0, pos0);
     check_close(name, y, wy + (size_t)pos0 * QD, (size_t)T2 * QD, 1e-5, 1e-4);
     free(q), free(k), free(v), free(dy), free(y), free(lse), free(work), free(dsum), free(dq), free(dk), free(dv);
     free(wy), free(wq), free(wk), free(wv), free(p), free(dp);
@@ -220,6 +237,38 @@ static void fd_swiglu(uint64_t *rng) {
     finite_diff(fu, c.u, FT * FC, swiglu_loss, &c);
     check_close("fd swiglu dgate", dg, fg, FT * FC, 1e-3, 1e-3);
     check_close("fd swiglu dup", du, fu, FT * FC, 1e-3, 1e-3);
+}
+
+// The tiled attention against the textbook one on the same inputs: outputs, lse and gradients.
+// Tolerance: 1e-5 + 1e-4 relative (the two sum in different orders; exp_f against expf).
+static void attention_tiled_vs_textbook(uint64_t *rng, int T, int NH, int NKV, int HS) {
+    int QD = NH * HS, KD = NKV * HS, P = (T + 15) / 16 * 16;
+    size_t nq = (size_t)T * QD, nk = (size_t)T * KD;
+    float *in = xmalloc((2 * nq + 2 * nk) * 4), *work = xmalloc((size_t)4 * P * KD * 4);
+    float *q = in, *dy = in + nq, *k = in + 2 * nq, *v = k + nk;
+    fill(in, 2 * nq + 2 * nk, rng, -1, 1);
+    float *got[2][6];  // y, lse, dq, dk, dv, dsum of each version
+    size_t n[6] = {nq, (size_t)NH * T, nq, nk, nk, (size_t)NH * T};
+    for (int i = 0; i < 2; i++) {
+        for (int j = 0; j < 6; j++) got[i][j] = xcalloc(n[j], 4);
+        ATTENTION_IMPLS[i].forward(got[i][0], got[i][1], work, q, k, v, T, 0, NH, NKV, HS);
+        ATTENTION_IMPLS[i].backward(got[i][2], got[i][3], got[i][4], got[i][5], work, dy, got[i][0], q, k, v, got[i][1],
+                                    T, NH, NKV, HS);
+    }
+    const char *what[6] = {"y", "lse", "dq", "dk", "dv", "dsum"};
+    char name[96];
+    for (int j = 0; j < 6; j++) {
+        snprintf(name, sizeof name, "attention tiled vs textbook, T %d, NH %d, NKV %d, HS %d: %s", T, NH, NKV, HS, what[j]);
+        check_close(name, got[1][j], got[0][j], n[j], 1e-5, 1e-4);
+    }
+    for (int i = 0; i < 2; i++)
+        for (int j = 0; j < 6; j++) free(got[i][j]);
+    free(in), free(work);
+}
+
+static void attention_vs_definition(uint64_t *rng, int T, int NH, int NKV, int HS) {
+    for (int i = 0; i < 2; i++) attention_impl_vs_definition(&ATTENTION_IMPLS[i], rng, T, NH, NKV, HS);
+    attention_tiled_vs_textbook(rng, T, NH, NKV, HS);
 }
 
 typedef struct {
@@ -333,10 +382,17 @@ static void swiglu_crossentropy_vs_definition(uint64_t *rng) {
         wloss += m + log(sum) - z[r * V + targets[r]];
         for (int i = 0; i < V; i++) want[r * V + i] = (float)(0.5 * (exp(z[r * V + i] - m) / sum - (i == targets[r])));
     }
+    float *z2 = xmalloc(ROWS * V * 4);
+    memcpy(z2, z, ROWS * V * 4);
     double loss = crossentropy(z, row, targets, ROWS, V, 0.5f, 1);
     check(fabs(loss - wloss) < 1e-6 * wloss, "crossentropy (V 1005) vs definition: loss", "got %.9g want %.9g", loss, wloss);
     check_close("crossentropy (V 1005) vs definition: gradient", z, want, ROWS * V, 1e-8, 1e-5);
-    free(z), free(want);
+    double loss2 = crossentropy_ref(z2, row, targets, ROWS, V, 0.5f, 1);
+    check(fabs(loss2 - wloss) < 1e-6 * wloss, "crossentropy_ref (textbook) vs definition: loss", "got %.9g want %.9g",
+          loss2, wloss);
+    check_close("crossentropy_ref (textbook) vs definition: gradient", z2, want, ROWS * V, 1e-8, 1e-5);
+    check_close("crossentropy vs crossentropy_ref: gradient", z, z2, ROWS * V, 1e-8, 1e-5);
+    free(z), free(z2), free(want);
 }
 
 // lora_forward and lora_backward against their definitions in double, with sizes that take the
