@@ -8,6 +8,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "common.h"
 #include "threads.h"
 #include "vec.h"
 
@@ -94,21 +95,27 @@ void attention_backward_ref(float *dq, float *dk, float *dv, float *dsum, float 
 
 void attention_forward(float *out, float *lse, float *work, const float *q, const float *k, const float *v, int T,
                        int pos0, int NH, int NKV, int HS) {
+    double t0 = trace_start();
 #if defined(SFT_REF)
     attention_forward_ref(out, lse, work, q, k, v, T, pos0, NH, NKV, HS);
 #else
     attention_forward_tiled(out, lse, work, q, k, v, T, pos0, NH, NKV, HS);
 #endif
+    trace_op(t0, "attention_forward", "out[%d, %d*%d], lse <- q[%d, %d*%d], k, v[%d, %d*%d]",
+             T, NH, HS, T, NH, HS, pos0 + T, NKV, HS);
 }
 
 void attention_backward(float *dq, float *dk, float *dv, float *dsum, float *work, const float *dout, const float *out,
                         const float *q, const float *k, const float *v, const float *lse, int T, int NH, int NKV,
                         int HS) {
+    double t0 = trace_start();
 #if defined(SFT_REF)
     attention_backward_ref(dq, dk, dv, dsum, work, dout, out, q, k, v, lse, T, NH, NKV, HS);
 #else
     attention_backward_tiled(dq, dk, dv, dsum, work, dout, out, q, k, v, lse, T, NH, NKV, HS);
 #endif
+    trace_op(t0, "attention_backward", "dq[%d, %d*%d], dk, dv[%d, %d*%d] += <- dout[%d, %d*%d]",
+             T, NH, HS, T, NKV, HS, T, NH, HS);
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -97,6 +97,33 @@ double now_seconds(void) {
     return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
 }
 
+int trace_on = 0;
+
+double trace_start(void) { return trace_on ? now_seconds() : 0; }
+
+// "trace  NAME  SHAPES  TIME ms", columns aligned for reading down a list of a few hundred lines.
+void trace_op(double t0, const char *name, const char *fmt, ...) {
+    if (!trace_on) return;
+    double ms = 1e3 * (now_seconds() - t0);
+    char shapes[256];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(shapes, sizeof shapes, fmt, ap);
+    va_end(ap);
+    fprintf(stderr, "trace    %-26s %-64s %9.3f ms\n", name, shapes, ms);
+}
+
+// "trace  NAME  WHAT": the frame whose kernels follow, flush left.
+void trace_frame(const char *name, const char *fmt, ...) {
+    if (!trace_on) return;
+    char what[256];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(what, sizeof what, fmt, ap);
+    va_end(ap);
+    fprintf(stderr, "trace  %s  %s\n", name, what);
+}
+
 uint64_t rng_next(uint64_t *state) {
     uint64_t z = (*state += 0x9E3779B97F4A7C15ull);
     z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;

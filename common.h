@@ -61,4 +61,13 @@ int make_dirs(const char *path, Err *e);
 // Seconds from a monotonic clock, for progress and throughput.
 double now_seconds(void);
 
+// sft train --trace: every kernel that runs prints one line on stderr, in the order it runs: its
+// name, its output and input shapes, and its time. A kernel opens with t0 = trace_start() (the
+// clock when tracing is on, else 0: no cost) and ends with trace_op(t0, "name", "shapes", ...).
+// trace_frame prints the line of a frame that calls kernels (a training step, a layer).
+extern int trace_on;
+double trace_start(void);
+void trace_op(double t0, const char *name, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
+void trace_frame(const char *name, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+
 #endif

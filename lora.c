@@ -757,9 +757,12 @@ static void lora_forward_rows(void *ctx, int start, int end) {
 
 // y[T, out] += s B[out, R] u, with u[T, R] = A[R, in] xd   (xd[T, in] = dropout(x)); one thread per token
 void lora_forward(float *y, const LoraSite *s, const float *x, int T, int in, int out) {
+    double t0 = trace_start();
     LoraArgs a = {s, y, NULL, x, NULL, T, in, out};
     lora_transpose_B(s, out);
     parallel_for(lora_forward_rows, &a, T, 1);
+    trace_op(t0, "lora_forward", "y[%d, %d] += <- x[%d, %d], A[%d, %d], B[%d, %d]",
+             T, out, T, in, s->R, in, out, s->R);
 }
 
 // Tokens [start, end): xd[t] again (for dA), du[t, r] = s sum_o dy[t, o] B[o, r], and
@@ -800,9 +803,12 @@ static void lora_backward_cols(void *ctx, int start, int end) {
 // dA[R, in], dB[out, R] (in s->pair) +=, dx[T, in] += (when not NULL) <- dy[T, out], x[T, in], s->u;
 // one thread per token, then per column of dB and dA
 void lora_backward(float *dx, const LoraSite *s, const float *dy, const float *x, int T, int in, int out) {
+    double t0 = trace_start();
     LoraArgs a = {s, NULL, dx, x, dy, T, in, out};
     lora_transpose_B(s, out);
     parallel_for(lora_backward_rows, &a, T, 1);
     parallel_for(lora_backward_cols, &a, padded(out) + in, LANES);  // s->bt now holds dB^T
+    trace_op(t0, "lora_backward", "dA[%d, %d], dB[%d, %d]%s += <- dy[%d, %d], x[%d, %d]",
+             s->R, in, out, s->R, dx ? ", dx" : "", T, out, T, in);
 }
 

@@ -35,7 +35,10 @@
 
 // x[T, C] = rows tokens[t] of the embedding
 static void embed_forward(float *x, const int *tokens, const QMatrix *embed, int T) {
+    double t0 = trace_start();
     for (int t = 0; t < T; t++) qmatrix_row(x + (size_t)t * embed->cols, embed, tokens[t]);
+    trace_op(t0, "embed_forward", "x[%d, %d] <- tokens[%d], embed %s [%d, %d]",
+             T, embed->cols, T, type_info(embed->type)->name, embed->rows, embed->cols);
 }
 
 // The RMSNorm kernels run one thread per block of rows.
@@ -75,8 +78,10 @@ static void rmsnorm_forward_rows(void *ctx, int start, int end) {
 
 // out[T, C], rstd[T] = 1 / sqrt(mean(inp^2) + eps) <- inp[T, C], w[C]
 void rmsnorm_forward(float *out, float *rstd, const float *inp, const float *w, int T, int C, float eps) {
+    double t0 = trace_start();
     NormArgs a = {out, rstd, inp, w, NULL, rstd, C, eps};
     parallel_for(rmsnorm_forward_rows, &a, T, 1);
+    trace_op(t0, "rmsnorm_forward", "out[%d, %d], rstd[%d] <- inp[%d, %d], w[%d]", T, C, T, T, C, C);
 }
 
 static void rmsnorm_backward_rows(void *ctx, int start, int end) {
@@ -95,8 +100,10 @@ static void rmsnorm_backward_rows(void *ctx, int start, int end) {
 // dinp[T, C] += <- dout[T, C], inp[T, C], rstd[T], w[C]
 // y = x r w with r = (mean(x^2) + eps)^-1/2:  dx = r w dy - x r^3 / C * sum(dy w x)
 void rmsnorm_backward(float *dinp, const float *dout, const float *inp, const float *rstd, const float *w, int T, int C) {
+    double t0 = trace_start();
     NormArgs a = {dinp, NULL, inp, w, dout, rstd, C, 0};
     parallel_for(rmsnorm_backward_rows, &a, T, 1);
+    trace_op(t0, "rmsnorm_backward", "dinp[%d, %d] += <- dout[%d, %d], inp[%d, %d]", T, C, T, C, T, C);
 }
 
 // cos, sin [max_T, HS/2] as Hugging Face computes them: inv_freq_j = theta^(-2j/HS) and the angle
@@ -115,6 +122,7 @@ void rope_tables(float *cos_t, float *sin_t, int max_T, int HS, float theta) {
 // x[T, H*HS] rotated in place at positions pos0..pos0+T-1 <- cos, sin [max_T, HS/2]
 // rotate_half convention: pairs (j, j + HS/2).
 void rope_forward(float *x, const float *cos_t, const float *sin_t, int T, int pos0, int H, int HS) {
+    double t0 = trace_start();
     int h2 = HS / 2;
     for (int t = 0; t < T; t++) {
         const float *cs = cos_t + (size_t)(pos0 + t) * h2, *sn = sin_t + (size_t)(pos0 + t) * h2;
@@ -127,10 +135,12 @@ void rope_forward(float *x, const float *cos_t, const float *sin_t, int T, int p
             }
         }
     }
+    trace_op(t0, "rope_forward", "x[%d, %d*%d] rotated at positions %d..%d", T, H, HS, pos0, pos0 + T - 1);
 }
 
 // dx[T, H*HS] in place: the transposed rotation (positions 0..T-1)
 void rope_backward(float *dx, const float *cos_t, const float *sin_t, int T, int H, int HS) {
+    double t0 = trace_start();
     int h2 = HS / 2;
     for (int t = 0; t < T; t++) {
         const float *cs = cos_t + (size_t)t * h2, *sn = sin_t + (size_t)t * h2;
@@ -143,6 +153,7 @@ void rope_backward(float *dx, const float *cos_t, const float *sin_t, int T, int
             }
         }
     }
+    trace_op(t0, "rope_backward", "dx[%d, %d*%d] rotated back", T, H, HS);
 }
 
 typedef struct {
@@ -166,8 +177,10 @@ static void swiglu_forward_range(void *ctx, int start, int end) {
 
 // h[n] = silu(gate[n]) * up[n]
 void swiglu_forward(float *h, const float *gate, const float *up, int n) {
+    double t0 = trace_start();
     SwigluArgs a = {.h = h, .gate = gate, .up = up};
     parallel_for(swiglu_forward_range, &a, n, LANES);
+    trace_op(t0, "swiglu_forward", "h[%d] <- gate[%d], up[%d]", n, n, n);
 }
 
 // dgate[i], dup[i] += for i in [start, end), LANES at a time:
@@ -192,13 +205,17 @@ static void swiglu_backward_range(void *ctx, int start, int end) {
 
 // dgate[n], dup[n] += <- dh[n], gate[n], up[n]
 void swiglu_backward(float *dgate, float *dup, const float *dh, const float *gate, const float *up, int n) {
+    double t0 = trace_start();
     SwigluArgs a = {.dgate = dgate, .dup = dup, .gate = gate, .up = up, .dh = dh};
     parallel_for(swiglu_backward_range, &a, n, LANES);
+    trace_op(t0, "swiglu_backward", "dgate[%d], dup[%d] += <- dh[%d]", n, n, n);
 }
 
 // out[n] += inp[n]
 static void residual_add(float *out, const float *inp, size_t n) {
+    double t0 = trace_start();
     for (size_t i = 0; i < n; i++) out[i] += inp[i];
+    trace_op(t0, "residual_add", "out[%zu] += inp[%zu]", n, n);
 }
 
 // out[T, OUT] = inp[T, IN] W^T + bias (+ the adapter's update)
@@ -319,6 +336,7 @@ static void mlp_gate_up(const Pass *ps, int l, const LayerBufs *b, int T) {
 }
 
 static void block_forward(const Pass *ps, int l, const LayerBufs *b, int T, int pos0) {
+    trace_frame("block_forward", "layer %d, %d tokens", l, T);
     const Config *c = ps->c;
     const LayerWeights *lw = &ps->w->layers[l];
     int C = c->C, KD = c->NKV * c->HS;
@@ -382,6 +400,7 @@ static void attention_backward_seqs(const Pass *ps, const GradBufs *g, const Lay
 
 // recompute_ff: gate and up were not saved; run gate_proj and up_proj again (same dropout masks).
 static void block_backward(const Pass *ps, int l, const LayerBufs *b, const GradBufs *g, int T, int recompute_ff) {
+    trace_frame("block_backward", "layer %d, %d tokens", l, T);
     const Config *c = ps->c;
     const LayerWeights *lw = &ps->w->layers[l];
     int C = c->C, FF = c->FF;
@@ -620,6 +639,7 @@ double crossentropy_ref(float *logits, double *row_loss, const int *targets, int
 // which is overwritten: with backward, by grad_scale * (softmax - onehot(target)). One thread per row
 // (the reference build: crossentropy_ref).
 double crossentropy(float *logits, double *row_loss, const int *targets, int n, int V, float grad_scale, int backward) {
+    double t0 = trace_start();
 #if defined(SFT_REF)
     return crossentropy_ref(logits, row_loss, targets, n, V, grad_scale, backward);
 #else
@@ -629,12 +649,14 @@ double crossentropy(float *logits, double *row_loss, const int *targets, int n, 
     for (int r = 0; r < n; r++) loss += row_loss[r];
     return loss;
 #endif
+    trace_op(t0, "crossentropy", "row_loss[%d]%s <- logits[%d, %d]", n, backward ? ", dlogits" : "", n, V);
 }
 
 // Sum of the NLLs of the n targets whose previous positions are pos[n]; with backward, adds the
 // gradient into dres[T, C] (rows pos). x[T, C] is the residual stream after the last layer.
 static double head_loss_chunk(Model *m, Activations *a, float *dres, const float *x, const int *pos, const int *targets,
                               int n, float grad_scale, int backward) {
+    trace_frame("head_loss_chunk", "%d target positions", n);
     const Config *c = &m->config;
     size_t C = c->C;
     for (int r = 0; r < n; r++) memcpy(a->head_x + r * C, x + (size_t)pos[r] * C, C * sizeof(float));
@@ -715,6 +737,7 @@ double model_forward_backward_batch(Model *m, struct Lora *lora, Activations *a,
                a->seg, B};
     if (lora && dropout_seed != 0 && lora->dropout > 0) ps.p = lora->dropout;
     backward = backward && lora;
+    trace_frame("model_forward_backward_batch", "%d sequences, %d tokens%s", B, T, backward ? ", backward" : "");
 
     embed_forward(a->x, a->tokens, &m->w.embed, T);
     float *xL = a->x;

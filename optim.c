@@ -57,6 +57,7 @@ static void adamw_range(void *ctx, int start, int end) {
 }
 
 void adamw_step(AdamW *opt, float *params, const float *grads, float lr) {
+    double t0 = trace_start();
     opt->t += 1;
     double bc1 = 1.0 - pow(opt->beta1, (double)opt->t);
     double bc2 = 1.0 - pow(opt->beta2, (double)opt->t);
@@ -69,6 +70,7 @@ void adamw_step(AdamW *opt, float *params, const float *grads, float lr) {
     size_t block = (size_t)1 << 30;
     for (s.base = 0; s.base < opt->n; s.base += block)
         parallel_for(adamw_range, &s, (int)(opt->n - s.base < block ? opt->n - s.base : block), 64);
+    trace_op(t0, "adamw_step", "params[%zu], m, v <- grads[%zu], lr %g, step %ld", opt->n, opt->n, lr, (long)opt->t);
 }
 
 int schedule_from_name(const char *name) {
