@@ -116,6 +116,7 @@ int main(int argc, char **argv) {
         {"common", test_common}, {"json", test_json}, {"quant", test_quant},
         {"files", test_files}, {"tokenizer", test_tokenizer}, {"data", test_data},
         {"model", test_model}, {"lora", test_lora}, {"optim", test_optim}, {"cli", test_cli}, {"peft", test_peft},
+        {"docs", test_docs},
     };
     mkdir("test/tmp", 0755);
     for (size_t i = 0; i < sizeof suites / sizeof suites[0]; i++) {

@@ -42,5 +42,6 @@ void test_lora(void);
 void test_optim(void);
 void test_cli(void);
 void test_peft(void);
+void test_docs(void);
 
 #endif
