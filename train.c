@@ -140,28 +140,34 @@ static uint64_t fnv1a(uint64_t h, const void *p, size_t n) {
 }
 #define FNV_START 0xcbf29ce484222325ull
 
-// The config, the stored types and a sample of the weights: the embedding rows 0, V/2 and V-1,
-// the output norm, and per layer the norms and the first row of wq.
+// A matrix's type and shape, then the bytes of its rows rows[n] as stored (quantized blocks).
+static uint64_t hash_rows(uint64_t h, const QMatrix *W, const int *rows, int n) {
+    int32_t shape[3] = {(int32_t)W->type, W->rows, W->cols};
+    h = fnv1a(h, shape, sizeof shape);
+    size_t bytes = row_bytes(W->type, W->cols);
+    for (int i = 0; i < n; i++) h = fnv1a(h, (const unsigned char *)W->data + (size_t)rows[i] * bytes, bytes);
+    return h;
+}
+
+// The config, every matrix's type and shape, and a sample of the weights: the stored bytes of
+// the embedding rows 0, V/2 and V-1 (and lm_head's when untied) and of the first row of every
+// layer matrix, and the norms. Bytes as stored, never dequantized: checkpoint set-up then runs
+// none of the kernels a learner sets breakpoints on.
 static uint64_t model_fingerprint(const Model *m) {
     const Config *c = &m->config;
-    int dims[8] = {c->C, c->L, c->NH, c->NKV, c->FF, c->V, c->tied, m->w.embed.type};
+    int32_t dims[7] = {c->C, c->L, c->NH, c->NKV, c->FF, c->V, c->tied};
     uint64_t h = fnv1a(FNV_START, dims, sizeof dims);
-    float *row = xmalloc((size_t)(c->C > c->FF ? c->C : c->FF) * sizeof(float));
-    int rows[3] = {0, c->V / 2, c->V - 1};
-    for (int i = 0; i < 3; i++) {
-        qmatrix_row(row, &m->w.embed, rows[i]);
-        h = fnv1a(h, row, (size_t)c->C * sizeof(float));
-    }
+    int sample[3] = {0, c->V / 2, c->V - 1}, first = 0;
+    h = hash_rows(h, &m->w.embed, sample, 3);
+    if (!c->tied) h = hash_rows(h, &m->w.lm_head, sample, 3);
     h = fnv1a(h, m->w.out_norm, (size_t)c->C * sizeof(float));
     for (int l = 0; l < c->L; l++) {
         const LayerWeights *lw = &m->w.layers[l];
-        h = fnv1a(h, &lw->wq.type, sizeof lw->wq.type);
+        const QMatrix *mats[7] = {&lw->wq, &lw->wk, &lw->wv, &lw->wo, &lw->wgate, &lw->wup, &lw->wdown};
+        for (int k = 0; k < 7; k++) h = hash_rows(h, mats[k], &first, 1);
         h = fnv1a(h, lw->attn_norm, (size_t)c->C * sizeof(float));
         h = fnv1a(h, lw->ffn_norm, (size_t)c->C * sizeof(float));
-        qmatrix_row(row, &lw->wq, 0);
-        h = fnv1a(h, row, (size_t)lw->wq.cols * sizeof(float));
     }
-    free(row);
     return h;
 }
 
