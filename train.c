@@ -2,10 +2,10 @@
 // progress line, train_log.jsonl, loss.svg, checkpoints and --resume; and the loss of a whole
 // data set for sft eval and sft grads (dataset_loss).
 //
-// Read train_loop first (the loop), then train_step (one optimizer step); save_checkpoint and
-// resume_from are the two ends of a checkpoint; trainer_setup (at the end) loads and checks
-// everything before --out is written. Leaves out: the options and the exit status (sft.c), the
-// model (model.c), AdamW (optim.c). train.h has the contracts.
+// Read train_loop first (under "The loop"), then train_step (one optimizer step);
+// save_checkpoint and resume_from are the two ends of a checkpoint; trainer_setup (at the end)
+// loads and checks everything before --out is written. Leaves out: the options and the exit
+// status (sft.c), the model (model.c), AdamW (optim.c). train.h has the contracts.
 #include "train.h"
 
 #include <dirent.h>
