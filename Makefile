@@ -1,6 +1,7 @@
 # sft: LoRA fine-tuning of Qwen2.5 on a CPU, in plain C.
 #   make            build ./sft (optimized for this CPU)
-#   make debug      -O0 -g3, reference kernels (step through it in gdb / VSCode)
+#   make debug      ./sft-debug: -O0 -g3, reference kernels (step through it in gdb / VSCode);
+#                   its test runner is build/debug/test/run. ./sft and test/run are left alone
 #   make test       unit tests, reference comparisons and command-line tests
 #   make test-asan  the same under AddressSanitizer + UndefinedBehaviorSanitizer
 #   make test-ref   the same with the scalar reference kernels (strict float64 checks on Q4_0/Q8_0)
@@ -9,6 +10,7 @@
 #                   instruction-set level so, arm64 under qemu with CC=aarch64-linux-gnu-gcc EXEC=qemu-aarch64
 #   make bench      speed and memory figures on models of Qwen2.5-0.5B's shapes (bench.json)
 #   make demo       teach a small model to answer in the "だぬ" style
+#   make demo-model only the demo's small random model, demo-out/model.gguf (VSCode debugs on it)
 CC     ?= cc
 # x86-64: the CPU's own instruction set (AVX2, AVX-512); arm64: NEON is always there.
 ifeq ($(shell uname -m),x86_64)
@@ -32,8 +34,10 @@ $(BUILD)test/run: $(BUILD)sft $(TESTS) test/test.h
 	@mkdir -p $(@D)
 	$(CC) $(OPT) $(CFLAGS) -o $@ $(TESTS) $(LIB) $(LDLIBS)
 
+# A build of its own in build/debug/, so that make never mistakes it for the optimized ./sft.
 debug:
-	$(MAKE) -B sft test/run OPT="-O0 -g3 -DSFT_REF"
+	$(MAKE) build/debug/test/run BUILD=build/debug/ OPT="-O0 -g3 -DSFT_REF"
+	cp build/debug/sft sft-debug
 
 test: $(BUILD)test/run
 	SFT="$(strip $(EXEC) ./$(BUILD)sft)" $(EXEC) ./$(BUILD)test/run
@@ -55,7 +59,16 @@ bench: sft test/bench test/bench_kernels
 demo: sft
 	./test/demo.sh
 
-clean:
-	rm -rf sft test/run test/bench test/bench_kernels test/tmp bench.json build
+demo-model: demo-out/model.gguf
 
-.PHONY: debug test test-asan test-ref bench demo clean
+# An embedding std of 0.5 (not 0.02): with tied embeddings, a random model needs that much output
+# range before any adapter can make one token of 151,936 likely.
+demo-out/model.gguf: sft test/demo_config.json data/tokenizer.json
+	@mkdir -p $(@D)
+	./sft init --config test/demo_config.json --tokenizer data/tokenizer.json --type q4_0 --seed 1 \
+	    --embed-std 0.5 --out $@
+
+clean:
+	rm -rf sft sft-debug test/run test/bench test/bench_kernels test/tmp bench.json build
+
+.PHONY: debug test test-asan test-ref bench demo demo-model clean

@@ -27,6 +27,7 @@ int size_add(size_t *out, size_t a, size_t b);
 // allocations whose size has already been validated; parsers check sizes before calling them.
 void *xmalloc(size_t n);
 void *xcalloc(size_t count, size_t size);
+void *xrealloc(void *p, size_t n);  // for growable lists: their sizes are counts of what was read
 char *xstrdup(const char *s);
 
 // Reads a whole file into a NUL-terminated buffer. Returns NULL and fills e on failure.

@@ -3,7 +3,7 @@
 // A line is {"messages": [...]}, {"prompt", "completion"} (one user + one assistant turn) or
 // {"text"} (tokenized as is). Chats are rendered as Qwen2.5's Jinja template renders plain
 // messages. Leaves out: tools and tool calls, conversational prompt/completion (lists of messages),
-// packing, padding. Read data.h for the interface; train/eval in sft.c use what this returns.
+// packing, padding. Read data.h for the interface; train.c (train, eval, grads) uses what this returns.
 //
 // How a token is attributed to a message (the loss mask): special tokens split the rendered text,
 // so "<|im_start|>", "ROLE\nCONTENT", "<|im_end|>" and "\n" are tokenized separately and give the

@@ -3,7 +3,7 @@
 // Plain loops: the adapter has a few million parameters at most, so the step costs next to
 // nothing beside the forward and backward passes. AdamW updates each parameter on its own, so it
 // runs on the thread pool without its results depending on --threads; sums (the gradient norm)
-// run in a fixed order on one thread. Read sft.c's training loop next.
+// run in a fixed order on one thread. Read train.c's training loop next.
 #include "optim.h"
 
 #include <math.h>

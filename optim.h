@@ -3,7 +3,7 @@
 // torch.nn.utils.clip_grad_norm_, transformers' get_{linear,cosine,constant}_schedule_with_warmup).
 //
 // It works on flat float arrays (Lora.params / Lora.grads of lora.h) and knows nothing of the
-// model. The training loop that calls it is cmd_train in sft.c.
+// model. The training loop that calls it is train_step in train.c.
 #ifndef OPTIM_H
 #define OPTIM_H
 

@@ -2,8 +2,8 @@
 """make_fixtures.py: PEFT's own files and results for sft's tests (test/test_peft.c), made with
 the real libraries. Run by hand, never by make:
 
-    make debug   # an sft built with the reference kernels (-DSFT_REF): see "sft_trained" below
-    /path/to/venv/bin/python test/peft/make_fixtures.py [--sft ./sft]
+    make debug   # ./sft-debug, built with the reference kernels (-DSFT_REF): see "sft_trained" below
+    /path/to/venv/bin/python test/peft/make_fixtures.py [--sft ./sft-debug]
     # then, for the one llama.cpp file (needs llama.cpp's source, not committed):
     python llama.cpp/convert_lora_to_gguf.py --base test/peft/model --outtype f32 \
         --outfile test/peft/plain.gguf test/peft/plain
@@ -138,7 +138,7 @@ def sft_trained(base_dir, sft, ids_list):
 def main():
     os.chdir(ROOT)  # paths relative to the repository: base_model_name_or_path is "test/peft/model"
     ap = argparse.ArgumentParser()
-    ap.add_argument("--sft", default=os.path.join(ROOT, "sft"), help="an sft built with -DSFT_REF (make debug)")
+    ap.add_argument("--sft", default=os.path.join(ROOT, "sft-debug"), help="an sft built with -DSFT_REF (make debug)")
     args = ap.parse_args()
     base_dir = os.path.join("test", "peft", "model")
     make_model(base_dir)
