@@ -509,6 +509,8 @@ static const char *train_help =
     "  --resume DIR         continue from DIR = OUT/checkpoint-STEP exactly as if never stopped\n"
     "  --overwrite          write into a non-empty --out\n"
     "  --threads N          0 (0: all cores); the results do not depend on it\n"
+    "  --trace              run one step and print on stderr each kernel as it runs: its shapes and\n"
+    "                       time, in order (the path of docs/TUTORIAL.md, seen live)\n"
     "\n"
     "Exit status: 0 done; 1 error (one line on stderr); 130 stopped by Ctrl-C after saving a\n"
     "checkpoint (a second Ctrl-C stops at once).\n";
@@ -523,6 +525,7 @@ static TrainOptions train_parse_options(int argc, char **argv) {
         const char *v;
         if (strcmp(argv[i], "--help") == 0 || strcmp(argv[i], "-h") == 0) fputs(train_help, stdout), exit(0);
         else if (strcmp(argv[i], "--overwrite") == 0) o.overwrite = 1;
+        else if (strcmp(argv[i], "--trace") == 0) o.trace = 1, o.max_steps = 1;
         else if ((v = opt_value(argc, argv, &i, "--model"))) o.model = v;
         else if ((v = opt_value(argc, argv, &i, "--data"))) o.data = v;
         else if ((v = opt_value(argc, argv, &i, "--out"))) o.out = v;

@@ -224,11 +224,14 @@ static void train_step(Trainer *tr, StepStats *st) {
     double t = now_seconds();
     int first, count;
     step_examples(tr, tr->step, &first, &count);
+    trace_on = tr->o.trace;
+    trace_frame("train_step", "step %ld: %d examples", tr->step + 1, count);
     memset(st, 0, sizeof *st);
     for (int j = 0; j < count; j++) st->targets += tr->train.ex[tr->order[first + j]].n_targets;
     st->lr = lr_at(tr->o.schedule, (float)tr->o.lr, tr->step, tr->warmup, tr->total_steps);
     lora_zero_grad(&tr->lora);
     if (st->targets == 0) {  // nothing to learn in this step (examples cut before their answers)
+        trace_on = 0;
         st->seconds = now_seconds() - t;
         return;
     }
@@ -246,6 +249,7 @@ static void train_step(Trainer *tr, StepStats *st) {
         clip_grad_norm(tr->lora.grads, tr->lora.n_params, st->grad_norm, (float)tr->o.max_grad_norm);
         adamw_step(&tr->opt, tr->lora.params, tr->lora.grads, st->lr);
     }
+    trace_on = 0;
     st->seconds = now_seconds() - t;
 }
 
@@ -841,10 +845,10 @@ void print_plan(const Trainer *tr) {
     if (tr->train.n_truncated)
         fprintf(stderr, "warning: %d of %d examples were longer than --max-len %d tokens and were cut\n",
                 tr->train.n_truncated, tr->train.n, tr->o.max_len);
-    if (tr->total_steps < 20)
+    if (tr->total_steps < 20 && !tr->o.trace)
         fprintf(stderr, "warning: only %ld optimizer steps: too few to learn much. Each step averages %d examples "
                 "(--batch x --grad-accum) into one update; the article's run (10 examples, batch 1, accumulation 4, "
-                "2 epochs) made only ~5. Raise --epochs or --max-steps, or lower --grad-accum.\n",
+                "2 epochs) made only 6. Raise --epochs or --max-steps, or lower --grad-accum.\n",
                 tr->total_steps, tr->o.batch * tr->o.grad_accum);
 }
 

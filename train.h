@@ -41,6 +41,7 @@ int write_logits(Model *m, const Lora *lora, const Dataset *ds, const char *data
 typedef struct {
     const char *model, *data, *out, *eval_data, *init_lora, *resume, *targets;
     int rank, batch, grad_accum, epochs, max_len, threads, quant, show_example, overwrite;
+    int trace;               // --trace: one step, each kernel printed on stderr as it runs
     double alpha, dropout, lr, warmup_ratio, weight_decay, max_grad_norm;
     long warmup_steps;       // -1: from warmup_ratio
     long max_steps, eval_every, save_every;
