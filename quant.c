@@ -18,8 +18,8 @@
 #include <string.h>
 #include <strings.h>
 
-// Products and conversions are rounded as written (no fused multiply-add unless spelled out by an
-// intrinsic), so results do not depend on the compiler; gcc's -std=c11 already means that.
+// Products and conversions are rounded as written (no fused multiply-add), so results do not
+// depend on the compiler; gcc's -std=c11 already means that, clang needs the pragma.
 #if defined(__clang__)
 #pragma STDC FP_CONTRACT OFF
 #endif
@@ -501,7 +501,6 @@ int quantize_row(int type, void *out, const float *in, int64_t n) {
     default: return -1;
     }
 }
-
 
 // ---------------------------------------------------------------------------------------------
 // Products, reference versions: the definitions. Every output is one row of W dotted with one

@@ -323,7 +323,6 @@ void matmul_int16(float *out, const float *inp, const QMatrix *W, const float *b
 // activations, as llama.cpp: their error is 2-3x that of bf16 rounding (absmax / 254 per value),
 // more than the bf16 tiles that training uses, for no fewer instructions per block here.
 
-
 typedef struct {
     int16_t *q;     // [IN] xq, in the order the type's kernel reads (see x16_layout)
     float *d;       // [IN / 32] dx of each block of 32 values

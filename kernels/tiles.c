@@ -11,54 +11,12 @@
 #include "../threads.h"
 #include "kernels.h"
 
-// --- Words and tiles in plain C ------------------------------------------------------------------
+// --- Many tokens: the forward tiles --------------------------------------------------------------
 
 // out[n] = the words of in[n]: fp32 values (pairs = 0) or bf16 pairs (pairs = 1, (n + 1) / 2 words).
 static void to_words(uint32_t *out, const float *in, int n, int pairs) {
     if (pairs) to_bf16_pairs(out, in, n);
     else memcpy(out, in, (size_t)n * sizeof(float));
-}
-
-// acc + x . w for one word, in plain C (fp32 words only: the pair route needs AVX512-BF16).
-static float madd_word_c(float acc, uint32_t x, uint32_t w) { return acc + f32_from_bits(x) * f32_from_bits(w); }
-
-// fwd_tile in plain C (fp32 words), which compilers vectorize as they can.
-void fwd_tile_c(const Fwd *f, const FwdTile *tl, int M) {
-    float acc[4][FWD_N][16];
-    for (int m = 0; m < M; m++)
-        for (int n = 0; n < FWD_N; n++)
-            for (int j = 0; j < 16; j++)
-                acc[m][n][j] = tl->first || n >= tl->nrows ? 0.0f : tl->dst[(size_t)n * f->TP + 16 * (tl->tv0 + m) + j];
-    for (int k = 0; k < tl->K; k++) {
-        const uint32_t *x = f->x + (size_t)(tl->k0 + k) * f->TP + 16 * tl->tv0;
-        for (int n = 0; n < FWD_N; n++) {
-            uint32_t w = word_at(tl->wb + (size_t)n * tl->K + k);
-            for (int m = 0; m < M; m++)
-                for (int j = 0; j < 16; j++) acc[m][n][j] = madd_word_c(acc[m][n][j], word_at(x + 16 * m + j), w);
-        }
-    }
-    for (int m = 0; m < M; m++)
-        for (int n = 0; n < tl->nrows; n++) memcpy(tl->dst + (size_t)n * f->TP + 16 * (tl->tv0 + m), acc[m][n], sizeof acc[m][n]);
-}
-
-// bwd_tile in plain C (fp32 words).
-void bwd_tile_c(const Bwd *b, const BwdTile *tl, int M) {
-    float acc[4][BWD_N][16] = {{{0}}};
-    for (int q = 0; q < tl->Q; q++) {
-        const uint32_t *wp = tl->wp + (size_t)q * tl->ldw;
-        for (int n = 0; n < tl->N; n++) {
-            uint32_t dv = word_at(b->d + (size_t)(tl->t0 + n) * b->OW + tl->q0 + q);
-            for (int m = 0; m < M; m++)
-                for (int j = 0; j < 16; j++) acc[m][n][j] = madd_word_c(acc[m][n][j], word_at(wp + 16 * m + j), dv);
-        }
-    }
-    for (int m = 0; m < M; m++) {
-        int left = tl->ncols - 16 * m;
-        for (int n = 0; n < tl->N; n++) {
-            float *dx = b->dinp + (size_t)(tl->t0 + n) * b->W->cols + tl->c0 + 16 * m;
-            for (int j = 0; j < 16 && j < left; j++) dx[j] += acc[m][n][j];
-        }
-    }
 }
 
 // out[t, o0 + n] = stage[n * TP + t] (+ bias) for n < nrows: a block of finished rows, written a
@@ -72,8 +30,6 @@ void fwd_flush(const Fwd *f, const float *stage, int o0, int nrows) {
             for (int n = 0; n < nrows; n++) y[n] += f->bias[o0 + n];
     }
 }
-
-// --- Many tokens: the forward tiles --------------------------------------------------------------
 
 // Rows [r0, r1) of the output, every token: blocks of FWD_BLOCK rows, K-chunk by K-chunk (so
 // that the chunk of packed activations stays in the cache while the block's rows go through it),
@@ -266,7 +222,7 @@ void matmul_backward_rows(float *dinp, const float *dout, const QMatrix *W, int 
     parallel_for(matmul_backward_rows_range, &r, W->cols, bs > 64 ? bs : 64);
 }
 
-// --- Dot products and conversions in plain C -----------------------------------------------------
+// --- The same tiles, dot products and conversions in plain C --------------------------------------
 
 // dot_f32 (kernels.h): eight sums in turn, then the tail.
 float dot_f32_c(const float *a, const float *b, int n) {
@@ -292,4 +248,46 @@ void to_bf16_interleaved_c(uint32_t *out, const float *a, const float *b, int n)
     int i = 0;
     for (; i < n; i++) out[i] = fp32_to_bf16(a[i]) | (uint32_t)fp32_to_bf16(b[i]) << 16;
     for (; i % 16; i++) out[i] = 0;
+}
+
+// acc + x . w for one word, in plain C (fp32 words only: the pair route needs AVX512-BF16).
+static float madd_word_c(float acc, uint32_t x, uint32_t w) { return acc + f32_from_bits(x) * f32_from_bits(w); }
+
+// fwd_tile in plain C (fp32 words), which compilers vectorize as they can.
+void fwd_tile_c(const Fwd *f, const FwdTile *tl, int M) {
+    float acc[4][FWD_N][16];
+    for (int m = 0; m < M; m++)
+        for (int n = 0; n < FWD_N; n++)
+            for (int j = 0; j < 16; j++)
+                acc[m][n][j] = tl->first || n >= tl->nrows ? 0.0f : tl->dst[(size_t)n * f->TP + 16 * (tl->tv0 + m) + j];
+    for (int k = 0; k < tl->K; k++) {
+        const uint32_t *x = f->x + (size_t)(tl->k0 + k) * f->TP + 16 * tl->tv0;
+        for (int n = 0; n < FWD_N; n++) {
+            uint32_t w = word_at(tl->wb + (size_t)n * tl->K + k);
+            for (int m = 0; m < M; m++)
+                for (int j = 0; j < 16; j++) acc[m][n][j] = madd_word_c(acc[m][n][j], word_at(x + 16 * m + j), w);
+        }
+    }
+    for (int m = 0; m < M; m++)
+        for (int n = 0; n < tl->nrows; n++) memcpy(tl->dst + (size_t)n * f->TP + 16 * (tl->tv0 + m), acc[m][n], sizeof acc[m][n]);
+}
+
+// bwd_tile in plain C (fp32 words).
+void bwd_tile_c(const Bwd *b, const BwdTile *tl, int M) {
+    float acc[4][BWD_N][16] = {{{0}}};
+    for (int q = 0; q < tl->Q; q++) {
+        const uint32_t *wp = tl->wp + (size_t)q * tl->ldw;
+        for (int n = 0; n < tl->N; n++) {
+            uint32_t dv = word_at(b->d + (size_t)(tl->t0 + n) * b->OW + tl->q0 + q);
+            for (int m = 0; m < M; m++)
+                for (int j = 0; j < 16; j++) acc[m][n][j] = madd_word_c(acc[m][n][j], word_at(wp + 16 * m + j), dv);
+        }
+    }
+    for (int m = 0; m < M; m++) {
+        int left = tl->ncols - 16 * m;
+        for (int n = 0; n < tl->N; n++) {
+            float *dx = b->dinp + (size_t)(tl->t0 + n) * b->W->cols + tl->c0 + 16 * m;
+            for (int j = 0; j < 16 && j < left; j++) dx[j] += acc[m][n][j];
+        }
+    }
 }
