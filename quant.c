@@ -522,8 +522,8 @@ static float dot_q4_0(const BlockQ4_0 *row, const float *x, int n) {
 
 // row[n] . x[n] for a row stored in `type`: Q4_0 through dot_q4_0, the other types a block at a
 // time through dequantize_block, then a dot product.
-static float row_dot_ref(Type type, const uint8_t *row, const float *x, int n) {
-    if (type == TYPE_Q4_0) return dot_q4_0((const BlockQ4_0 *)row, x, n);
+static float row_dot_ref(Type type, const void *row, const float *x, int n) {
+    if (type == TYPE_Q4_0) return dot_q4_0(row, x, n);
     int bs = type_info(type)->block;
     float w[QK_K], acc = 0.0f;
     for (int b = 0; b < n / bs; b++, x += bs) {
@@ -534,7 +534,7 @@ static float row_dot_ref(Type type, const uint8_t *row, const float *x, int n) {
 }
 
 // y[n] += a * row[n] for a row stored in `type`, a block at a time.
-static void row_axpy_ref(Type type, float *y, float a, const uint8_t *row, int n) {
+static void row_axpy_ref(Type type, float *y, float a, const void *row, int n) {
     int bs = type_info(type)->block;
     float w[QK_K];
     for (int b = 0; b < n / bs; b++, y += bs) {
