@@ -19,8 +19,8 @@ endif
 OPT    ?= -O2 $(ARCH)
 CFLAGS += -std=c11 -Wall -Wextra -D_POSIX_C_SOURCE=200809L -D_DARWIN_C_SOURCE -pthread
 LDLIBS  = -lm -pthread
-LIB     = $(filter-out sft.c,$(wildcard *.c))
-HDR     = $(wildcard *.h)
+LIB     = $(filter-out sft.c,$(wildcard *.c)) $(wildcard kernels/*.c)
+HDR     = $(wildcard *.h) $(wildcard kernels/*.h)
 TESTS   = $(filter-out test/bench%.c,$(wildcard test/*.c))
 # BUILD: where sft and test/run are built (empty: here); EXEC: the command that runs them (e.g. qemu-aarch64).
 BUILD  ?=

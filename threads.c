@@ -4,7 +4,7 @@
 // generated token makes ~170 small calls, too many for a sleep and a wake-up each) and then
 // sleep on a condition variable. The caller runs the first chunk itself and waits for the others
 // the same way. Left out: work stealing, nested parallelism (a parallel_for called from inside a
-// chunk runs serially), and concurrent callers. Read quant.c next: matmul is the main user.
+// chunk runs serially), and concurrent callers. Read kernels/tiles.c next: matmul is the main user.
 #include "threads.h"
 
 #include <pthread.h>

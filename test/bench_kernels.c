@@ -2,7 +2,7 @@
 // shapes of Qwen2.5-0.5B's MLP, for the main weight types, 1 and 2 threads. Not part of
 // `make test`; build it by hand (or through `make bench`):
 //   cc -O2 -march=native -std=c11 -D_POSIX_C_SOURCE=200809L -pthread -o /tmp/bk
-//      test/bench_kernels.c quant.c threads.c common.c -lm
+//      test/bench_kernels.c quant.c kernels/*.c threads.c common.c -lm
 //   /tmp/bk            full table (the _ref timings take a minute)
 //   /tmp/bk --no-ref   fast kernels only
 // One line per (type, shape, T, direction): GFLOP/s at 1 and 2 threads and the speed-up over _ref

@@ -11,11 +11,12 @@
 // - fast vs ref, F32/F16/BF16 weights: both are fp32 sums of exact fp32 products, in different
 //   orders: |err| <= 2e-5 * sum_j |w_j x_j|.
 // - fast vs ref, quantized weights: the fast products may round both factors to bf16 (8
-//   significant bits: relative error <= 2^-8 each, so <= 2^-7 + 2^-16 per product; quant.c's bf16
-//   route), then sum in fp32 (<= n * 2^-24 < 2^-13 relative for our n): |err| <= (2^-7 + 2^-12)
-//   * sum_j |w_j x_j|, the rounding of each factor bounded, not a fitted number. (An int8 route
-//   for the activations, as llama.cpp's, would need amax_block(x) / 254 * sum_j |w_j| more, and
-//   would break test_model.c's token-by-token logits, which expect fp32 products for T < 8.)
+//   significant bits: relative error <= 2^-8 each, so <= 2^-7 + 2^-16 per product; the bf16
+//   route of kernels/), then sum in fp32 (<= n * 2^-24 < 2^-13 relative for our n):
+//   |err| <= (2^-7 + 2^-12) * sum_j |w_j x_j|, the rounding of each factor bounded, not a fitted
+//   number. (An int8 route for the activations, as llama.cpp's, would need amax_block(x) / 254 *
+//   sum_j |w_j| more, and would break test_model.c's token-by-token logits, which expect fp32
+//   products for T < 8.)
 //   A wrong block, scale or offset is off by far more than this (QUANT_VERBOSE=1 prints the
 //   worst error / bound of each check; the largest is ~0.9, on one-term sums).
 // The thread pool: parallel_for covers [0, n) once, with aligned chunks, for 0 to 3 threads, and

@@ -1,0 +1,499 @@
+// kernels/avx512_vnni.c: the products on 16-bit integers (AVX512-VNNI, vpdpwssd): the forward
+// tiles of training and prompts (matmul_int16), and generation's rows for Q4_0 and Q6_K
+// (matmul_rows16). Both multiply the weights' own small integers, exactly, by activations rounded
+// to 14- or 16-bit integers, so their error is far below bf16's (bounds: test/test_quant.c,
+// ROUTE_INT16_TILES, ROUTE_INT16_ROWS). dispatch.c (matmul_route) sends a product here.
+#include <float.h>
+#include <math.h>
+
+#include "../threads.h"
+#include "kernels.h"
+
+#if HAVE_INT16_DOT
+
+// --- Many tokens, exact weights: the forward tiles ---------------------------------------------
+//
+// The forward product of training and of prompts (what the loss and the logits see) multiplies
+// the weights' own small integers (unpack16: Q4_0's q - 8, Q8_0's q, Q4_K's q, Q6_K's scale * (q -
+// 32), NF4's codes in 13 bits) by the activations in 14-bit integers with one scale per token and
+// K-chunk: x ~ dx * xq, |xq| <= 16383, an error of at most absmax / 32766, ~50x below bf16's
+// rounding. vpdpwssd sums a block's 32 products exactly in int32 (|w| <= 4096, so |sum| <= 32 *
+// 4096 * 16383 < 2^31); then the block's scale (and min) apply in float: acc += s * isum - o * (sum
+// of the block's xq). The forward's error is so that of fp32 sums: the loss is as exact as with
+// fp32 weights; the backward products keep bf16 factors (their error, measured on the fixtures,
+// is below PyTorch bf16 autocast's: test_model.c). Same speed as the bf16 tiles: vpdpwssd does 32
+// multiply-adds like vdpbf16ps, each block adds two instructions (12%), and unpacking the weights'
+// integers costs less than dequantizing them to bf16.
+// Tile: up to 4 vectors of 16 tokens x FWD_N rows: 24 int32 sums in registers; the float sums of
+// the blocks so far wait in L1.
+
+#define XQ_MAX 16383  // |xq|: activations in 14-bit integers (see the overflow bound above)
+#define NF4_BITS 4095  // NF4's codes as integers: round(code * 4095), |w| <= 4096 as for Q6_K
+
+// The unpackers of unpack16, one per family of formats: v[kn] = values k0 .. k0 + kn - 1 of a row
+// as int16, s[kn / 32] the scale of each block of 32 values (and o[kn / 32] its offset).
+
+// Q4_0 (q - 8) and Q5_0 (q - 16, the fifth bits from qh): value j of a block is the low nibble of
+// byte j, value j + 16 the high one.
+static void unpack16_q4_0(int16_t *v, float *s, const uint8_t *row, int k0, int kn, int q5) {
+    const __m256i m15 = _mm256_set1_epi8(15);
+    size_t bytes = q5 ? sizeof(BlockQ5_0) : sizeof(BlockQ4_0);
+    for (int b = 0; b < kn / QK; b++) {
+        const uint8_t *blk = row + (size_t)(k0 / QK + b) * bytes;
+        const uint8_t *qs = q5 ? ((const BlockQ5_0 *)blk)->qs : ((const BlockQ4_0 *)blk)->qs;
+        __m128i q = _mm_loadu_si128((const __m128i *)qs);  // value j: low nibble of byte j, j + 16: high
+        __m256i n = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(q, 4), q), m15);
+        if (q5) n = _mm256_mask_add_epi8(n, (__mmask32)load_u32le(((const BlockQ5_0 *)blk)->qh), n, _mm256_set1_epi8(16));
+        _mm512_storeu_si512(v + 32 * b, _mm512_sub_epi16(_mm512_cvtepu8_epi16(n), _mm512_set1_epi16(q5 ? 16 : 8)));
+        s[b] = half_scalar(*(const uint16_t *)(const void *)blk);
+    }
+}
+
+static void unpack16_q8_0(int16_t *v, float *s, const uint8_t *row, int k0, int kn) {
+    for (int b = 0; b < kn / QK; b++) {
+        const BlockQ8_0 *blk = (const BlockQ8_0 *)row + k0 / QK + b;
+        _mm512_storeu_si512(v + 32 * b, _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)blk->qs)));
+        s[b] = half_scalar(blk->d);
+    }
+}
+
+// Q4_K and Q5_K: q, with the group's scale d * sc and offset dmin * m.
+static void unpack16_k(int16_t *v, float *s, float *o, const uint8_t *row, int k0, int kn, int q5) {
+    const __m256i m15 = _mm256_set1_epi8(15);
+    for (int i = 0; i < kn / QK_K; i++) {
+        const uint8_t *blk = row + (size_t)(k0 / QK_K + i) * (q5 ? sizeof(BlockQ5_K) : sizeof(BlockQ4_K));
+        const BlockQ4_K *k4 = (const BlockQ4_K *)blk;  // d, dmin, scales: the same places in Q5_K
+        const uint8_t *qs = q5 ? ((const BlockQ5_K *)blk)->qs : k4->qs;
+        __m256i qh = q5 ? _mm256_loadu_si256((const __m256i *)((const BlockQ5_K *)blk)->qh) : _mm256_setzero_si256();
+        float d = half_scalar(k4->d), dmin = half_scalar(k4->dmin);
+        for (int g = 0; g < 8; g++) {
+            uint8_t sc, m;
+            scale_min_k4(g, k4->scales, &sc, &m);
+            s[8 * i + g] = d * sc, o[8 * i + g] = dmin * m;
+            __m256i q = _mm256_loadu_si256((const __m256i *)(qs + 32 * (g / 2)));  // group g: nibble g % 2
+            __m256i n = _mm256_and_si256(g % 2 ? _mm256_srli_epi16(q, 4) : q, m15);
+            __m256i h = _mm256_and_si256(_mm256_srli_epi16(qh, g), _mm256_set1_epi8(1));  // Q5_K: bit g of qh
+            n = _mm256_or_si256(n, _mm256_slli_epi16(h, 4));
+            _mm512_storeu_si512(v + 256 * i + 32 * g, _mm512_cvtepu8_epi16(n));
+        }
+    }
+}
+
+// Q6_K: the group's own int8 scale times (q - 32), with the block's d as the scale.
+static void unpack16_q6_K(int16_t *v, float *s, const uint8_t *row, int k0, int kn) {
+    const __m256i m15 = _mm256_set1_epi8(15);
+    for (int i = 0; i < kn / QK_K; i++) {
+        const BlockQ6_K *blk = (const BlockQ6_K *)row + k0 / QK_K + i;
+        float d = half_scalar(blk->d);
+        for (int h = 0; h < 2; h++) {
+            const uint8_t *ql = blk->ql + 64 * h, *qhp = blk->qh + 32 * h;
+            __m256i a = _mm256_loadu_si256((const __m256i *)ql), b = _mm256_loadu_si256((const __m256i *)(ql + 32));
+            __m256i qh = _mm256_loadu_si256((const __m256i *)qhp), m3 = _mm256_set1_epi8(3);
+            __m256i lo[4] = {_mm256_and_si256(a, m15), _mm256_and_si256(b, m15),
+                             _mm256_and_si256(_mm256_srli_epi16(a, 4), m15), _mm256_and_si256(_mm256_srli_epi16(b, 4), m15)};
+            for (int k = 0; k < 4; k++) {  // values 128h + 32k + l: groups 8h + 2k (l < 16) and + 1
+                __m256i hi = _mm256_and_si256(_mm256_srli_epi16(qh, 2 * k), m3);
+                __m512i q = _mm512_cvtepu8_epi16(_mm256_or_si256(lo[k], _mm256_slli_epi16(hi, 4)));
+                const int8_t *sc = blk->scales + 8 * h + 2 * k;
+                __m512i scale = _mm512_inserti64x4(_mm512_set1_epi16(sc[0]), _mm256_set1_epi16(sc[1]), 1);
+                _mm512_storeu_si512(v + 256 * i + 128 * h + 32 * k, _mm512_mullo_epi16(_mm512_sub_epi16(q, _mm512_set1_epi16(32)), scale));
+            }
+        }
+        for (int b = 0; b < 8; b++) s[8 * i + b] = d;
+    }
+}
+
+// NF4: the codes in 13-bit integers (round(code * NF4_BITS)), absmax / NF4_BITS as the scale.
+static void unpack16_nf4(int16_t *v, float *s, const uint8_t *row, int k0, int kn) {
+    const __m256i m15 = _mm256_set1_epi8(15);
+    int16_t codes[32] = {0};  // the 16 codes in 12-bit integers, then zeros (vpermw reads 32)
+    for (int c = 0; c < 16; c++) codes[c] = (int16_t)lrintf(NF4_CODE[c] * NF4_BITS);
+    __m512i table = _mm512_loadu_si512(codes);
+    for (int b = 0; b < kn / QK_NF4; b++) {
+        const BlockNF4 *blk = (const BlockNF4 *)row + k0 / QK_NF4 + b;
+        __m256i q = _mm256_loadu_si256((const __m256i *)blk->qs);  // value 2j: high nibble of byte j
+        __m256i hi = _mm256_and_si256(_mm256_srli_epi16(q, 4), m15), lo = _mm256_and_si256(q, m15);
+        __m256i e0 = _mm256_unpacklo_epi8(hi, lo), e1 = _mm256_unpackhi_epi8(hi, lo);  // per 128-bit lane
+        __m256i first = _mm256_permute2x128_si256(e0, e1, 0x20), second = _mm256_permute2x128_si256(e0, e1, 0x31);
+        _mm512_storeu_si512(v + 64 * b, _mm512_permutexvar_epi16(_mm512_cvtepu8_epi16(first), table));
+        _mm512_storeu_si512(v + 64 * b + 32, _mm512_permutexvar_epi16(_mm512_cvtepu8_epi16(second), table));
+        s[2 * b] = s[2 * b + 1] = blk->absmax / NF4_BITS;
+    }
+}
+
+// w[kn / 2] = values k0 .. k0 + kn - 1 of a row as int16 pairs (value 2j in the low half of word
+// j), s[kn / 32] the scale of each block of 32 values and, when the type has a min (returns 1),
+// o[kn / 32] its offset: value = s * w - o. k0 and kn are multiples of the type's block size.
+// Only for the types of int16_tiles_type (the others, F32, F16, BF16, Q4_1, Q5_1, take the other tiles).
+static int unpack16(Type type, uint32_t *w, float *s, float *o, const uint8_t *row, int k0, int kn) {
+    int16_t *v = (int16_t *)(void *)w;  // scratch of the pool: 64-byte aligned, only ever read as words
+    switch (type) {
+    case TYPE_Q4_0: unpack16_q4_0(v, s, row, k0, kn, 0); return 0;
+    case TYPE_Q5_0: unpack16_q4_0(v, s, row, k0, kn, 1); return 0;
+    case TYPE_Q8_0: unpack16_q8_0(v, s, row, k0, kn); return 0;
+    case TYPE_Q4_K: unpack16_k(v, s, o, row, k0, kn, 0); return 1;
+    case TYPE_Q5_K: unpack16_k(v, s, o, row, k0, kn, 1); return 1;
+    case TYPE_Q6_K: unpack16_q6_K(v, s, row, k0, kn); return 0;
+    case TYPE_NF4: unpack16_nf4(v, s, row, k0, kn); return 0;
+    default: return 0;
+    }
+}
+
+typedef struct {
+    Fwd f;                 // out, bias, W, T, TP, KC as for the bf16 tiles (f.x unused)
+    const uint32_t *x;     // xq as int16 pairs: word k of token t at x[k * TP + t], zeros for t >= T
+    const float *dx;       // [chunks, TP] the activation scale of each token in each K-chunk
+    const float *xs;       // [IN / 32, TP] the sum of each block's xq, as floats
+} Fwd16;
+
+// One tile: tokens 16 * tv0 ... (M <= 4 vectors of 16) x the FWD_N rows whose words are w + n * nw,
+// scales s + n * ns and offsets o + n * ns (o NULL: none; nrows real rows, the others repeat the
+// last) over the blocks of K-chunk c (words k0 .. k0 + 16 nb); the chunk's sums, times dx, are added
+// into (first chunk: written to) dst + n * TP + token.
+typedef struct {
+    const uint32_t *w;
+    const float *s, *o;
+    size_t nw, ns;
+    int nrows, tv0, c, k0, nb, first;
+    float *dst;
+    int bw;   // words of a block of 32 values: 16
+} Tile16;
+
+static inline __attribute__((always_inline)) void fwd16_tile(const Fwd16 *f, const Tile16 *tl, const int M) {
+    int TP = f->f.TP;
+    float part[4][FWD_N][16];
+    const uint32_t *w[FWD_N];
+    for (int n = 0; n < FWD_N; n++) w[n] = tl->w + (n < tl->nrows ? n : tl->nrows - 1) * tl->nw;
+    for (int b = 0; b < tl->nb; b++) {
+        const uint32_t *x = f->x + (size_t)(tl->k0 + 16 * b) * TP + 16 * tl->tv0;
+        __m512i is[4][FWD_N], xv[4];
+UNROLL
+        for (int m = 0; m < M; m++)
+UNROLL
+            for (int n = 0; n < FWD_N; n++) is[m][n] = _mm512_setzero_si512();
+        for (int j = 0; j < tl->bw; j++, x += TP) {  // a bound from memory: gcc would unroll 16 and spill
+UNROLL
+            for (int m = 0; m < M; m++) xv[m] = _mm512_loadu_si512(x + 16 * m);
+UNROLL
+            for (int n = 0; n < FWD_N; n++) {
+                __m512i wv = _mm512_set1_epi32((int)word_at(w[n] + 16 * b + j));
+UNROLL
+                for (int m = 0; m < M; m++) is[m][n] = _mm512_dpwssd_epi32(is[m][n], xv[m], wv);
+            }
+        }
+        const float *xs = f->xs + (size_t)(tl->k0 / 16 + b) * TP + 16 * tl->tv0;
+UNROLL
+        for (int n = 0; n < FWD_N; n++) {
+            int r = n < tl->nrows ? n : tl->nrows - 1;
+            __m512 sv = _mm512_set1_ps(tl->s[r * tl->ns + b]), ov = _mm512_set1_ps(tl->o ? tl->o[r * tl->ns + b] : 0.0f);
+UNROLL
+            for (int m = 0; m < M; m++) {
+                __m512 p = b ? _mm512_loadu_ps(part[m][n]) : _mm512_setzero_ps();
+                p = _mm512_fmadd_ps(_mm512_cvtepi32_ps(is[m][n]), sv, p);
+                if (tl->o) p = _mm512_fnmadd_ps(ov, _mm512_loadu_ps(xs + 16 * m), p);
+                _mm512_storeu_ps(part[m][n], p);
+            }
+        }
+    }
+    for (int m = 0; m < M; m++) {
+        __m512 dx = _mm512_loadu_ps(f->dx + (size_t)tl->c * TP + 16 * (tl->tv0 + m));
+        for (int n = 0; n < tl->nrows; n++) {
+            float *d = tl->dst + (size_t)n * TP + 16 * (tl->tv0 + m);
+            __m512 prev = tl->first ? _mm512_setzero_ps() : _mm512_loadu_ps(d);
+            _mm512_storeu_ps(d, _mm512_fmadd_ps(_mm512_loadu_ps(part[m][n]), dx, prev));
+        }
+    }
+}
+
+// gcc 12's partial redundancy elimination and loop-invariant motion turn the tile's 24 int32 sums
+// into copies through other registers around every vpdpwssd (half the speed); without those two
+// passes it keeps them in place, as clang does.
+#if defined(__GNUC__) && !defined(__clang__)
+__attribute__((optimize("no-tree-pre", "no-tree-loop-im")))
+#endif
+static void fwd16_tiles(const Fwd16 *f, const Tile16 *tl, int M) {
+    switch (M) {
+    case 4: fwd16_tile(f, tl, 4); return;
+    case 3: fwd16_tile(f, tl, 3); return;
+    case 2: fwd16_tile(f, tl, 2); return;
+    default: fwd16_tile(f, tl, 1); return;
+    }
+}
+
+// Rows [r0, r1) of the output, every token, as matmul_tiles_range: blocks of FWD_BLOCK rows, K-chunk by
+// K-chunk, FWD_N rows unpacked at a time.
+static void matmul_int16_range(void *ctx, int r0, int r1) {
+    const Fwd16 *f = ctx;
+    const QMatrix *W = f->f.W;
+    int IN = W->cols, KC = f->f.KC, NV = f->f.TP / 16;
+    size_t nw = (size_t)KC / 2, ns = (size_t)KC / 32;
+    uint32_t *w = scratch_local(FWD_N * (nw + 2 * ns) * 4 + (size_t)FWD_BLOCK * f->f.TP * sizeof(float));
+    float *s = (float *)(w + FWD_N * nw), *o = s + FWD_N * ns, *stage = o + FWD_N * ns;
+    for (int b0 = r0; b0 < r1; b0 += FWD_BLOCK) {
+        int b1 = r1 - b0 < FWD_BLOCK ? r1 : b0 + FWD_BLOCK;
+        for (int k0 = 0, c = 0; k0 < IN; k0 += KC, c++) {
+            int kn = IN - k0 < KC ? IN - k0 : KC, offsets = 0;
+            for (int o0 = b0; o0 < b1; o0 += FWD_N) {
+                int nrows = b1 - o0 < FWD_N ? b1 - o0 : FWD_N;
+                for (int n = 0; n < nrows; n++)
+                    offsets = unpack16(W->type, w + n * nw, s + n * ns, o + n * ns, qmatrix_row_data(W, o0 + n), k0, kn);
+                Tile16 tl = {w, s, offsets ? o : NULL, nw, ns, nrows, 0, c, k0 / 2, kn / 32, k0 == 0,
+                             stage + (size_t)(o0 - b0) * f->f.TP, 16};
+                for (tl.tv0 = 0; tl.tv0 < NV; tl.tv0 += 4) fwd16_tiles(f, &tl, NV - tl.tv0 < 4 ? NV - tl.tv0 : 4);
+            }
+        }
+        fwd_flush(&f->f, stage, b0, b1 - b0);
+    }
+}
+
+typedef struct {
+    Fwd16 *f;
+    const float *inp;
+} PackX16;
+
+// Tokens [t0, t1) of inp in 14-bit integers, one scale per K-chunk (dx = absmax / XQ_MAX; NaN when
+// the chunk holds a NaN or an infinity, so that the outputs are not finite either), as int16 pairs
+// into f->x, with the sums of each block's xq.
+static void pack_x16(void *ctx, int t0, int t1) {
+    PackX16 *px = ctx;
+    Fwd16 *f = px->f;
+    int IN = f->f.W->cols, KC = f->f.KC, TP = f->f.TP;
+    uint32_t *q = scratch_local((size_t)IN * sizeof(int16_t) + 64), *xw = (uint32_t *)f->x;
+    for (int t = t0; t < t1; t++) {
+        const float *x = px->inp + (size_t)t * IN;
+        for (int k0 = 0, c = 0; k0 < IN; k0 += KC, c++) {
+            int kn = IN - k0 < KC ? IN - k0 : KC;
+            __m512 amax = _mm512_setzero_ps();
+            __mmask16 bad = 0;
+            for (int k = 0; k < kn && t < f->f.T; k += 16) {
+                __m512 v = _mm512_loadu_ps(x + k0 + k);
+                amax = _mm512_max_ps(amax, _mm512_abs_ps(v));
+                bad |= _mm512_cmp_ps_mask(_mm512_abs_ps(v), _mm512_set1_ps(INFINITY), _CMP_NLT_UQ);  // NaN, inf
+            }
+            float a = _mm512_reduce_max_ps(amax);
+            __m512 id = _mm512_set1_ps(a > 0 ? (float)XQ_MAX / a : 0.0f);
+            int zero = t >= f->f.T || bad;  // padding tokens, and non-finite chunks (dx NaN says it)
+            for (int k = 0; k < kn; k += 32) {  // 32 values: one block, 16 words
+                __m512 v0 = zero ? _mm512_setzero_ps() : _mm512_loadu_ps(x + k0 + k);
+                __m512 v1 = zero ? _mm512_setzero_ps() : _mm512_loadu_ps(x + k0 + k + 16);
+                __m512i q0 = _mm512_cvtps_epi32(_mm512_mul_ps(v0, id)), q1 = _mm512_cvtps_epi32(_mm512_mul_ps(v1, id));
+                ((float *)f->xs)[(size_t)((k0 + k) / 32) * TP + t] = (float)_mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1));
+                __m512i words = _mm512_inserti64x4(_mm512_castsi256_si512(_mm512_cvtsepi32_epi16(q0)), _mm512_cvtsepi32_epi16(q1), 1);
+                _mm512_storeu_si512(q + (k0 + k) / 2, words);
+            }
+            ((float *)f->dx)[(size_t)c * TP + t] = bad ? NAN : a / (float)XQ_MAX;
+        }
+        for (int k = 0; k < IN / 2; k++) xw[(size_t)k * TP + t] = q[k];
+    }
+}
+
+// matmul_int16 takes W: the types unpack16 knows, IN a multiple of 32.
+int int16_tiles_type(Type type, int IN) {
+    return IN % 32 == 0 && (type == TYPE_Q4_0 || type == TYPE_Q5_0 || type == TYPE_Q8_0 || type == TYPE_Q4_K ||
+                            type == TYPE_Q5_K || type == TYPE_Q6_K || type == TYPE_NF4);
+}
+
+// out[T, OUT] = inp[T, IN] W^T (+ bias) on 16-bit integers, for the types of int16_tiles_type (IN a
+// multiple of 32).
+void matmul_int16(float *out, const float *inp, const QMatrix *W, const float *bias, int T) {
+    int IN = W->cols, TP = (int)round_up((size_t)T, 16);
+    // K-chunks keep the packed activations of a chunk (TP x KC int16) within ~320 KB, in chunks of
+    // about the same size (a short last chunk would pay a tile's set-up for a few blocks)
+    size_t budget = 320 * 1024 / 2 / (size_t)TP, parts = ((size_t)IN + budget - 1) / budget;
+    int KC = (int)round_up(((size_t)IN + parts - 1) / parts, CHUNK_ALIGN);
+    if (KC >= IN) KC = IN;
+    int chunks = (IN + KC - 1) / KC;
+    size_t xw = (size_t)IN / 2 * TP * 4, dxb = (size_t)chunks * TP * 4, xsb = (size_t)IN / 32 * TP * 4;
+    uint8_t *mem = scratch_shared(xw + dxb + xsb);
+    Fwd16 f = {{out, bias, W, T, TP, 0, NULL, KC}, (uint32_t *)mem, (float *)(mem + xw), (float *)(mem + xw + dxb)};
+    PackX16 px = {&f, inp};
+    parallel_for(pack_x16, &px, TP, 16);
+    parallel_for(matmul_int16_range, &f, W->rows, FWD_N);
+}
+
+// --- Few tokens, 16-bit integer activations: rows ------------------------------------------------
+//
+// Generation reads every weight once per token: the product must cost less than bringing the
+// weights from memory. Here the weights stay the exact small integers of their blocks (Q4_0's
+// q - 8, Q8_0's q, ...) and a token's activations become 16-bit integers with one scale per block
+// of 32: x[k] ~ dx * xq[k], |xq| <= 32767, an error of at most dx / 2 = absmax / 65534 per value,
+// a hundred times below bf16's rounding. vpdpwssd adds 32 exact integer products an instruction;
+// per block of weights, one conversion and one multiply-add apply the scales; offsets (Q4_0's -8,
+// Q6_K's -32) and Q4_K's mins come out once per block through the sums of xq. Why not 8-bit
+// activations, as llama.cpp: their error is 2-3x that of bf16 rounding (absmax / 254 per value),
+// more than the bf16 tiles that training uses, for no fewer instructions per block here.
+
+typedef struct {
+    int16_t *q;     // [IN] xq, in the order the type's kernel reads (see x16_layout)
+    float *d;       // [IN / 32] dx of each block of 32 values
+    float *s32;     // [IN / 32] dx * the sum of the block's xq
+    float *s16;     // [IN / 16] dx * the sum of each 16 xq (Q6_K's groups)
+} X16;
+
+// Q4_0's byte j holds values j and j + 16 of its block: its kernel reads xq per pair of blocks
+// A, B as |A 0-15|B 0-15|A 16-31|B 16-31|, the order of its nibbles. The other types read xq in
+// natural order. Returns -1 for the types without a 16-bit kernel (and for odd block counts).
+static int x16_layout(Type type, int IN) {
+    switch (type) {
+    case TYPE_Q4_0: return IN % 64 == 0 ? 1 : -1;
+    case TYPE_Q6_K: return 0;
+    default: return -1;  // Q8_0, Q4_K and the rest: the fp32 rows (row_dot) are as fast, and exact
+    }
+}
+
+// x16 <- x[n], n a multiple of 32 (of 64 for the pair layout)
+static void x16_quantize(const X16 *x16, const float *x, int n, int pairs) {
+    for (int b = 0; b < n / 32; b++) {
+        __m512 v0 = _mm512_loadu_ps(x + 32 * b), v1 = _mm512_loadu_ps(x + 32 * b + 16);
+        float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
+        __m512 id = _mm512_set1_ps(amax > 0 ? 32767.0f / amax : 0.0f);
+        __m512i q0 = _mm512_cvtps_epi32(_mm512_mul_ps(v0, id)), q1 = _mm512_cvtps_epi32(_mm512_mul_ps(v1, id));
+        int bad = _mm512_cmp_ps_mask(v0, v1, _CMP_UNORD_Q) || !(amax <= FLT_MAX);  // NaN, inf: the outputs too
+        if (bad) q0 = q1 = _mm512_setzero_si512();
+        float dx = bad ? NAN : amax / 32767.0f;
+        int s0 = _mm512_reduce_add_epi32(q0), s1 = _mm512_reduce_add_epi32(q1);
+        x16->d[b] = dx;
+        x16->s32[b] = dx * (float)(s0 + s1);
+        x16->s16[2 * b] = dx * (float)s0, x16->s16[2 * b + 1] = dx * (float)s1;
+        int16_t *lo = pairs ? x16->q + 64 * (b / 2) + 16 * (b % 2) : x16->q + 32 * b, *hi = pairs ? lo + 32 : lo + 16;
+        _mm256_storeu_si256((__m256i *)lo, _mm512_cvtsepi32_epi16(q0));
+        _mm256_storeu_si256((__m256i *)hi, _mm512_cvtsepi32_epi16(q1));
+    }
+}
+
+// Lane k of the result: s[idx[k]]; idx starts as |i x 8|j x 8|.
+static inline __m512i lane_index(int i, int j) { return _mm512_inserti64x4(_mm512_set1_epi32(i), _mm256_set1_epi32(j), 1); }
+
+// The fp16 scales of n <= 16 Q4_0 blocks (18 bytes each, the scale first), as floats (0 past n):
+// for 16 blocks, the 16-bit words at byte 18 k picked out of two pairs of 128-byte loads (a gather
+// is slower on Zen 4 than the whole row product).
+static inline __m512 q4_0_scales16(const BlockQ4_0 *w, int n) {
+    if (n < 16) {
+        uint16_t h[16] = {0};
+        for (int i = 0; i < n; i++) h[i] = w[i].d;
+        return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)h));
+    }
+    const uint8_t *p = (const uint8_t *)w;  // blocks 0-7 at bytes 0..126, 8-15 at 144..270
+    const __m512i idx = _mm512_set_epi16(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+                                         63, 54, 45, 36, 27, 18, 9, 0);
+    __m512i lo = _mm512_permutex2var_epi16(_mm512_loadu_si512(p), idx, _mm512_loadu_si512(p + 64));
+    __m512i hi = _mm512_permutex2var_epi16(_mm512_loadu_si512(p + 144), idx, _mm512_loadu_si512(p + 208));
+    return _mm512_cvtph_ps(_mm256_inserti128_si256(_mm512_castsi512_si256(lo), _mm512_castsi512_si128(hi), 1));
+}
+
+// sum_k q_k xq_k of two Q4_0 blocks w[0], w[1] against their xq (pair layout), as floats: lanes
+// 0-7 block w[0]'s products, 8-15 block w[1]'s.
+static inline __m512 q4_0_pair_sums(const BlockQ4_0 *w, const int16_t *xq) {
+    __m256i qs = _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_loadu_si128((const __m128i *)w[0].qs)),
+                                         _mm_loadu_si128((const __m128i *)w[1].qs), 1);
+    __m512i v = _mm512_cvtepu8_epi16(qs);
+    __m512i p = _mm512_madd_epi16(_mm512_and_si512(v, _mm512_set1_epi16(15)), _mm512_loadu_si512(xq));
+    return _mm512_cvtepi32_ps(_mm512_dpwssd_epi32(p, _mm512_srli_epi16(v, 4), _mm512_loadu_si512(xq + 32)));
+}
+
+// sum_b dW_b dx_b (sum_k q_k xq_k - 8 sum_k xq_k) over the blocks of a Q4_0 row: two blocks a
+// vector, their 16 scales in one register per 16 blocks, two sums in turn (so that no multiply-add
+// waits for the one before).
+static float dot16_q4_0(const BlockQ4_0 *w, const X16 *x, int nb) {
+    __m512 acc0 = _mm512_setzero_ps(), acc1 = acc0, off = acc0;
+    for (int g = 0; g < nb; g += 16) {
+        int n = nb - g < 16 ? nb - g : 16, i = 0;  // n is even
+        __mmask16 m = (__mmask16)((1u << n) - 1);
+        __m512 dw = q4_0_scales16(w + g, n);
+        __m512 s = _mm512_mul_ps(dw, _mm512_maskz_loadu_ps(m, x->d + g));
+        off = _mm512_fmadd_ps(dw, _mm512_maskz_loadu_ps(m, x->s32 + g), off);
+        const int16_t *xq = x->q + 32 * g;
+        for (; i + 4 <= n; i += 4) {
+            acc0 = _mm512_fmadd_ps(q4_0_pair_sums(w + g + i, xq + 32 * i), _mm512_permutexvar_ps(lane_index(i, i + 1), s), acc0);
+            acc1 = _mm512_fmadd_ps(q4_0_pair_sums(w + g + i + 2, xq + 32 * i + 64),
+                                   _mm512_permutexvar_ps(lane_index(i + 2, i + 3), s), acc1);
+        }
+        if (i < n) acc0 = _mm512_fmadd_ps(q4_0_pair_sums(w + g + i, xq + 32 * i), _mm512_permutexvar_ps(lane_index(i, i + 1), s), acc0);
+    }
+    return _mm512_reduce_add_ps(_mm512_fnmadd_ps(_mm512_set1_ps(8.0f), off, _mm512_add_ps(acc0, acc1)));
+}
+
+// Q6_K: group G (16 values) is d sc_G (q - 32); a vector holds 32 values, two groups.
+static float dot16_q6_K(const BlockQ6_K *w, const X16 *x, int nb) {
+    __m512 acc = _mm512_setzero_ps(), off = _mm512_setzero_ps();
+    const __m512i m15 = _mm512_set1_epi16(15), m3 = _mm512_set1_epi16(3);
+    for (int i = 0; i < nb; i++) {
+        __m512 sc = _mm512_mul_ps(_mm512_set1_ps(half_scalar(w[i].d)),
+                                  _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)w[i].scales))));
+        off = _mm512_fmadd_ps(sc, _mm512_loadu_ps(x->s16 + 16 * i), off);
+        for (int h = 0; h < 2; h++) {
+            const uint8_t *ql = w[i].ql + 64 * h, *qhp = w[i].qh + 32 * h;
+            __m512i a = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)ql));
+            __m512i b = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)(ql + 32)));
+            __m512i qh = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)qhp));
+            __m512i q[4] = {
+                _mm512_or_si512(_mm512_and_si512(a, m15), _mm512_slli_epi16(_mm512_and_si512(qh, m3), 4)),
+                _mm512_or_si512(_mm512_and_si512(b, m15), _mm512_slli_epi16(_mm512_and_si512(_mm512_srli_epi16(qh, 2), m3), 4)),
+                _mm512_or_si512(_mm512_srli_epi16(a, 4), _mm512_slli_epi16(_mm512_and_si512(_mm512_srli_epi16(qh, 4), m3), 4)),
+                _mm512_or_si512(_mm512_srli_epi16(b, 4), _mm512_slli_epi16(_mm512_srli_epi16(qh, 6), 4)),
+            };
+            for (int k = 0; k < 4; k++) {
+                int G = 8 * h + 2 * k, xb = 8 * i + 4 * h + k;
+                const int16_t *xq = x->q + 32 * xb;
+                __m512i p = _mm512_dpwssd_epi32(_mm512_setzero_si512(), q[k], _mm512_loadu_si512(xq));
+                __m512 s = _mm512_mul_ps(_mm512_permutexvar_ps(lane_index(G, G + 1), sc), _mm512_set1_ps(x->d[xb]));
+                acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), s, acc);
+            }
+        }
+    }
+    return _mm512_reduce_add_ps(acc) - 32.0f * _mm512_reduce_add_ps(off);
+}
+
+// *s = row . x for the types of x16_layout.
+static float row_dot16(Type type, const uint8_t *row, const X16 *x, int n) {
+    if (type == TYPE_Q4_0) return dot16_q4_0((const BlockQ4_0 *)row, x, n / QK);
+    return dot16_q6_K((const BlockQ6_K *)row, x, n / QK_K);
+}
+
+// x16[T] <- inp[T, IN] in the pool's shared scratch, for the types of x16_layout.
+static void x16_prepare(X16 *x16, const float *inp, const QMatrix *W, int T) {
+    int layout = x16_layout(W->type, W->cols), IN = W->cols;
+    size_t per = round_up((size_t)IN * sizeof(int16_t), 64) + 2 * round_up((size_t)IN / 32 * sizeof(float), 64) +
+                 round_up((size_t)IN / 16 * sizeof(float), 64);
+    uint8_t *mem = scratch_shared(per * (size_t)T);
+    for (int t = 0; t < T; t++, mem += per) {
+        x16[t].q = (int16_t *)mem;
+        x16[t].d = (float *)(mem + round_up((size_t)IN * sizeof(int16_t), 64));
+        x16[t].s32 = x16[t].d + round_up((size_t)IN / 32 * sizeof(float), 64) / sizeof(float);
+        x16[t].s16 = x16[t].s32 + round_up((size_t)IN / 32 * sizeof(float), 64) / sizeof(float);
+        x16_quantize(&x16[t], inp + (size_t)t * IN, IN, layout);
+    }
+}
+
+// matmul_rows16 takes W: the types of x16_layout.
+int int16_rows_type(Type type, int IN) { return x16_layout(type, IN) >= 0; }
+
+typedef struct {
+    float *out;          // (T, OUT)
+    const float *bias;   // (OUT) or NULL
+    const QMatrix *W;    // (OUT, IN)
+    int T;
+    const X16 *x16;      // [T] inp in 16-bit integers
+} Rows16;
+
+// Rows [r0, r1) of out, every token: one row of W at a time, its dot product with each token.
+static void rows16_range(void *ctx, int r0, int r1) {
+    const Rows16 *r = ctx;
+    int OUT = r->W->rows;
+    for (int o = r0; o < r1; o++) {
+        for (int t = 0; t < r->T; t++) {
+            float s = row_dot16(r->W->type, qmatrix_row_data(r->W, o), &r->x16[t], r->W->cols);
+            r->out[(size_t)t * OUT + o] = r->bias ? s + r->bias[o] : s;
+        }
+    }
+}
+
+// out[T, OUT] = inp[T, IN] W^T (+ bias) for T < FWD_TILE_MIN_T tokens and the types of x16_layout.
+void matmul_rows16(float *out, const float *inp, const QMatrix *W, const float *bias, int T) {
+    X16 x16[FWD_TILE_MIN_T];
+    x16_prepare(x16, inp, W, T);
+    Rows16 r = {out, bias, W, T, x16};
+    parallel_for(rows16_range, &r, W->rows, 4);
+}
+
+#endif  // HAVE_INT16_DOT
