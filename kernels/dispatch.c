@@ -30,6 +30,7 @@
 //   NEON (neon.c) or plain C (tiles.c, which compilers vectorize as they can).
 #include <stdio.h>
 
+#include "../common.h"
 #include "kernels.h"
 
 // --- This build's version of each piece ----------------------------------------------------------
@@ -204,8 +205,21 @@ Route matmul_route(const QMatrix *W, int T, int backward) {
 #endif
 }
 
+// What sft train --trace prints after a product: its shapes and its route.
+static void trace_product(double t0, const char *name, const QMatrix *W, int T, int backward) {
+    static const char *const routes[] = {"fp32", "bf16", "amx", "int16-tiles", "int16-rows"};
+    Route r = matmul_route(W, T, backward);
+    if (backward)
+        trace_op(t0, name, "dinp[%d, %d] += <- dout[%d, %d], W %s [%d, %d], %s", T, W->cols, T, W->rows,
+                 type_info(W->type)->name, W->rows, W->cols, routes[r]);
+    else
+        trace_op(t0, name, "out[%d, %d] <- inp[%d, %d], W %s [%d, %d], %s", T, W->rows, T, W->cols,
+                 type_info(W->type)->name, W->rows, W->cols, routes[r]);
+}
+
 // out[T, OUT] = inp[T, IN] @ W[OUT, IN]^T (+ bias): matmul_route's choice, then its kernel.
 void matmul(float *out, const float *inp, const QMatrix *W, const float *bias, int T) {
+    double t0 = trace_start();
 #if defined(SFT_REF)
     matmul_ref(out, inp, W, bias, T);
 #else
@@ -215,32 +229,35 @@ void matmul(float *out, const float *inp, const QMatrix *W, const float *bias, i
     }
     switch (matmul_route(W, T, 0)) {
 #if HAVE_INT16_DOT
-    case ROUTE_INT16_ROWS: matmul_rows16(out, inp, W, bias, T); return;
-    case ROUTE_INT16_TILES: matmul_int16(out, inp, W, bias, T); return;
+    case ROUTE_INT16_ROWS: matmul_rows16(out, inp, W, bias, T); break;
+    case ROUTE_INT16_TILES: matmul_int16(out, inp, W, bias, T); break;
 #endif
 #if HAVE_AMX
-    case ROUTE_AMX: matmul_amx(out, inp, W, bias, T); return;
+    case ROUTE_AMX: matmul_amx(out, inp, W, bias, T); break;
 #endif
     default:  // ROUTE_FP32 or ROUTE_BF16 (tile_pairs decides the words)
         if (T < FWD_TILE_MIN_T) matmul_rows(out, inp, W, bias, T);
         else matmul_tiles(out, inp, W, bias, T);
     }
 #endif
+    if (trace_on) trace_product(t0, "matmul", W, T, 0);
 }
 
 // dinp[T, IN] += dout[T, OUT] @ W[OUT, IN]: matmul_route's choice, then its kernel.
 void matmul_backward_input(float *dinp, const float *dout, const QMatrix *W, int T) {
+    double t0 = trace_start();
 #if defined(SFT_REF)
     matmul_backward_input_ref(dinp, dout, W, T);
 #else
     if (T <= 0 || W->rows <= 0 || W->cols <= 0) return;
     switch (matmul_route(W, T, 1)) {
 #if HAVE_AMX
-    case ROUTE_AMX: matmul_backward_amx(dinp, dout, W, T); return;
+    case ROUTE_AMX: matmul_backward_amx(dinp, dout, W, T); break;
 #endif
     default:  // ROUTE_FP32 or ROUTE_BF16
         if (T < BWD_TILE_MIN_T) matmul_backward_rows(dinp, dout, W, T);
         else matmul_backward_tiles(dinp, dout, W, T);
     }
 #endif
+    if (trace_on) trace_product(t0, "matmul_backward_input", W, T, 1);
 }

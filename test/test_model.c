@@ -684,7 +684,7 @@ static Tolerance tolerance(int quant) {
 }
 
 // Every matrix of the model holds `type` (no fallback to another type at load).
-static int all_matrices(const Model *m, int type) {
+static int all_matrices(const Model *m, Type type) {
     const Weights *w = &m->w;
     int ok = w->embed.type == type && w->lm_head.type == type;
     for (int l = 0; l < m->config.L; l++) {
