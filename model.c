@@ -470,8 +470,8 @@ struct Activations {
     int *pos;         // [max_T] positions t - 1 of the targets t
     float *head_x;    // [LOSS_CHUNK, C] residual rows at those positions
     float *head_rstd; // [LOSS_CHUNK] final RMSNorm
-    float *head_ln;   // [LOSS_CHUNK, C] final RMSNorm output
-    float *dhead;     // [LOSS_CHUNK, C] gradient of head_ln, then of head_x
+    float *head_ln;   // [LOSS_CHUNK, C] final RMSNorm output, then the gradient of head_x
+    float *dhead;     // [LOSS_CHUNK, C] gradient of head_ln
     float *logits;    // [LOSS_CHUNK, V] logits, then their gradient
     double *row_loss; // [LOSS_CHUNK]
     float *cos, *sin; // [max_T, HS/2] RoPE tables
@@ -666,9 +666,12 @@ static double head_loss_chunk(Model *m, Activations *a, float *dres, const float
     if (backward) {
         memset(a->dhead, 0, (size_t)n * C * sizeof(float));
         matmul_backward_input(a->dhead, a->logits, &m->w.lm_head, n);
-        for (int r = 0; r < n; r++)  // positions are distinct: each row lands in its own row of dres
-            rmsnorm_backward(dres + (size_t)pos[r] * C, a->dhead + r * C, a->head_x + r * C, a->head_rstd + r,
-                             m->w.out_norm, 1, c->C);
+        memset(a->head_ln, 0, (size_t)n * C * sizeof(float));  // head_ln is done with: it takes d head_x
+        rmsnorm_backward(a->head_ln, a->dhead, a->head_x, a->head_rstd, m->w.out_norm, n, c->C);
+        for (int r = 0; r < n; r++) {  // positions are distinct: each row lands in its own row of dres
+            float *d = dres + (size_t)pos[r] * C;
+            for (size_t i = 0; i < C; i++) d[i] += a->head_ln[r * C + i];
+        }
     }
     return loss;
 }
