@@ -33,11 +33,17 @@
 #define PACK_TOKENS 256
 #define PACK_SEQS 64     // sequences of one pass at most
 
-// Tokens of the Activations for examples up to `longest` tokens, `per_pass` examples a pass at most.
+static int int_desc(const void *a, const void *b) { return *(const int *)b - *(const int *)a; }
+
+// Tokens of the Activations: room for the per_pass longest examples together (a step's examples
+// then run in one pass), at most PACK_TOKENS unless one example is longer.
 static int pack_tokens(const Dataset *ds, int per_pass) {
-    int longest = 2, sum = 0;
-    for (int i = 0; i < ds->n; i++) longest = ds->ex[i].T > longest ? ds->ex[i].T : longest;
-    for (int i = 0; i < ds->n && i < per_pass; i++) sum += ds->ex[i].T;  // a rough bound for short data sets
+    int *T = xmalloc((size_t)(ds->n > 0 ? ds->n : 1) * sizeof *T), sum = 0;
+    for (int i = 0; i < ds->n; i++) T[i] = ds->ex[i].T;
+    qsort(T, (size_t)ds->n, sizeof *T, int_desc);
+    for (int i = 0; i < ds->n && i < per_pass && sum < PACK_TOKENS; i++) sum += T[i];
+    int longest = ds->n > 0 && T[0] > 2 ? T[0] : 2;
+    free(T);
     int cap = sum < PACK_TOKENS ? (sum > 2 ? sum : 2) : PACK_TOKENS;
     return longest > cap ? longest : cap;
 }
