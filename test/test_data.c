@@ -239,6 +239,7 @@ static void test_bad(const Tokenizer *tok) {
         {"no_completion", ":1: ", "\"completion\" is missing"},
         {"nul", ":2: ", "NUL"},
         {"empty_text", ":2: ", "empty"},
+        {"duplicate_key", ":2: ", "column 36: duplicate key \"prompt\""},
     };
     for (int i = 0; i < ARRAY_LEN(cases); i++) {
         char path[128], prefix[160], name[128];
