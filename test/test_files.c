@@ -1068,6 +1068,14 @@ static void test_files_cli(const char *dir) {
     } else {
         check(0, "sft quantize f32 -> q4_0", "exit %d", rc);
     }
+    // A write that fails (here: past the file size limit, SIGXFSZ ignored) gives the reason.
+    snprintf(cmd, sizeof cmd, "ulimit -f 4; trap '' XFSZ; %s quantize --model %s --type f32 --out %s/big.gguf 2>%s/err.txt",
+             sft_binary(), f32, dir, dir);
+    rc = run_command(cmd, NULL);
+    char *err = read_file(path_in(dir, "err.txt"), NULL, NULL);
+    check(rc == 1 && contains(err, "big.gguf: write error: File too large"), "sft quantize: a failed write says why",
+          "exit %d: %s", rc, err ? err : "");
+    free(err);
     snprintf(cmd, sizeof cmd, "%s info --model %s/does-not-exist.gguf", sft_binary(), dir);
     check(run_command(cmd, NULL) == 1, "sft info on a missing file exits 1", "other status");
     snprintf(cmd, sizeof cmd, "%s quantize --model %s --type q3_x --out %s/x.gguf", sft_binary(), f32, dir);
