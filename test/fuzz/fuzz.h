@@ -20,7 +20,8 @@
 #define FUZZ_MAX_FILES 16
 
 // The scratch directory and the names written into it, removed at exit. (Mutable statics: a
-// harness is one process that libFuzzer calls over and over, and this is its one piece of state.)
+// harness is one process that libFuzzer calls over and over; this, and what a harness loads once
+// in LLVMFuzzerInitialize (a tokenizer, a config), is the state it keeps between calls.)
 static char fuzz_dir[512];
 static char fuzz_names[FUZZ_MAX_FILES][64];
 static int fuzz_n_names;
