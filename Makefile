@@ -11,6 +11,7 @@
 #   make bench      speed and memory figures on models of Qwen2.5-0.5B's shapes (bench.json)
 #   make demo       teach a small model to answer in the "だぬ" style
 #   make demo-model only the demo's small random model, demo-out/model.gguf (VSCode debugs on it)
+#   make fuzz       libFuzzer harnesses (test/fuzz/, clang) FUZZ_SECONDS each (60) on their seed corpora
 CC     ?= cc
 # x86-64: the CPU's own instruction set (AVX2, AVX-512); arm64: NEON is always there.
 ifeq ($(shell uname -m),x86_64)
@@ -68,7 +69,27 @@ demo-out/model.gguf: sft test/demo_config.json data/tokenizer.json
 	./sft init --config test/demo_config.json --tokenizer data/tokenizer.json --type q4_0 --seed 1 \
 	    --embed-std 0.5 --out $@
 
+# Fuzzing: the library (LIB) built once with the sanitizers and libFuzzer's coverage, then one
+# binary per test/fuzz/fuzz_NAME.c in build/fuzz/; test/fuzz/run.sh runs each and prints its line.
+FUZZ_CC      ?= clang
+FUZZ_SECONDS ?= 60
+FUZZ_FLAGS    = -O1 -g $(ARCH) -fsanitize=address,undefined -fno-sanitize-recover=all -fno-omit-frame-pointer
+FUZZ          = $(patsubst test/fuzz/fuzz_%.c,%,$(wildcard test/fuzz/fuzz_*.c))
+FUZZ_OBJ      = $(patsubst %.c,build/fuzz/obj/%.o,$(LIB))
+
+build/fuzz/obj/%.o: %.c $(HDR)
+	@mkdir -p $(@D)
+	$(FUZZ_CC) $(FUZZ_FLAGS) -fsanitize=fuzzer-no-link $(CFLAGS) -c -o $@ $<
+
+build/fuzz/%: test/fuzz/fuzz_%.c test/fuzz/fuzz.h $(FUZZ_OBJ)
+	$(FUZZ_CC) $(FUZZ_FLAGS) -fsanitize=fuzzer $(CFLAGS) -o $@ $< $(FUZZ_OBJ) $(LDLIBS)
+
+.SECONDARY: $(FUZZ_OBJ)
+
+fuzz: $(addprefix build/fuzz/,$(FUZZ))
+	./test/fuzz/run.sh $(FUZZ_SECONDS) build/fuzz $(FUZZ)
+
 clean:
 	rm -rf sft sft-debug test/run test/bench test/bench_kernels test/tmp bench.json build
 
-.PHONY: debug test test-asan test-ref bench demo demo-model clean
+.PHONY: debug test test-asan test-ref bench demo demo-model fuzz clean

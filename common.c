@@ -72,6 +72,12 @@ char *read_file(const char *path, size_t *len, Err *e) {
         err_set(e, "%s: %s", path, strerror(errno));
         return NULL;
     }
+    struct stat st;
+    if (fstat(fileno(f), &st) == 0 && S_ISDIR(st.st_mode)) {  // fopen opens a directory, fread fails
+        fclose(f);
+        err_set(e, "%s: is a directory, not a file", path);
+        return NULL;
+    }
     size_t cap = 1 << 16, n = 0;
     char *buf = xmalloc(cap);
     for (;;) {
@@ -85,11 +91,11 @@ char *read_file(const char *path, size_t *len, Err *e) {
             if (!buf) out_of_memory(cap);
         }
     }
-    int failed = ferror(f);
+    int failed = ferror(f), saved = errno;
     fclose(f);
     if (failed) {
         free(buf);
-        err_set(e, "%s: read error", path);
+        err_set(e, "%s: read error: %s", path, saved ? strerror(saved) : "unknown I/O error");
         return NULL;
     }
     buf[n] = 0;

@@ -30,7 +30,8 @@ void *xcalloc(size_t count, size_t size);
 void *xrealloc(void *p, size_t n);  // for growable lists: their sizes are counts of what was read
 char *xstrdup(const char *s);
 
-// Reads a whole file into a NUL-terminated buffer. Returns NULL and fills e on failure.
+// Reads a whole file into a NUL-terminated buffer. Returns NULL and fills e on failure
+// ("PATH: reason": strerror's, or "is a directory, not a file").
 char *read_file(const char *path, size_t *len, Err *e);
 
 // A small deterministic random number generator (SplitMix64), the same on every machine.

@@ -37,6 +37,16 @@ static Message *with_system(const Message *msgs, int n, int *n_out) {
     return out;
 }
 
+int chat_check(const Message *msgs, int n, Err *e) {
+    for (int i = 0; i < n; i++) {
+        size_t len = strlen(msgs[i].content), ok = utf8_valid_prefix(msgs[i].content, len);
+        if (ok < len)
+            return err_set(e, "message %d (%.20s) is not valid UTF-8 at byte %zu of its content (0x%02X)", i + 1,
+                           msgs[i].role, ok, (unsigned char)msgs[i].content[ok]);
+    }
+    return 0;
+}
+
 char *chat_render(const Message *msgs, int n, int add_generation_prompt) {
     int m;
     Message *all = with_system(msgs, n, &m);
@@ -229,7 +239,8 @@ static int toks_text(Toks *t, const Tokenizer *tok, const char *s, size_t len, s
 
 // Appends the rendered conversation: <|im_start|> ROLE\n CONTENT <|im_end|> \n for each message.
 static int toks_chat(Toks *t, const Tokenizer *tok, const Conversation *c, Err *e) {
-    int m, rc = 0;
+    int m, rc = chat_check(c->msgs, c->n, e);
+    if (rc < 0) return -1;
     Message *all = with_system(c->msgs, c->n, &m);
     for (int i = 0; i < m && rc == 0; i++) {
         int asst = strcmp(all[i].role, "assistant") == 0;

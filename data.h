@@ -60,6 +60,12 @@ void conversations_free(Conversation *convs, int n);
 // generation prompt, i.e. chat_render(c->msgs, i + 1, 1).
 int conversation_last_user(const Conversation *c);
 
+// Checks that the content of every message is valid UTF-8, which the tokenizer needs, so that an
+// error names the message and the byte of its own text ("message 1 (user) is not valid UTF-8 at
+// byte 2 of its content (0xFF)"), where the tokenizer could only name a byte of the rendered
+// template. Call it before chat_render + tokenizer_encode of text that has not been through JSON.
+int chat_check(const Message *msgs, int n, Err *e);
+
 // Renders messages with the Qwen2.5 chat template (the default system message first when
 // msgs[0] is not a system message); add_generation_prompt appends "<|im_start|>assistant\n".
 // Returns a malloc'ed, NUL-terminated string.

@@ -195,6 +195,11 @@ int *render_prompt(const Model *m, const char *system, const Message *msgs, int 
     if (system && !(n > 0 && strcmp(msgs[0].role, "system") == 0))
         all[k].role = (char *)"system", all[k++].content = (char *)system;
     memcpy(all + k, msgs, (size_t)n * sizeof(Message));
+    if (chat_check(all, n + k, e) != 0) {  // names the message and the byte in the user's text
+        free(all);
+        *n_ids = -1;
+        return NULL;
+    }
     char *text = chat_render(all, n + k, 1);
     int *ids = NULL;
     *n_ids = tokenizer_encode(&m->tok, text, strlen(text), &ids, e);

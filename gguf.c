@@ -5,6 +5,7 @@
 // mean (modelfile.c). Read gguf.h for the byte layout.
 #include "gguf.h"
 
+#include <errno.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -514,6 +515,12 @@ static void fill_offsets(GgufWriter *w) {
     }
 }
 
+// "PATH: write error: REASON" for a write to w's file that failed, REASON from errno.
+static int write_error(const GgufWriter *w, Err *e) {
+    int saved = errno;
+    return err_set(e, "%s: write error: %s", w->af.path, saved ? strerror(saved) : "unknown I/O error");
+}
+
 int gguf_write_header(GgufWriter *w, Err *e) {
     if (w->failed) return err_set(e, "%s: bad metadata value type", w->af.path);
     if (w->alignment == 0 || (w->alignment & (w->alignment - 1))) return err_set(e, "%s: alignment is not a power of two", w->af.path);
@@ -522,12 +529,14 @@ int gguf_write_header(GgufWriter *w, Err *e) {
     for (int i = 0; i < 8; i++) h[8 + i] = (unsigned char)(w->n_tensors >> (8 * i));
     for (int i = 0; i < 8; i++) h[16 + i] = (unsigned char)(w->n_kv >> (8 * i));
     FILE *f = w->af.f;
-    fwrite(h, 1, sizeof h, f);
-    fwrite(w->meta, 1, w->meta_len, f);
-    fwrite(w->infos, 1, w->infos_len, f);
+    errno = 0;
+    if (fwrite(h, 1, sizeof h, f) != sizeof h || fwrite(w->meta, 1, w->meta_len, f) != w->meta_len ||
+        fwrite(w->infos, 1, w->infos_len, f) != w->infos_len)
+        return write_error(w, e);
     size_t pos = sizeof h + w->meta_len + w->infos_len;
-    for (size_t i = pad_to(pos, w->alignment); i > 0; i--) fputc(0, f);
-    return ferror(f) ? err_set(e, "%s: write error", w->af.path) : 0;
+    for (size_t i = pad_to(pos, w->alignment); i > 0; i--)
+        if (fputc(0, f) == EOF) return write_error(w, e);
+    return 0;
 }
 
 // Moves past finished (and empty) tensors, padding each one's data to the alignment.
@@ -546,7 +555,8 @@ int gguf_write_data(GgufWriter *w, const void *data, size_t n, Err *e) {
         if (w->cur >= w->n_tensors) return err_set(e, "%s: more tensor data than the tensor infos announce", w->af.path);
         size_t k = w->sizes[w->cur] - w->cur_written;
         if (k > n) k = n;
-        if (fwrite(p, 1, k, w->af.f) != k) return err_set(e, "%s: write error", w->af.path);
+        errno = 0;
+        if (fwrite(p, 1, k, w->af.f) != k) return write_error(w, e);
         w->cur_written += k;
         p += k;
         n -= k;

@@ -21,12 +21,13 @@ struct Json {
 };
 
 // Parses text[0..len) into *out. Handles every escape including \uXXXX surrogate pairs;
-// rejects invalid UTF-8, lone surrogates, trailing garbage and nesting deeper than 256.
+// rejects invalid UTF-8, lone surrogates, trailing garbage, nesting deeper than 256 and a key that
+// appears twice in one object ("line L, column C: duplicate key \"KEY\" ...", at the second one).
 // On error returns -1 with e->msg = "line L, column C: reason" (the caller prefixes the file name).
 int json_parse(Json *out, const char *text, size_t len, Err *e);
 void json_free(Json *j);
 
-// Object member by key (first match), or NULL when j is not an object or has no such key.
+// Object member by key (keys are unique), or NULL when j is not an object or has no such key.
 const Json *json_get(const Json *j, const char *key);
 
 // Writes s[0..len) as a JSON string literal with quotes and escapes.

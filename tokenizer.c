@@ -73,6 +73,11 @@ static int utf8_valid(const unsigned char *s, size_t n, size_t *bad_at) {
     return 1;
 }
 
+size_t utf8_valid_prefix(const char *s, size_t n) {
+    size_t bad;
+    return utf8_valid((const unsigned char *)s, n, &bad) ? n : bad;
+}
+
 // Decodes the code point at s[*i] (valid UTF-8) and advances *i.
 static uint32_t utf8_next(const unsigned char *s, size_t *i) {
     unsigned char c = s[*i];

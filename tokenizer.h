@@ -37,6 +37,9 @@ void tokenizer_free(Tokenizer *tok);
 // *ids is malloc'ed; returns the number of ids, or -1 (invalid UTF-8) with e filled.
 int tokenizer_encode(const Tokenizer *tok, const char *text, size_t len, int **ids, Err *e);
 
+// Bytes of s[0..n) before the first one that is not part of valid UTF-8: n when all of it is valid.
+size_t utf8_valid_prefix(const char *s, size_t n);
+
 // Unicode NFC of text[0..len) (valid UTF-8, as tokenizer_encode applies it): malloc'ed,
 // NUL-terminated, *out_len bytes. Pure ASCII and text already in NFC cost one quick scan.
 char *tokenizer_nfc(const char *text, size_t len, size_t *out_len);

@@ -218,6 +218,16 @@ static void test_bad_input(void) {
           "cli: a bad data line is named and --out is left untouched", "exit %d: %s", r, err);
     if (f) fclose(f);
     free(err);
+    r = run_commandf(NULL, DIR "/stderr.txt", "%s train --model %s --data test/data --out " DIR "/bad_out", sft, model);
+    err = last_stderr();
+    check(r == 1 && strstr(err, "test/data: is a directory") && count_substr(err, "\n") == 1,
+          "cli: a directory as --data is called a directory", "exit %d: %s", r, err);
+    free(err);
+    r = run_commandf(NULL, DIR "/stderr.txt", "%s train --model %s --data test/data/bad/duplicate_key.jsonl --out " DIR "/bad_out", sft, model);
+    err = last_stderr();
+    check(r == 1 && strstr(err, "duplicate_key.jsonl:2: ") && strstr(err, "duplicate key \"prompt\"") && count_substr(err, "\n") == 1,
+          "cli: a key twice in a data line is named with its file and line", "exit %d: %s", r, err);
+    free(err);
     r = run_commandf(NULL, DIR "/stderr.txt", "%s train --model %s --data " DIR "/one.jsonl --out " DIR "/bad_out --resume " DIR "/straight", sft, model);
     err = last_stderr();
     check(r == 1 && strstr(err, DIR "/straight") && count_substr(err, "\n") == 1,

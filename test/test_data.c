@@ -53,6 +53,21 @@ static void test_render(void) {
                  "<|im_start|>assistant\n");
 }
 
+// chat_check names the message and the byte of its own content, not of the rendered template.
+static void test_chat_check(void) {
+    Message ok[] = {{"system", "語尾はだぬ。"}, {"user", "日本の首都は？"}};
+    Message bad[] = {{"system", "s"}, {"user", "ab\xFF" "cd"}};
+    Message cut[] = {{"user", "fine"}, {"assistant", "x"}, {"user", "東\xE4\xBA"}};  // 京 cut short
+    Err e = {{0}};
+    check(chat_check(ok, 2, &e) == 0, "chat_check passes valid UTF-8", "%s", e.msg);
+    int rc = chat_check(bad, 2, &e);
+    check(rc < 0 && strcmp(e.msg, "message 2 (user) is not valid UTF-8 at byte 2 of its content (0xFF)") == 0,
+          "chat_check names the message and the byte of its content", "rc %d '%s'", rc, e.msg);
+    rc = chat_check(cut, 3, &e);
+    check(rc < 0 && strstr(e.msg, "message 3 (user) is not valid UTF-8 at byte 3 of its content (0xE4)"),
+          "chat_check: a character cut short", "rc %d '%s'", rc, e.msg);
+}
+
 // ---------------------------------------------------------------------------------------------
 // Conversations for generation.
 
@@ -239,6 +254,7 @@ static void test_bad(const Tokenizer *tok) {
         {"no_completion", ":1: ", "\"completion\" is missing"},
         {"nul", ":2: ", "NUL"},
         {"empty_text", ":2: ", "empty"},
+        {"duplicate_key", ":2: ", "column 36: duplicate key \"prompt\""},
     };
     for (int i = 0; i < ARRAY_LEN(cases); i++) {
         char path[128], prefix[160], name[128];
@@ -254,7 +270,9 @@ static void test_bad(const Tokenizer *tok) {
     }
     Dataset ds;
     Err e = {{0}};
-    int rc = data_load(&ds, "test/data/bad/no_assistant.jsonl", tok, LOSS_ON_ALL, 1024, &e);
+    int rc = data_load(&ds, "test/data/bad", tok, LOSS_ON_ASSISTANT, 1024, &e);
+    check(rc < 0 && strcmp(e.msg, "test/data/bad: is a directory, not a file") == 0, "bad input: a directory", "rc %d '%s'", rc, e.msg);
+    rc = data_load(&ds, "test/data/bad/no_assistant.jsonl", tok, LOSS_ON_ALL, 1024, &e);
     check(rc == 0 && ds.n == 3, "no assistant turn is fine with --loss-on all", "rc %d: %s", rc, e.msg);
     if (rc == 0) data_free(&ds);
 }
@@ -336,6 +354,7 @@ static void test_print(const Tokenizer *tok) {
 
 void test_data(void) {
     test_render();
+    test_chat_check();
     test_conversations();
     Tokenizer tok;
     Err e = {{0}};

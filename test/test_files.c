@@ -163,7 +163,7 @@ static void test_st_broken(const char *dir) {
         {"st: overlap", "{\"a\":{\"dtype\":\"F32\",\"shape\":[2],\"data_offsets\":[0,8]},\"b\":{\"dtype\":\"F32\",\"shape\":[2],\"data_offsets\":[4,12]}}", "gaps", 12},
         {"st: gap", "{\"a\":{\"dtype\":\"F32\",\"shape\":[1],\"data_offsets\":[0,4]},\"b\":{\"dtype\":\"F32\",\"shape\":[1],\"data_offsets\":[8,12]}}", "gaps", 12},
         {"st: trailing data", "{\"a\":{\"dtype\":\"F32\",\"shape\":[1],\"data_offsets\":[0,4]}}", "after the last", 8},
-        {"st: duplicate name", "{\"a\":{\"dtype\":\"F32\",\"shape\":[1],\"data_offsets\":[0,4]},\"a\":{\"dtype\":\"F32\",\"shape\":[1],\"data_offsets\":[4,8]}}", "twice", 8},
+        {"st: duplicate name", "{\"a\":{\"dtype\":\"F32\",\"shape\":[1],\"data_offsets\":[0,4]},\"a\":{\"dtype\":\"F32\",\"shape\":[1],\"data_offsets\":[4,8]}}", "duplicate key \"a\"", 8},
         {"st: 5 dims", "{\"a\":{\"dtype\":\"F32\",\"shape\":[1,1,1,1,1],\"data_offsets\":[0,4]}}", "shape", 4},
         {"st: negative dim", "{\"a\":{\"dtype\":\"F32\",\"shape\":[-1],\"data_offsets\":[0,4]}}", "dimension", 4},
         {"st: fractional dim", "{\"a\":{\"dtype\":\"F32\",\"shape\":[1.5],\"data_offsets\":[0,4]}}", "dimension", 4},
@@ -232,6 +232,8 @@ static void test_st_shards(const char *dir) {
         {"st shards: missing shard", "{\"weight_map\":{\"a\":\"m-9.safetensors\"}}", "m-9"},
         {"st shards: no weight_map", "{\"x\":{}}", "weight_map"},
         {"st shards: index not JSON", "{\"weight_map\":", "index.json"},
+        {"st shards: a tensor twice in the index", "{\"weight_map\":{\"a\":\"m-1.safetensors\",\"a\":\"m-1.safetensors\",\"b\":\"m-2.safetensors\"}}",
+         "model.safetensors.index.json: line 1, column 38: duplicate key \"a\""},
     };
     for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
         write_text(index, bad[i].json);
@@ -949,6 +951,26 @@ static void test_model_hf(const char *dir, const char *f32) {
     model_free(&g);
 }
 
+// A key twice in config.json is refused with the file, the place and the key (hf: a loadable
+// Hugging Face directory, left as it was).
+static void test_model_hf_duplicate_key(const char *dir, const char *hf) {
+    Path pdup = path_of(dir, "hf-dup");
+    char cmd[1400], cfg[1024];
+    snprintf(cmd, sizeof cmd, "rm -rf %s && cp -r %s %s", pdup.s, hf, pdup.s);
+    system(cmd);
+    snprintf(cfg, sizeof cfg, tiny_config, 320);
+    char *twice = xmalloc(strlen(cfg) + 64);
+    sprintf(twice, "{\"vocab_size\": 320,\n%s", cfg + 1);
+    write_text(path_in(pdup.s, "config.json"), twice);
+    free(twice);
+    Model m;
+    Err e = {{0}};
+    int rc = model_load(&m, pdup.s, -1, &e);
+    check(rc == -1 && contains(e.msg, "hf-dup/config.json: line 2, column ") && contains(e.msg, "duplicate key \"vocab_size\""),
+          "model: a key twice in config.json refused", "rc %d '%s'", rc, e.msg);
+    if (rc == 0) model_free(&m);
+}
+
 static void test_model_init(const char *dir) {
     Path pf = path_of(dir, "tiny-f32.gguf"), pq = path_of(dir, "tiny-q8.gguf"), pa = path_of(dir, "again.gguf");
     const char *f32 = pf.s, *q8 = pq.s, *again = pa.s;
@@ -1002,6 +1024,7 @@ static void test_model_init(const char *dir) {
     test_model_hf(dir, f32);
     test_model_broken(dir, f32);
     test_model_fuzz(dir, f32, path_in(dir, "hf2"));
+    test_model_hf_duplicate_key(dir, path_in(dir, "hf2"));
     test_q4_k_m(dir);
 }
 
@@ -1045,6 +1068,14 @@ static void test_files_cli(const char *dir) {
     } else {
         check(0, "sft quantize f32 -> q4_0", "exit %d", rc);
     }
+    // A write that fails (here: past the file size limit, SIGXFSZ ignored) gives the reason.
+    snprintf(cmd, sizeof cmd, "ulimit -f 4; trap '' XFSZ; %s quantize --model %s --type f32 --out %s/big.gguf 2>%s/err.txt",
+             sft_binary(), f32, dir, dir);
+    rc = run_command(cmd, NULL);
+    char *err = read_file(path_in(dir, "err.txt"), NULL, NULL);
+    check(rc == 1 && contains(err, "big.gguf: write error: File too large"), "sft quantize: a failed write says why",
+          "exit %d: %s", rc, err ? err : "");
+    free(err);
     snprintf(cmd, sizeof cmd, "%s info --model %s/does-not-exist.gguf", sft_binary(), dir);
     check(run_command(cmd, NULL) == 1, "sft info on a missing file exits 1", "other status");
     snprintf(cmd, sizeof cmd, "%s quantize --model %s --type q3_x --out %s/x.gguf", sft_binary(), f32, dir);

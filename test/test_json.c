@@ -1,6 +1,7 @@
 // test_json.c: the JSON parser against hand-written expectations: every escape, surrogate pairs,
 // invalid UTF-8, control characters, nesting limits, trailing garbage, numbers, error positions,
-// json_get, the string writer, and the speed of parsing the 7 MB tokenizer.json.
+// duplicate keys (small objects and large ones), json_get, the string writer, and the speed of
+// parsing the 7 MB tokenizer.json.
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -93,7 +94,7 @@ static void test_structure(void) {
     check_rejects("json error position", "{\n  \"a\": tru\n}", 0, "line 2, column 8: unexpected character");
     check_rejects("json error column counts characters", "[\"\xC3\xA9\xC3\xA9\", x]", 0, "line 1, column 8:");
 
-    const char *text = "\xEF\xBB\xBF { \"a\" : [true, false, null, {}, []], \"b\": \"x\", \"a\": 3 } \r\n";
+    const char *text = "\xEF\xBB\xBF { \"a\" : [true, false, null, {}, []], \"b\": \"x\", \"c\": 3 } \r\n";
     Json j;
     Err e = {{0}};
     int rc = parse(&j, text, 0, &e);
@@ -103,11 +104,11 @@ static void test_structure(void) {
     check(a && a->type == JSON_ARRAY && a->len == 5 && a->items[0].type == JSON_BOOL && a->items[0].boolean == 1 &&
               a->items[1].boolean == 0 && a->items[2].type == JSON_NULL && a->items[3].type == JSON_OBJECT &&
               a->items[3].len == 0 && a->items[4].type == JSON_ARRAY && a->items[4].len == 0,
-          "json_get first match and array items", "a %p", (const void *)a);
+          "json_get and array items", "a %p", (const void *)a);
     check(b && b->type == JSON_STRING && strcmp(b->str, "x") == 0, "json_get string member", "b %p", (const void *)b);
-    check(json_get(&j, "c") == NULL && json_get(&j, "") == NULL && json_get(a, "a") == NULL && json_get(NULL, "a") == NULL,
+    check(json_get(&j, "d") == NULL && json_get(&j, "") == NULL && json_get(a, "a") == NULL && json_get(NULL, "a") == NULL,
           "json_get missing / not an object", "should be NULL");
-    check(strcmp(j.keys[2], "a") == 0 && j.key_lens[1] == 1 && j.items[2].number == 3, "json keys in file order", "%s", j.keys[2]);
+    check(strcmp(j.keys[2], "c") == 0 && j.key_lens[1] == 1 && j.items[2].number == 3, "json keys in file order", "%s", j.keys[2]);
     json_free(&j);
 }
 
@@ -180,11 +181,63 @@ static void test_big_file(void) {
     free(text);
 }
 
+// A text {"k0": 0, "k1": 1, ..., "k{n-1}": n-1} with key `dup_of`'s name again at index `at`
+// (at < 0: no duplicate). malloc'ed.
+static char *many_keys(int n, int at, int dup_of) {
+    char *text = xmalloc((size_t)n * 32 + 64), *p = text;
+    p += sprintf(p, "{");
+    for (int k = 0; k < n; k++) p += sprintf(p, "%s\"k%d\": %d", k ? ",\n" : "", k == at ? dup_of : k, k);
+    sprintf(p, "}");
+    return text;
+}
+
+static void test_duplicate_keys(void) {
+    check_rejects("json rejects a duplicate key, with its line, column and name",
+                  "{\"prompt\": \"a\", \"completion\": \"b\", \"prompt\": \"c\"}", 0,
+                  "line 1, column 36: duplicate key \"prompt\"");
+    check_rejects("json rejects a duplicate key in a nested object", "[{\"a\": {\"x\": 1,\n \"x\": 2}}]", 0,
+                  "line 2, column 2: duplicate key \"x\"");
+    check_rejects("json rejects keys equal after unescaping", "{\"\\u0041\": 1, \"A\": 2}", 0, "duplicate key \"A\"");
+    check_rejects("json rejects duplicate empty keys", "{\"\": 1, \"\": 2}", 0, "duplicate key \"\"");
+    check_rejects("json shows control characters of a duplicate key as '?'", "{\"a\\nb\": 1, \"a\\nb\": 2}", 0,
+                  "duplicate key \"a?b\"");
+    check_rejects("json cuts a long duplicate key", "{\"aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\": 1, "
+                  "\"aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\": 2}", 0,
+                  "duplicate key \"aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa...\"");
+    check_rejects("json compares keys past a NUL (\\u0000)", "{\"a\\u0000b\": 1, \"a\\u0000c\": 2, \"a\\u0000b\": 3}", 0,
+                  "column 32: duplicate key");
+    Json j;
+    Err e = {{0}};
+    int rc = parse(&j, "{\"a\": {\"x\": 1}, \"b\": {\"x\": 2}, \"A\": 3}", 0, &e);
+    check(rc == 0, "json allows one key in sibling objects, and keys that differ in case", "%s", e.msg);
+    if (rc == 0) json_free(&j);
+    // Large objects are checked when they close: the first repeated key is the one reported.
+    int cases[][3] = {{5000, -1, 0}, {5000, 4999, 0}, {5000, 17, 3}, {5000, 2500, 4998}, {17, 16, 0}, {16, 15, 14}};
+    for (size_t c = 0; c < sizeof cases / sizeof cases[0]; c++) {
+        int n = cases[c][0], at = cases[c][1], of = cases[c][2];
+        char *text = many_keys(n, at, of), want[64], name[128];
+        snprintf(want, sizeof want, "line %d, column 1: duplicate key \"k%d\"", (at > of ? at : of) + 1, of);
+        if (at < 0) snprintf(name, sizeof name, "json object of %d different keys", n);
+        else snprintf(name, sizeof name, "json object of %d keys, key %d repeated at %d", n, of, at);
+        rc = parse(&j, text, 0, &e);
+        if (at < 0) check(rc == 0, name, "%s", e.msg);
+        else check(rc < 0 && strstr(e.msg, want), name, "rc %d '%s', wanted '%s'", rc, e.msg, want);
+        if (rc == 0) json_free(&j);
+        free(text);
+    }
+    char *two = many_keys(3000, 2999, 2000);  // and a second repeat earlier: k10 at index 1000
+    memcpy(strstr(two, "\"k1000\""), "\"k10\"  ", 7);
+    rc = parse(&j, two, 0, &e);
+    check(rc < 0 && strstr(e.msg, "line 1001, column 1: duplicate key \"k10\""), "json reports the first of two repeats", "'%s'", e.msg);
+    free(two);
+}
+
 void test_json(void) {
     test_escapes();
     test_utf8();
     test_structure();
     test_numbers();
+    test_duplicate_keys();
     test_writer();
     test_big_file();
 }

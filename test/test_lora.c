@@ -285,10 +285,27 @@ static void grads_cli(void) {
     free(err);
 }
 
+// A key twice in adapter_config.json is refused with the file, the place and the key.
+static void duplicate_key_checks(void) {
+    QAdapter q;
+    char d[256];
+    snprintf(d, sizeof d, "%s", scratch_dir("lora_dup"));
+    q_adapter(&q, 4);
+    write_adapter(d, 4, "[\"q_proj\"]", ",\n \"r\": 8", q.t, 4);
+    Config c = tiny_config();
+    Lora lora;
+    Err e = {{0}};
+    int rc = lora_load(&lora, d, &c, &e);
+    check(rc == -1 && strstr(e.msg, "lora_dup/adapter_config.json: line 2, column 2: duplicate key \"r\""),
+          "adapter: a key twice in adapter_config.json refused", "rc %d '%s'", rc, e.msg);
+    if (rc == 0) lora_free(&lora);
+}
+
 void test_lora(void) {
     targets_checks();
     init_checks();
     load_checks();
+    duplicate_key_checks();
     save_checks();
     grads_cli();
 }

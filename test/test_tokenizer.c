@@ -266,7 +266,7 @@ static void test_bad_files(void) {
         {"bad JSON", "{\"model\": {\"vocab\": {\"a\": 0,}}}", "line 1, column 29"},
         {"unknown merge token", "{\"model\": {\"vocab\": {\"a\": 0, \"b\": 1, \"ab\": 2}, \"merges\": [\"a c\"]}}", "merge 0 'a c'"},
         {"merged token missing", "{\"model\": {\"vocab\": {\"a\": 0, \"b\": 1}, \"merges\": [[\"a\", \"b\"]]}}", "not in the vocabulary"},
-        {"duplicate token", "{\"model\": {\"vocab\": {\"a\": 0, \"b\": 1, \"a\": 2}, \"merges\": []}}", "duplicate token 'a'"},
+        {"duplicate token", "{\"model\": {\"vocab\": {\"a\": 0, \"b\": 1, \"a\": 2}, \"merges\": []}}", "line 1, column 38: duplicate key \"a\""},
         {"id given twice", "{\"model\": {\"vocab\": {\"a\": 0, \"b\": 0}, \"merges\": []}}", "id 0 is given to two tokens"},
         {"added token reusing an id", "{\"added_tokens\": [{\"id\": 1, \"content\": \"<x>\"}], \"model\": {\"vocab\": {\"a\": 0, \"b\": 1}, \"merges\": []}}", "two tokens"},
         {"id out of range", "{\"model\": {\"vocab\": {\"a\": 0, \"b\": -1}, \"merges\": []}}", "model.vocab['b'] is not an id"},
