@@ -198,6 +198,106 @@ static void test_interrupt(void) {
     free(out);
 }
 
+// ---------------------------------------------------------------------------------------------
+// Stopping, resuming and crashing (CONTRACT.md, "Stopping and resuming"). SFT_FAULT (common.h)
+// raises a signal, or SIGKILL, at a named point of the run, so that each case is exact.
+
+// The options of the runs below: 2 examples a step over data3, one pass a step, dropout on.
+#define STOP_OPTS "--grad-accum 2 --lr 5e-3 --dropout 0.1 --weight-decay 0.01 --warmup-steps 1 --rank 2 --threads 1"
+
+// Runs sft train over data3 into DIR/out with STOP_OPTS, `more` and the environment `env`; returns
+// the exit status (137: killed, as by kill -9), its stderr in *err when err is not NULL.
+static int train_run(const char *env, const char *out, const char *more, char **err) {
+    // "; exit $?": the shell that waits for a killed sft reports it ("Killed") into the stderr file
+    int r = run_commandf(NULL, DIR "/stderr.txt", "%s %s train --model %s --data %s --out " DIR "/%s " STOP_OPTS " %s; exit $?",
+                         env, sft, model, data3, out, more);
+    if (err) *err = last_stderr();
+    return r;
+}
+
+// Resumes DIR/dir/checkpoint-STEP into DIR/out with --max-steps steps; 1 when the run ends with
+// the adapter bytes of DIR/ref.
+static int resume_same(const char *dir, long step, const char *out, int steps, const char *ref) {
+    char more[600], a[300], b[300];
+    snprintf(more, sizeof more, "--max-steps %d --resume " DIR "/%s/checkpoint-%ld", steps, dir, step);
+    int r = train_run("", out, more, NULL);
+    snprintf(a, sizeof a, DIR "/%s/adapter_model.safetensors", out);
+    snprintf(b, sizeof b, DIR "/%s/adapter_model.safetensors", ref);
+    return r == 0 && same_bytes(a, b);
+}
+
+static int exists(const char *path) {
+    FILE *f = fopen(path, "rb");
+    if (f) fclose(f);
+    return f != NULL;
+}
+
+// The step N of "checkpoint saved in PREFIX/checkpoint-N" in err, or -1.
+static long saved_step(const char *err, const char *prefix) {
+    char want[300];
+    snprintf(want, sizeof want, "checkpoint saved in %s/checkpoint-", prefix);
+    const char *p = strstr(err, want);
+    return p ? atol(p + strlen(want)) : -1;
+}
+
+// SIGTERM and SIGHUP mid-step (raised just before a pass of the model; a step has one or two):
+// the step is dropped, the one before saved, the exit status is 128 + the signal, and the
+// resumed run ends with the bytes of a straight one.
+static void test_stop_signals(void) {
+    char *err;
+    int r0 = train_run("", "sig_ref", "--max-steps 6 --save-every 2", NULL);
+    struct { const char *sig; int status, pass; } cases[] = {{"TERM", 143, 3}, {"HUP", 129, 6}};
+    for (int i = 0; i < 2; i++) {
+        char env[64], out[32], prefix[64], log[128];
+        snprintf(env, sizeof env, "SFT_FAULT=train-pass:%d:%s", cases[i].pass, cases[i].sig);
+        snprintf(out, sizeof out, "sig_%s", cases[i].sig);
+        snprintf(prefix, sizeof prefix, DIR "/%s", out);
+        int r = train_run(env, out, "--max-steps 6", &err);
+        long step = saved_step(err, prefix);
+        snprintf(log, sizeof log, DIR "/%s/checkpoint-%ld/train_log.jsonl", out, step);
+        char *text = slurp(log, NULL);
+        check(r0 == 0 && r == cases[i].status && step >= 1 && step < 6 && text && count_substr(text, "\"loss\"") == step,
+              "cli: SIGTERM / SIGHUP mid-step: the step is dropped, the last one saved, exit 143 / 129",
+              "SIG%s: exit %d, step %ld: %s", cases[i].sig, r, step, err);
+        free(err), free(text);
+        snprintf(out, sizeof out, "sig_%s_resumed", cases[i].sig);
+        check(resume_same(prefix + strlen(DIR "/"), step, out, 6, "sig_ref"),
+              "cli: the run stopped mid-step resumes to the straight run's adapter bytes", "SIG%s", cases[i].sig);
+    }
+    int r = train_run("SFT_FAULT=train-pass:1:TERM", "sig_first", "--max-steps 6", &err);
+    check(r == 143 && strstr(err, "nothing to save") && !exists(DIR "/sig_first/checkpoint-0"),
+          "cli: a signal during the first step: nothing to save, exit 143", "exit %d: %s", r, err);
+    free(err);
+    // a second signal (here during the save that the first one started) stops at once
+    r = train_run("SFT_FAULT=train-pass:3:TERM,checkpoint-optimizer:1:HUP", "sig_twice", "--max-steps 6", &err);
+    check(r == 129 && !strstr(err, "checkpoint saved") && !exists(DIR "/sig_twice/checkpoint-2/trainer_state.json"),
+          "cli: a second signal stops at once", "exit %d: %s", r, err);
+    free(err);
+    // stopped at once after resuming in place: the checkpoint it came from is still there, as it was
+    run_commandf(NULL, DIR "/stderr.txt", "cp -R " DIR "/sig_ref " DIR "/sig_inplace");
+    r = train_run("SFT_FAULT=train-pass:1:INT", "sig_inplace", "--max-steps 6 --resume " DIR "/sig_inplace/checkpoint-2", &err);
+    check(r == 130 && saved_step(err, DIR "/sig_inplace") == 2 &&
+          same_bytes(DIR "/sig_ref/checkpoint-2/checksums.sha256", DIR "/sig_inplace/checkpoint-2/checksums.sha256"),
+          "cli: stopped again before a step ends, a run resumed in place keeps its checkpoint", "exit %d: %s", r, err);
+    free(err);
+}
+
+// A dead reader of stdout (`| head`) neither kills the run nor keeps it from saving on SIGTERM
+// (sent from outside, as timeout and docker stop do).
+static void test_sigpipe(void) {
+    char *out = NULL;
+    run_commandf(&out, DIR "/stderr.txt",
+                 "( %s train --model %s --data %s --out " DIR "/pipe --max-steps 100000 --grad-accum 1 --threads 1 & pid=$!; "
+                 "i=0; while [ \"$(wc -l < " DIR "/pipe.log 2>/dev/null || echo 0)\" -lt 2 ] && [ $i -lt 600 ]; do sleep 0.05; "
+                 "i=$((i+1)); done; sleep 0.3; kill -TERM $pid; wait $pid; echo $? > " DIR "/pipe.status ) | head -n 2 > " DIR "/pipe.log; "
+                 "cat " DIR "/pipe.status", sft, model, data);
+    int status = out ? atoi(out) : -1;
+    char *err = last_stderr();
+    check(status == 143 && strstr(err, "checkpoint saved"), "cli: SIGPIPE is ignored; SIGTERM saves and exits 143",
+          "status %d: %s", status, err);
+    free(out), free(err);
+}
+
 static void test_bad_input(void) {
     char *err;
     int r = run_commandf(NULL, DIR "/stderr.txt", "mkdir -p " DIR "/full && touch " DIR "/full/x && %s train --model %s --data %s --out " DIR "/full", sft, model, data);
@@ -246,5 +346,7 @@ void test_cli(void) {
     test_memorize();
     test_resume_and_threads();
     test_interrupt();
+    test_stop_signals();
+    test_sigpipe();
     test_bad_input();
 }
