@@ -476,6 +476,7 @@ static void train_catch_signals(void) {
     struct sigaction sa;
     memset(&sa, 0, sizeof sa);
     sa.sa_handler = train_on_signal;
+    sa.sa_flags = SA_RESTART;  // a write that the signal interrupts goes on; the loop sees the flag
     sigaction(SIGINT, &sa, NULL), sigaction(SIGTERM, &sa, NULL), sigaction(SIGHUP, &sa, NULL);
     signal(SIGPIPE, SIG_IGN);
 }

@@ -258,6 +258,7 @@ static int train_step(Trainer *tr, StepStats *st) {
 static double eval_loss(Trainer *tr) {
     const Example *ex[PACK_SEQS];
     double nll = 0;
+    fault_point("eval");  // the tests' stand-in for a signal during the evaluation
     for (int i = 0; i < tr->eval.n; i += PACK_SEQS) {
         int n = tr->eval.n - i < PACK_SEQS ? tr->eval.n - i : PACK_SEQS;
         for (int k = 0; k < n; k++) ex[k] = &tr->eval.ex[i + k];

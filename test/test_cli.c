@@ -431,6 +431,47 @@ static void test_killed_mid_write(void) {
           "%s; config, tensors after each point: %s %s %s", why, pairs[0], pairs[1], pairs[2]);
 }
 
+// A line of train_log.jsonl that cannot be written (a file-size limit stands for a full disk)
+// stops the run naming the file and the reason; --lr 0 warns.
+static void test_messages(void) {
+    char *err;
+    int r = run_commandf(NULL, DIR "/stderr.txt", "trap '' XFSZ; ulimit -f 16; %s train --model %s --data %s --out " DIR "/full_log "
+                         "--max-steps 400 --grad-accum 1 --threads 1 > /dev/null", sft, model, data);
+    err = last_stderr();
+    check(r == 1 && strstr(err, DIR "/full_log/train_log.jsonl: write failed at step ") && strstr(err, "File too large"),
+          "cli: a failed write of train_log.jsonl stops the run, naming the file and why",
+          "exit %d: %s", r, err);
+    free(err);
+    r = train_run("", "lr0", "--max-steps 1 --lr 0", &err);
+    check(r == 0 && strstr(err, "warning: --lr 0"), "cli: --lr 0 warns", "exit %d: %s", r, err);
+    free(err);
+}
+
+// An evaluation cut short by a signal is not logged; the resumed run makes it, and ends with
+// the straight run's adapter and evaluations.
+static void test_stop_in_eval(void) {
+    char *err;
+    const char *more = "--max-steps 6 --eval-data " DIR "/three.jsonl --eval-every 2";
+    int r0 = train_run("", "ev_ref", more, NULL);
+    int r = train_run("SFT_FAULT=eval:1:TERM", "ev_stop", more, &err);
+    size_t n;
+    char *log = slurp(DIR "/ev_stop/checkpoint-2/train_log.jsonl", &n);
+    check(r0 == 0 && r == 143 && saved_step(err, DIR "/ev_stop") == 2 && log && count_substr(log, "eval_loss") == 0,
+          "cli: a signal during an evaluation saves the step without it", "exit %d: %s", r, err);
+    free(err), free(log);
+    char more2[300];
+    snprintf(more2, sizeof more2, "%s --resume " DIR "/ev_stop/checkpoint-2", more);
+    r = train_run("", "ev_resumed", more2, NULL);
+    char *a = slurp(DIR "/ev_ref/train_log.jsonl", &n), *b = slurp(DIR "/ev_resumed/train_log.jsonl", &n);
+    int same = 1;
+    for (const char *p = a, *q = b; same && p && q && (p = strstr(p, "\"eval_loss\": ")) && (q = strstr(q, "\"eval_loss\": ")); p++, q++)
+        same = atof(p + 13) == atof(q + 13);
+    check(r == 0 && same && b && count_substr(b, "eval_loss") == 3 &&
+          same_bytes(DIR "/ev_ref/adapter_model.safetensors", DIR "/ev_resumed/adapter_model.safetensors"),
+          "cli: the resumed run makes the evaluation it missed", "exit %d: %s", r, b ? b : "");
+    free(a), free(b);
+}
+
 static void test_bad_input(void) {
     char *err;
     int r = run_commandf(NULL, DIR "/stderr.txt", "mkdir -p " DIR "/full && touch " DIR "/full/x && %s train --model %s --data %s --out " DIR "/full", sft, model, data);
@@ -484,5 +525,7 @@ void test_cli(void) {
     test_checksums();
     test_overwrite();
     test_killed_mid_write();
+    test_messages();
+    test_stop_in_eval();
     test_bad_input();
 }
