@@ -130,6 +130,7 @@ typedef struct {
     long tokens;         // tokens through the model
     long targets;        // target tokens
     double seconds;
+    int dropped;         // a signal came during the step: it changed nothing
 } StepStats;
 
 // ---------------------------------------------------------------------------------------------
@@ -221,9 +222,9 @@ static void step_examples(Trainer *tr, long s, int *first, int *count) {
 // One optimizer step, and the evaluation loss.
 
 // Forward and backward over the examples of step tr->step, clipping, AdamW. The parameters are
-// left untouched when the loss or the gradient is not finite. Returns 1, touching neither the
-// adapter nor the optimizer, when a signal asked to stop during the step (the passes return early).
-static int train_step(Trainer *tr, StepStats *st) {
+// left untouched when the loss or the gradient is not finite, and when a signal asked to stop
+// during the step (st->dropped: the passes returned early, the gradients are partial).
+static void train_step(Trainer *tr, StepStats *st) {
     double t = now_seconds();
     int first, count;
     step_examples(tr, tr->step, &first, &count);
@@ -233,7 +234,7 @@ static int train_step(Trainer *tr, StepStats *st) {
     lora_zero_grad(&tr->lora);
     if (st->targets == 0) {  // nothing to learn in this step (examples cut before their answers)
         st->seconds = now_seconds() - t;
-        return *tr->stop != 0;
+        return;
     }
     const Example *ex[PACK_SEQS];
     double nll = 0;
@@ -243,15 +244,14 @@ static int train_step(Trainer *tr, StepStats *st) {
         nll += run_examples(&tr->model, &tr->lora, tr->acts, ex, n, (float)(1.0 / (double)st->targets), 1,
                             tr->o.dropout > 0 ? tr->o.seed : 0, tr->step, &pass);
     }
-    if (*tr->stop) return 1;  // the step is dropped: its gradients may be partial
-    st->loss = nll / (double)st->targets;
+    st->dropped = *tr->stop != 0;
+    st->loss = st->dropped ? NAN : nll / (double)st->targets;
     st->grad_norm = grad_norm(tr->lora.grads, tr->lora.n_params);
     if (isfinite(st->loss) && isfinite(st->grad_norm)) {
         clip_grad_norm(tr->lora.grads, tr->lora.n_params, st->grad_norm, (float)tr->o.max_grad_norm);
         adamw_step(&tr->opt, tr->lora.params, tr->lora.grads, st->lr);
     }
     st->seconds = now_seconds() - t;
-    return 0;
 }
 
 // Mean NLL per target token of the evaluation set, without dropout.
@@ -878,7 +878,8 @@ int train_loop(Trainer *tr, Err *e) {
     while (tr->step < tr->total_steps) {
         if (tr->steps_this_run == 0) tr->t0 = now_seconds();
         StepStats st;
-        if (train_step(tr, &st) != 0) return stop_between_steps(tr, e);
+        train_step(tr, &st);
+        if (st.dropped) return stop_between_steps(tr, e);
         if (!isfinite(st.loss) || !isfinite(st.grad_norm)) return not_finite(tr, &st, e);
         tr->step++, tr->steps_this_run++;
         if (log_step(tr, &st, e) != 0) return -1;
