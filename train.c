@@ -1022,11 +1022,11 @@ void print_plan(const Trainer *tr) {
     fprintf(stderr, "plan      %ld optimizer steps (%ld per epoch) of %d x %d examples, lr %g %s, warmup %ld, "
             "AdamW weight decay %g, clip %g\n", tr->total_steps, tr->steps_per_epoch, tr->o.batch, tr->o.grad_accum,
             tr->o.lr, schedule_name(tr->o.schedule), tr->warmup, tr->o.weight_decay, tr->o.max_grad_norm);
+    if (tr->o.lr == 0)
+        fprintf(stderr, "warning: --lr 0: the adapter will not change (training only measures the loss)\n");
     if (tr->train.n_truncated)
         fprintf(stderr, "warning: %d of %d examples were longer than --max-len %d tokens and were cut\n",
                 tr->train.n_truncated, tr->train.n, tr->o.max_len);
-    if (tr->o.lr == 0)
-        fprintf(stderr, "warning: --lr 0: the adapter will not change (training only measures the loss)\n");
     if (tr->total_steps < 20)
         fprintf(stderr, "warning: only %ld optimizer steps: too few to learn much. Each step averages %d examples "
                 "(--batch x --grad-accum) into one update; the article's run (10 examples, batch 1, accumulation 4, "
