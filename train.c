@@ -54,7 +54,7 @@ static double run_examples(Model *m, Lora *lora, Activations *a, const Example *
     double sum = 0;
     for (int i = 0; i < n; (*pass)++) {
         int B = 0, T = 0;
-        fault_point("train-pass");  // the tests' stand-in for a signal that comes mid-step
+        fault_point("model-pass");  // the tests' stand-in for a signal that comes mid-step
         while (i < n && B < PACK_SEQS && (B == 0 || T + ex[i]->T <= max_T)) {
             seqs[B++] = (Sequence){ex[i]->tokens, ex[i]->mask, ex[i]->T};
             T += ex[i++]->T;
