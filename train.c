@@ -887,7 +887,7 @@ int train_loop(Trainer *tr, Err *e) {
         if (eval_due(tr) && run_eval(tr, e) != 0) return -1;
         int stop = *tr->stop != 0;  // read once: a signal between the two uses changes nothing
         if (save_due(tr, stop, e) != 0) return -1;
-        if (stop && tr->step < tr->total_steps) return 1;
+        if (stop && (tr->step < tr->total_steps || eval_pending(tr))) return 1;  // the last step's eval cut: resume
     }
     end_progress_line(tr);
     return 0;
