@@ -768,6 +768,7 @@ double model_forward_backward_batch(Model *m, struct Lora *lora, Activations *a,
         if (stop_asked(a)) return NAN;
         LayerBufs b = layer_bufs(a, c, lora, l);
         block_backward(&ps, l, &b, &g, T, l >= a->L_ff);
+        fault_point("backward-layer");  // the tests' stand-in for a signal between two layers
     }
     return loss;
 }

@@ -202,9 +202,9 @@ static void test_interrupt(void) {
 // Stopping, resuming and crashing (CONTRACT.md, "Stopping and resuming"). SFT_FAULT (common.h)
 // raises a signal, or SIGKILL, at a named point of the run, so that each case is exact.
 
-// The options of the runs below: 2 examples a step over data3, dropout on. With seed 1 the steps
-// take 2, 1, 2, 1, 2, 1 passes of the model (passes 1-2, 3, 4-5, 6, 7-8, 9).
-#define STOP_OPTS "--grad-accum 2 --lr 5e-3 --dropout 0.1 --weight-decay 0.01 --warmup-steps 1 --rank 2 --threads 1 --seed 1"
+// The options of the runs below: 2 examples a step over data3 (one or two passes of the model
+// a step, as they pack), dropout on.
+#define STOP_OPTS "--grad-accum 2 --lr 5e-3 --dropout 0.1 --weight-decay 0.01 --warmup-steps 1 --rank 2 --threads 1"
 
 // Runs sft train over data3 into DIR/out with STOP_OPTS, `more` and the environment `env`; returns
 // the exit status (137: killed, as by kill -9), its stderr in *err when err is not NULL.
@@ -241,17 +241,18 @@ static long saved_step(const char *err, const char *prefix) {
     return p ? atol(p + strlen(want)) : -1;
 }
 
-// SIGTERM and SIGHUP mid-step (raised just before a pass of the model: SIGTERM before the
-// second pass of step 3, when the first has added its gradients, SIGHUP before step 5's first):
-// the step is dropped, the one before saved, the exit status is 128 + the signal, and the
-// resumed run ends with the bytes of a straight one.
+// SIGTERM mid-pass (after the backward of the tiny model's layer 1 in the third pass: part of
+// the gradients are in) and SIGHUP before the fourth pass; both in step 2, 3 or 4, as the
+// examples pack. The step is dropped, the one before saved, the exit status is 128 + the signal,
+// and the resumed run ends with the bytes of a straight one.
 static void test_stop_signals(void) {
     char *err;
     int r0 = train_run("", "sig_ref", "--max-steps 6 --save-every 2", NULL);
-    struct { const char *sig; int status, pass; } cases[] = {{"TERM", 143, 5}, {"HUP", 129, 7}};
+    const char *faults[2] = {"backward-layer:5:TERM", "model-pass:4:HUP"};
+    struct { const char *sig; int status; } cases[] = {{"TERM", 143}, {"HUP", 129}};
     for (int i = 0; i < 2; i++) {
         char env[64], out[32], prefix[64], log[128];
-        snprintf(env, sizeof env, "SFT_FAULT=model-pass:%d:%s", cases[i].pass, cases[i].sig);
+        snprintf(env, sizeof env, "SFT_FAULT=%s", faults[i]);
         snprintf(out, sizeof out, "sig_%s", cases[i].sig);
         snprintf(prefix, sizeof prefix, DIR "/%s", out);
         int r = train_run(env, out, "--max-steps 6", &err);
@@ -266,14 +267,16 @@ static void test_stop_signals(void) {
         check(resume_same(prefix + strlen(DIR "/"), step, out, 6, "sig_ref"),
               "cli: the run stopped mid-step resumes to the straight run's adapter bytes", "SIG%s", cases[i].sig);
     }
-    int r = train_run("SFT_FAULT=model-pass:2:TERM", "sig_first", "--max-steps 6", &err);
+    int r = train_run("SFT_FAULT=model-pass:1:TERM", "sig_first", "--max-steps 6", &err);
     check(r == 143 && strstr(err, "nothing to save") && !exists(DIR "/sig_first/checkpoint-0"),
           "cli: a signal during the first step: nothing to save, exit 143", "exit %d: %s", r, err);
     free(err);
     // a second signal (here during the save that the first one started) stops at once
     r = train_run("SFT_FAULT=model-pass:3:TERM,checkpoint-optimizer:1:HUP", "sig_twice", "--max-steps 6", &err);
-    check(r == 129 && !strstr(err, "checkpoint saved") && exists(DIR "/sig_twice/checkpoint-1.partial/adapter_config.json") &&
-          !exists(DIR "/sig_twice/checkpoint-1/adapter_config.json"),
+    int partial = exists(DIR "/sig_twice/checkpoint-1.partial/adapter_config.json") ||
+                  exists(DIR "/sig_twice/checkpoint-2.partial/adapter_config.json");
+    check(r == 129 && !strstr(err, "checkpoint saved") && partial && !exists(DIR "/sig_twice/checkpoint-1/adapter_config.json") &&
+          !exists(DIR "/sig_twice/checkpoint-2/adapter_config.json"),
           "cli: a second signal stops at once", "exit %d: %s", r, err);
     free(err);
     // stopped at once after resuming in place: the checkpoint it came from is still there, as it was
