@@ -6,6 +6,7 @@
 
 #include <errno.h>
 #include <math.h>
+#include <signal.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -217,4 +218,33 @@ int make_dirs(const char *path, Err *e) {
     struct stat st;
     if (stat(buf, &st) != 0 || !S_ISDIR(st.st_mode)) return err_set(e, "%s: not a directory", buf);
     return 0;
+}
+
+// A mutable global, for the tests only: the arrivals at each entry of SFT_FAULT so far. A process
+// without SFT_FAULT never touches it.
+static int fault_arrivals[8];
+
+// Entry i of SFT_FAULT ("NAME:N:SIGNAL") names this point: counts the arrival, and raises the
+// signal on the N-th.
+static void fault_entry(const char *entry, size_t len, int i, const char *name) {
+    char buf[128];
+    if (len >= sizeof buf) return;
+    memcpy(buf, entry, len), buf[len] = 0;
+    char *count = strchr(buf, ':'), *sig = NULL;
+    if (count) *count++ = 0, sig = strchr(count, ':');
+    if (sig) *sig++ = 0;
+    if (strcmp(buf, name) != 0 || ++fault_arrivals[i] != (count && *count ? atoi(count) : 1)) return;
+    int s = !sig || strcmp(sig, "KILL") == 0 ? SIGKILL : strcmp(sig, "TERM") == 0 ? SIGTERM
+          : strcmp(sig, "HUP") == 0 ? SIGHUP : strcmp(sig, "INT") == 0 ? SIGINT : SIGKILL;
+    raise(s);
+}
+
+void fault_point(const char *name) {
+    const char *spec = getenv("SFT_FAULT");
+    for (int i = 0; spec && *spec && i < 8; i++) {
+        const char *comma = strchr(spec, ',');
+        size_t len = comma ? (size_t)(comma - spec) : strlen(spec);
+        fault_entry(spec, len, i, name);
+        spec = comma ? comma + 1 : NULL;
+    }
 }

@@ -60,6 +60,11 @@ void atomic_abort(AtomicFile *af);          // close and remove the temporary fi
 // mkdir -p; 0 when the directory exists afterwards.
 int make_dirs(const char *path, Err *e);
 
+// Crash and signal tests: SFT_FAULT=NAME[:N[:SIGNAL]][,NAME...] makes the N-th arrival (default:
+// the first) at fault_point(NAME) raise SIGNAL: KILL (default; the process ends at once, as under
+// kill -9), or TERM, HUP or INT (as if that signal came at that very moment). Unset, it does nothing.
+void fault_point(const char *name);
+
 // Seconds from a monotonic clock, for progress and throughput.
 double now_seconds(void);
 

@@ -10,6 +10,7 @@
 // express (DoRA, LoRA biases, modules_to_save, ...) is refused with a clear error. Read lora.h first.
 #include "lora.h"
 
+#include <errno.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -558,9 +559,7 @@ static void write_layers(FILE *f, const Lora *lora) {
     fputc(']', f);
 }
 
-static int write_config(const Lora *lora, const char *dir, Err *e) {
-    char path[1100];
-    snprintf(path, sizeof path, "%s/adapter_config.json", dir);
+static int write_config(const Lora *lora, const char *path, Err *e) {
     AtomicFile af;
     if (atomic_open(&af, path, e) != 0) return -1;
     FILE *f = af.f;
@@ -607,11 +606,27 @@ static int write_tensors(const Lora *lora, const char *path, int grads, Err *e) 
     return rc;
 }
 
+// Both files are written under temporary names first; then the old adapter_model.safetensors
+// goes, and the new files take their names, config first. A crash at any point leaves the old
+// pair, one file alone (not an adapter: lora_load refuses it), or the new pair: never one file
+// of each. The fault points stand for such crashes in the tests.
 int lora_save(const Lora *lora, const char *dir, Err *e) {
-    if (make_dirs(dir, e) != 0 || write_config(lora, dir, e) != 0) return -1;
-    char path[1100];
-    snprintf(path, sizeof path, "%s/adapter_model.safetensors", dir);
-    return write_tensors(lora, path, 0, e);
+    char cfg[1100], cfg_new[1120], st[1100], st_new[1120];
+    snprintf(cfg, sizeof cfg, "%s/adapter_config.json", dir);
+    snprintf(st, sizeof st, "%s/adapter_model.safetensors", dir);
+    snprintf(cfg_new, sizeof cfg_new, "%s.new", cfg);
+    snprintf(st_new, sizeof st_new, "%s.new", st);
+    if (make_dirs(dir, e) != 0 || write_config(lora, cfg_new, e) != 0) return -1;
+    if (write_tensors(lora, st_new, 0, e) != 0) return remove(cfg_new), -1;
+    fault_point("lora-save-written");
+    int r = 0;
+    if (remove(st) != 0 && errno != ENOENT) r = err_set(e, "%s: cannot replace it: %s", st, strerror(errno));
+    if (r == 0) fault_point("lora-save-removed");
+    if (r == 0 && rename(cfg_new, cfg) != 0) r = err_set(e, "%s: cannot rename to %s: %s", cfg_new, cfg, strerror(errno));
+    if (r == 0) fault_point("lora-save-config");
+    if (r == 0 && rename(st_new, st) != 0) r = err_set(e, "%s: cannot rename to %s: %s", st_new, st, strerror(errno));
+    if (r != 0) remove(cfg_new), remove(st_new);
+    return r;
 }
 
 int lora_save_grads(const Lora *lora, const char *path, Err *e) { return write_tensors(lora, path, 1, e); }

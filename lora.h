@@ -110,8 +110,9 @@ void lora_shape_free(LoraShape *s);
 // 1 when both adapters have the same pairs, ranks, alphas and scaling (a checkpoint's check).
 int lora_same_shape(const Lora *a, const Lora *b);
 
-// Writes DIR/adapter_config.json and DIR/adapter_model.safetensors atomically
-// (temp file, fsync, rename). lora_save_grads writes the gradients, under the same tensor names,
+// Writes DIR/adapter_config.json and DIR/adapter_model.safetensors, each atomically (temp file,
+// fsync, rename), and the pair so that a crash never leaves one old file beside one new (lora.c
+// says how: DIR may then hold one file alone, which lora_load refuses). lora_save_grads writes the gradients, under the same tensor names,
 // into the one safetensors file `path` (sft grads).
 // adapter_config.json says r and lora_alpha (the most common ones), rank_pattern / alpha_pattern
 // for pairs that differ, and target_modules (+ layers_to_transform) naming exactly the pairs.

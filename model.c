@@ -477,7 +477,11 @@ struct Activations {
     float *cos, *sin; // [max_T, HS/2] RoPE tables
     float *mem;       // the one allocation behind every float array above (keep, the int arrays, row_loss:
                       // their own)
+    const volatile sig_atomic_t *stop;  // set by a signal handler: the pass returns at the next layer
 };
+
+// 1 when the flag that activations_watch named is set: the pass in progress returns NAN.
+static int stop_asked(const Activations *a) { return a->stop && *a->stop; }
 
 // Carves n floats from *p.
 static float *take(float **p, size_t n) {
@@ -537,6 +541,8 @@ Activations *activations_new_budget(const Config *c, const struct Lora *lora, in
 }
 
 int activations_max_T(const Activations *a) { return a->max_T; }
+
+void activations_watch(Activations *a, const volatile sig_atomic_t *stop) { a->stop = stop; }
 
 void activations_free(Activations *a) {
     if (!a) return;
@@ -715,7 +721,9 @@ static double head_loss(Model *m, Activations *a, const float *x, const Sequence
         int T = a->seg[b + 1] - a->seg[b];
         for (int t = 1; t <= T; t++) {
             if (seqs[b].mask[t]) a->pos[n] = a->seg[b] + t - 1, targets[n++] = seqs[b].tokens[t];
-            if (n == LOSS_CHUNK) loss += head_loss_chunk(m, a, a->dres, x, a->pos, targets, n, grad_scale, backward), n = 0;
+            if (n < LOSS_CHUNK) continue;
+            if (stop_asked(a)) return NAN;
+            loss += head_loss_chunk(m, a, a->dres, x, a->pos, targets, n, grad_scale, backward), n = 0;
         }
     }
     if (n > 0) loss += head_loss_chunk(m, a, a->dres, x, a->pos, targets, n, grad_scale, backward);
@@ -745,6 +753,7 @@ double model_forward_backward_batch(Model *m, struct Lora *lora, Activations *a,
     embed_forward(a->x, a->tokens, &m->w.embed, T);
     float *xL = a->x;
     for (int l = 0; l < c->L; l++) {
+        if (stop_asked(a)) return NAN;
         // Without a backward pass nothing needs keeping: every layer runs in layer 0's arrays (the
         // others stay untouched and cost no memory), the residual stream alternating x[0], x[1].
         LayerBufs b = layer_bufs(a, c, lora, backward ? l : 0);
@@ -759,8 +768,10 @@ double model_forward_backward_batch(Model *m, struct Lora *lora, Activations *a,
 
     GradBufs g = {a->dres, a->dh, a->dgate, a->dup, a->dln2, a->datt, a->dq, a->dk, a->dv, a->dsum, a->dln1};
     for (int l = c->L - 1; l >= 0; l--) {
+        if (stop_asked(a)) return NAN;
         LayerBufs b = layer_bufs(a, c, lora, l);
         block_backward(&ps, l, &b, &g, T, l >= a->L_ff);
+        fault_point("backward-layer");  // the tests' stand-in for a signal between two layers
     }
     return loss;
 }

@@ -12,6 +12,7 @@
 #ifndef MODEL_H
 #define MODEL_H
 
+#include <signal.h>
 #include <stdint.h>
 #include "common.h"
 #include "quant.h"
@@ -96,6 +97,10 @@ int activations_max_T(const Activations *a);  // the tokens a pass may have
 // The same with a memory budget in bytes: layers whose MLP activations do not fit recompute
 // gate_proj and up_proj in the backward pass instead of keeping them (activations_new: 512 MiB).
 Activations *activations_new_budget(const Config *c, const struct Lora *lora, int max_T, size_t budget);
+// Passes on a then read *stop before each layer (forward and backward) and each chunk of the loss,
+// and return NAN at once when it is set: a signal stops a step within a fraction of a second. The
+// gradients of such a pass are partial; the caller drops them. stop NULL: never stop (the default).
+void activations_watch(Activations *a, const volatile sig_atomic_t *stop);
 
 // Runs tokens[T] through the model (with the adapter when lora is not NULL) and returns the sum
 // of the negative log-likelihoods of the target tokens: token t (t >= 1) is a target when

@@ -459,13 +459,30 @@ static int cmd_grads(int argc, char **argv) {
 // ---------------------------------------------------------------------------------------------
 // sft train: the options; train.c runs the training.
 
-// The one mutable global of sft: a signal handler can reach nothing else. The training loop
-// (train.c) reads it between optimizer steps, saves a checkpoint and returns; cmd_train then
-// exits with status 130.
+// The one mutable global of sft: a signal handler can reach nothing else. It holds the number
+// of the signal that asked sft train to stop (SIGINT, SIGTERM or SIGHUP); the training loop
+// (train.c) drops the step in progress, saves a checkpoint and returns; cmd_train then exits
+// with status 128 + that number (130, 143, 129).
 static volatile sig_atomic_t train_interrupted = 0;
-static void train_on_sigint(int sig) {
-    train_interrupted = 1;
-    signal(sig, SIG_DFL);  // a second Ctrl-C stops at once
+static void train_on_signal(int sig) {
+    train_interrupted = sig;
+    signal(SIGINT, SIG_DFL), signal(SIGTERM, SIG_DFL), signal(SIGHUP, SIG_DFL);  // a second one stops at once
+}
+
+// Ctrl-C, SIGTERM (timeout, docker stop, systemd, batch schedulers) and SIGHUP (a dropped SSH
+// session) stop training with a checkpoint; SIGPIPE is ignored, so that a dead `| tee` cannot
+// end the run (writes to it fail quietly).
+static void train_catch_signals(void) {
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_handler = train_on_signal;
+    sa.sa_flags = SA_RESTART;  // a write that the signal interrupts goes on; the loop sees the flag
+    sigaction(SIGINT, &sa, NULL), sigaction(SIGTERM, &sa, NULL), sigaction(SIGHUP, &sa, NULL);
+    signal(SIGPIPE, SIG_IGN);
+}
+
+static const char *signal_name(int sig) {
+    return sig == SIGINT ? "SIGINT (Ctrl-C)" : sig == SIGTERM ? "SIGTERM" : sig == SIGHUP ? "SIGHUP" : "a signal";
 }
 
 static const char *train_help =
@@ -505,15 +522,16 @@ static const char *train_help =
     "  --eval-data FILE     held-out JSONL data whose loss is logged\n"
     "  --eval-every N       0 (0: at the end of each epoch)\n"
     "saving\n"
-    "  --save-every N       0 (0: a checkpoint only at the end and on Ctrl-C)\n"
+    "  --save-every N       0 (0: a checkpoint only at the end and on Ctrl-C, SIGTERM, SIGHUP)\n"
     "  --resume DIR         continue from DIR = OUT/checkpoint-STEP exactly as if never stopped\n"
     "  --overwrite          write into a non-empty --out\n"
     "  --threads N          0 (0: all cores); the results do not depend on it\n"
     "  --trace              run one step and print on stderr each kernel as it runs: its shapes and\n"
     "                       time, in order (the path of docs/TUTORIAL.md, seen live)\n"
     "\n"
-    "Exit status: 0 done; 1 error (one line on stderr); 130 stopped by Ctrl-C after saving a\n"
-    "checkpoint (a second Ctrl-C stops at once).\n";
+    "Exit status: 0 done; 1 error (one line on stderr); 130, 143 or 129 stopped by SIGINT (Ctrl-C),\n"
+    "SIGTERM or SIGHUP: the step in progress is dropped and the last one done saved as a checkpoint\n"
+    "(a second signal stops at once).\n";
 
 static TrainOptions train_parse_options(int argc, char **argv) {
     TrainOptions o = {0};
@@ -577,19 +595,18 @@ static int cmd_train(int argc, char **argv) {
     print_plan(tr);
     if (tr->o.resume) fprintf(stderr, "resuming from %s at step %ld\n", tr->o.resume, tr->step);
 
-    struct sigaction sa;
-    memset(&sa, 0, sizeof sa);
-    sa.sa_handler = train_on_sigint;
-    sigaction(SIGINT, &sa, NULL);
+    train_catch_signals();
     int r = train_loop(tr, &e);
     end_progress_line(tr);
     if (r < 0) die("%s", e.msg);
     if (r == 1) {
-        fprintf(stderr, "interrupted: checkpoint saved in %s/checkpoint-%ld; continue with --resume %s/checkpoint-%ld\n",
-                tr->out, tr->step, tr->out, tr->step);
+        int sig = train_interrupted;
+        if (tr->step == 0) fprintf(stderr, "interrupted by %s before the first step ended: nothing to save\n", signal_name(sig));
+        else fprintf(stderr, "interrupted by %s: checkpoint saved in %s/checkpoint-%ld; continue with --resume %s/checkpoint-%ld\n",
+                     signal_name(sig), tr->out, tr->step, tr->out, tr->step);
         trainer_free(tr);
         free(tr);
-        return 130;
+        return 128 + sig;
     }
     if (lora_save(&tr->lora, tr->out, &e) != 0) die("%s", e.msg);
     fprintf(stderr, "done: %ld steps in %.1f s; adapter saved in %s\n", tr->step, train_elapsed(tr), tr->out);

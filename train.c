@@ -22,6 +22,7 @@
 #include "modelfile.h"
 #include "quant.h"
 #include "safetensors.h"
+#include "sha256.h"
 #include "threads.h"
 
 // ---------------------------------------------------------------------------------------------
@@ -59,6 +60,7 @@ static double run_examples(Model *m, Lora *lora, Activations *a, const Example *
     double sum = 0;
     for (int i = 0; i < n; (*pass)++) {
         int B = 0, T = 0;
+        fault_point("model-pass");  // the tests' stand-in for a signal that comes mid-step
         while (i < n && B < PACK_SEQS && (B == 0 || T + ex[i]->T <= max_T)) {
             seqs[B++] = (Sequence){ex[i]->tokens, ex[i]->mask, ex[i]->T};
             T += ex[i++]->T;
@@ -134,6 +136,7 @@ typedef struct {
     long tokens;         // tokens through the model
     long targets;        // target tokens
     double seconds;
+    int dropped;         // a signal came during the step: it changed nothing
 } StepStats;
 
 // ---------------------------------------------------------------------------------------------
@@ -225,7 +228,8 @@ static void step_examples(Trainer *tr, long s, int *first, int *count) {
 // One optimizer step, and the evaluation loss.
 
 // Forward and backward over the examples of step tr->step, clipping, AdamW. The parameters are
-// left untouched when the loss or the gradient is not finite.
+// left untouched when the loss or the gradient is not finite, and when a signal asked to stop
+// during the step (st->dropped: the passes returned early, the gradients are partial).
 static void train_step(Trainer *tr, StepStats *st) {
     double t = now_seconds();
     int first, count;
@@ -249,7 +253,8 @@ static void train_step(Trainer *tr, StepStats *st) {
         nll += run_examples(&tr->model, &tr->lora, tr->acts, ex, n, (float)(1.0 / (double)st->targets), 1,
                             tr->o.dropout > 0 ? tr->o.seed : 0, tr->step, &pass);
     }
-    st->loss = nll / (double)st->targets;
+    st->dropped = *tr->stop != 0;
+    st->loss = st->dropped ? NAN : nll / (double)st->targets;
     st->grad_norm = grad_norm(tr->lora.grads, tr->lora.n_params);
     if (isfinite(st->loss) && isfinite(st->grad_norm)) {
         clip_grad_norm(tr->lora.grads, tr->lora.n_params, st->grad_norm, (float)tr->o.max_grad_norm);
@@ -263,6 +268,7 @@ static void train_step(Trainer *tr, StepStats *st) {
 static double eval_loss(Trainer *tr) {
     const Example *ex[PACK_SEQS];
     double nll = 0;
+    fault_point("eval");  // the tests' stand-in for a signal during the evaluation
     for (int i = 0; i < tr->eval.n; i += PACK_SEQS) {
         int n = tr->eval.n - i < PACK_SEQS ? tr->eval.n - i : PACK_SEQS;
         for (int k = 0; k < n; k++) ex[k] = &tr->eval.ex[i + k];
@@ -322,23 +328,41 @@ static void print_progress(Trainer *tr, const StepStats *st) {
     tr->line_open = 1;
 }
 
-static void log_step(Trainer *tr, const StepStats *st) {
+// "the last good checkpoint is OUT/checkpoint-N", or that there is none.
+static void last_good(const Trainer *tr, char *buf, size_t cap) {
+    if (tr->last_checkpoint) snprintf(buf, cap, "the last good checkpoint is %s/checkpoint-%ld", tr->out, tr->last_checkpoint);
+    else snprintf(buf, cap, "no checkpoint was saved (use --save-every N)");
+}
+
+// After a line went to train_log.jsonl: fills e when it could not be written (the disk is full).
+static int log_written(Trainer *tr, Err *e) {
+    if (!ferror(tr->log) && fflush(tr->log) == 0) return 0;
+    int saved = errno;
+    char last[1200];
+    last_good(tr, last, sizeof last);
+    end_progress_line(tr);
+    return err_set(e, "%s/train_log.jsonl: write failed at step %ld: %s: training stopped; %s", tr->out, tr->step,
+                   strerror(saved), last);
+}
+
+static int log_step(Trainer *tr, const StepStats *st, Err *e) {
     fprintf(tr->log, "{\"step\": %ld, \"loss\": %.9g, \"lr\": %.9g, \"tokens\": %ld, \"elapsed_s\": %.3f, "
             "\"grad_norm\": %.9g, \"epoch\": %.4f, \"target_tokens\": %ld}\n",
             tr->step, st->loss, st->lr, st->tokens, train_elapsed(tr), st->grad_norm,
             (double)tr->step / (double)tr->steps_per_epoch, st->targets);
-    fflush(tr->log);
     curve_add(&tr->train_curve, (double)tr->step, st->loss);
+    return log_written(tr, e);
 }
 
-static void log_eval(Trainer *tr, double loss) {
+static int log_eval(Trainer *tr, double loss, Err *e) {
     fprintf(tr->log, "{\"step\": %ld, \"eval_loss\": %.9g, \"eval_ppl\": %.9g, \"elapsed_s\": %.3f}\n",
             tr->step, loss, exp(loss), train_elapsed(tr));
-    fflush(tr->log);
+    if (log_written(tr, e) != 0) return -1;
     curve_add(&tr->eval_curve, (double)tr->step, loss);
     end_progress_line(tr);
     printf("eval step %ld/%ld loss %.6f ppl %.4g\n", tr->step, tr->total_steps, loss, exp(loss));
     fflush(stdout);
+    return 0;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -416,8 +440,9 @@ static int write_loss_svg(const Trainer *tr, Err *e) {
 
 // ---------------------------------------------------------------------------------------------
 // Checkpoints: OUT/checkpoint-STEP/ holds the adapter (lora_save), optimizer.bin (AdamW's
-// moments), train_log.jsonl up to STEP and trainer_state.json (step, settings that must match,
-// the data order). It is written as OUT/checkpoint-STEP.partial/ and renamed when complete.
+// moments), train_log.jsonl up to STEP, trainer_state.json (step, settings that must match,
+// the data order) and checksums.sha256, the SHA-256 of each of those five files in the format of
+// sha256sum, written last. It is written as OUT/checkpoint-STEP.partial/ and renamed when complete.
 
 // optimizer.bin, little-endian:
 //   |"SFTADAMW" 8 bytes|u64 n|u64 t|f32 m[n]|f32 v[n]|u64 FNV-1a of everything before it|
@@ -574,38 +599,87 @@ static int copy_log(const Trainer *tr, const char *dest, Err *e) {
     return r;
 }
 
+// The files of a checkpoint that a resume reads, each with its line in checksums.sha256.
+static const char *const CHECKPOINT_FILES[] = {"adapter_config.json", "adapter_model.safetensors", "optimizer.bin",
+                                               "train_log.jsonl", "trainer_state.json"};
+enum { N_CHECKPOINT_FILES = sizeof CHECKPOINT_FILES / sizeof CHECKPOINT_FILES[0] };
+
+// hex[65] = the SHA-256 of the file dir/name.
+static int file_sha256(char hex[65], const char *dir, const char *name, Err *e) {
+    char path[1200];
+    snprintf(path, sizeof path, "%s/%s", dir, name);
+    size_t len;
+    char *data = read_file(path, &len, e);
+    if (!data) return -1;
+    sha256_hex(hex, data, len);
+    free(data);
+    return 0;
+}
+
+// dir/checksums.sha256: "HEX  NAME" a line for each of CHECKPOINT_FILES, as sha256sum writes it.
+static int write_checksums(const char *dir, Err *e) {
+    char text[N_CHECKPOINT_FILES * 128], hex[65], path[1200];
+    size_t n = 0;
+    for (int i = 0; i < N_CHECKPOINT_FILES; i++) {
+        if (file_sha256(hex, dir, CHECKPOINT_FILES[i], e) != 0) return -1;
+        n += (size_t)snprintf(text + n, sizeof text - n, "%s  %s\n", hex, CHECKPOINT_FILES[i]);
+    }
+    snprintf(path, sizeof path, "%s/checksums.sha256", dir);
+    return write_bytes_atomic(path, text, n, e);
+}
+
 static int fill_checkpoint(const Trainer *tr, const char *dir, Err *e) {
     char p[1200];
     if (lora_save(&tr->lora, dir, e) != 0) return -1;
+    fault_point("checkpoint-adapter");
     snprintf(p, sizeof p, "%s/optimizer.bin", dir);
     if (save_optimizer(&tr->opt, p, e) != 0) return -1;
+    fault_point("checkpoint-optimizer");
     snprintf(p, sizeof p, "%s/train_log.jsonl", dir);
     if (copy_log(tr, p, e) != 0) return -1;
+    fault_point("checkpoint-log");
     snprintf(p, sizeof p, "%s/trainer_state.json", dir);
-    return write_trainer_state(tr, p, e);  // last: its presence marks a complete checkpoint
+    if (write_trainer_state(tr, p, e) != 0) return -1;
+    fault_point("checkpoint-state");
+    return write_checksums(dir, e);  // last: its presence marks a complete checkpoint
+}
+
+static int is_dir(const char *path) {
+    struct stat st;
+    return stat(path, &st) == 0 && S_ISDIR(st.st_mode);
 }
 
 // Writes OUT/checkpoint-STEP/ as a whole or not at all; an older one of the same step is
-// replaced only once the new one is complete.
+// replaced only once the new one is complete. Nothing to do when this step's checkpoint is there
+// already (a run resumed in place and stopped before its first step ended).
 static int save_checkpoint(Trainer *tr, Err *e) {
     char dir[1100], tmp[1120], old[1120];
     snprintf(dir, sizeof dir, "%s/checkpoint-%ld", tr->out, tr->step);
     snprintf(tmp, sizeof tmp, "%s.partial", dir);
     snprintf(old, sizeof old, "%s.old", dir);
+    if (tr->step == tr->last_checkpoint && is_dir(dir)) return 0;
     remove_flat_dir(tmp);
     if (make_dirs(tmp, e) != 0 || fill_checkpoint(tr, tmp, e) != 0) {
         remove_flat_dir(tmp);
         return -1;
     }
+    fault_point("checkpoint-complete");
     fsync_dir(tmp);
     remove_flat_dir(old);
-    struct stat st;
-    int had_old = stat(dir, &st) == 0;
-    if ((had_old && rename(dir, old) != 0) || rename(tmp, dir) != 0) {
-        err_set(e, "%s: cannot rename to %s: %s", tmp, dir, strerror(errno));
+    int had_old = is_dir(dir);
+    if (had_old && rename(dir, old) != 0) {
+        err_set(e, "%s: cannot rename to %s: %s", dir, old, strerror(errno));
         remove_flat_dir(tmp);
         return -1;
     }
+    if (had_old) fault_point("checkpoint-rename-1");
+    if (rename(tmp, dir) != 0) {
+        err_set(e, "%s: cannot rename to %s: %s", tmp, dir, strerror(errno));
+        if (had_old) rename(old, dir);
+        remove_flat_dir(tmp);
+        return -1;
+    }
+    fault_point("checkpoint-rename-2");
     remove_flat_dir(old);
     fsync_dir(tr->out);
     tr->last_checkpoint = tr->step;
@@ -657,6 +731,46 @@ static int read_trainer_state(Trainer *tr, const char *dir, long *step, double *
     return r;
 }
 
+// The SHA-256 that the text of checksums.sha256 gives for name, into hex[65]; -1 when it has none.
+static int listed_sha256(char hex[65], const char *text, const char *name) {
+    size_t n = strlen(name);
+    for (const char *line = text; line && *line; line = strchr(line, '\n') ? strchr(line, '\n') + 1 : NULL) {
+        const char *end = strchr(line, '\n');
+        size_t len = end ? (size_t)(end - line) : strlen(line);
+        if (len != 66 + n || memcmp(line + 64, "  ", 2) != 0 || memcmp(line + 66, name, n) != 0) continue;
+        memcpy(hex, line, 64), hex[64] = 0;
+        return 0;
+    }
+    return -1;
+}
+
+// Checks every file a resume reads (CHECKPOINT_FILES) against dir/checksums.sha256, before any
+// of them is parsed: a damaged file is named, whatever it holds.
+static int verify_checksums(const char *dir, Err *e) {
+    char path[1100], want[65], got[65];
+    snprintf(path, sizeof path, "%s/checksums.sha256", dir);
+    char *text = read_file(path, NULL, e);
+    if (!text) {
+        int saved = errno;
+        snprintf(path, sizeof path, "%s/trainer_state.json", dir);
+        if (access(path, F_OK) != 0) return err_set(e, "%s: not a checkpoint (no trainer_state.json)", dir);
+        return err_set(e, "%s/checksums.sha256: %s: the checkpoint cannot be checked, so it is not resumed", dir,
+                       strerror(saved));
+    }
+    int r = 0;
+    for (int i = 0; i < N_CHECKPOINT_FILES && r == 0; i++) {
+        if (listed_sha256(want, text, CHECKPOINT_FILES[i]) != 0)
+            r = err_set(e, "%s/checksums.sha256: no checksum for %s: the checkpoint is not resumed", dir, CHECKPOINT_FILES[i]);
+        else if (file_sha256(got, dir, CHECKPOINT_FILES[i], e) != 0)
+            r = -1;
+        else if (strcmp(got, want) != 0)
+            r = err_set(e, "%s/%s: does not match its SHA-256 in checksums.sha256 (changed or damaged since the "
+                        "checkpoint was saved): not resumed", dir, CHECKPOINT_FILES[i]);
+    }
+    free(text);
+    return r;
+}
+
 // Rebuilds the loss curves from a train_log.jsonl text.
 static void curves_from_log(Trainer *tr, const char *text, size_t len) {
     const char *p = text, *end = text + len;
@@ -680,7 +794,7 @@ static void curves_from_log(Trainer *tr, const char *text, size_t len) {
 static int resume_from(Trainer *tr, const char *dir, char **log, size_t *log_len, Err *e) {
     long step = 0;
     double elapsed = 0;
-    if (read_trainer_state(tr, dir, &step, &elapsed, e) != 0) return -1;
+    if (verify_checksums(dir, e) != 0 || read_trainer_state(tr, dir, &step, &elapsed, e) != 0) return -1;
     Lora saved;
     if (lora_load(&saved, dir, &tr->model.config, e) != 0) return -1;
     if (!lora_same_shape(&saved, &tr->lora)) {
@@ -706,8 +820,7 @@ static int resume_from(Trainer *tr, const char *dir, char **log, size_t *log_len
 // Fills e when step tr->step + 1 had a loss or a gradient that is not finite (its update was skipped).
 static int not_finite(Trainer *tr, const StepStats *st, Err *e) {
     char last[1200];
-    if (tr->last_checkpoint) snprintf(last, sizeof last, "the last good checkpoint is %s/checkpoint-%ld", tr->out, tr->last_checkpoint);
-    else snprintf(last, sizeof last, "no checkpoint was saved (use --save-every N)");
+    last_good(tr, last, sizeof last);
     end_progress_line(tr);
     return err_set(e, "step %ld: the loss is %s (gradient norm %s): training stopped (try a lower --lr); %s", tr->step + 1,
                    isnan(st->loss) ? "NaN" : isinf(st->loss) ? "infinite" : "finite",
@@ -731,27 +844,60 @@ static int eval_due(const Trainer *tr) {
     return tr->step % tr->steps_per_epoch == 0;
 }
 
+// The evaluation of step tr->step, logged unless a signal cut it short (a resume from this step's
+// checkpoint then runs it: eval_pending).
+static int run_eval(Trainer *tr, Err *e) {
+    double loss = eval_loss(tr);
+    if (isnan(loss) && *tr->stop) return 0;
+    return log_eval(tr, loss, e);
+}
+
+// A resumed run whose checkpoint was saved before its evaluation finished.
+static int eval_pending(const Trainer *tr) {
+    const Curve *c = &tr->eval_curve;
+    return tr->step > 0 && eval_due(tr) && (c->n == 0 || c->x[c->n - 1] != (double)tr->step);
+}
+
+// After step tr->step: loss.svg (every 2 s) and a checkpoint every --save-every steps, at the end
+// and when stop is set.
+static int save_due(Trainer *tr, int stop, Err *e) {
+    int save = (tr->o.save_every > 0 && tr->step % tr->o.save_every == 0) || stop || tr->step == tr->total_steps;
+    if (save || now_seconds() - tr->last_svg > 2) {
+        if (write_loss_svg(tr, e) != 0) return -1;
+        tr->last_svg = now_seconds();
+    }
+    if (save && save_checkpoint(tr, e) != 0) return checkpoint_failed(tr, e);
+    return 0;
+}
+
+// A signal came during step tr->step + 1, which was dropped: checkpoint step tr->step (none
+// before the first step ends) and return 1.
+static int stop_between_steps(Trainer *tr, Err *e) {
+    end_progress_line(tr);
+    if (tr->step == 0) return 1;
+    int first, count;
+    step_examples(tr, tr->step - 1, &first, &count);  // the data order of the last step done
+    return save_due(tr, 1, e) != 0 ? -1 : 1;
+}
+
 // train.h has the contract. Each step: train_step, the log line, the progress line, the eval
-// loss when due, loss.svg (every 2 s), and a checkpoint every --save-every steps, at the end and
-// when a signal asked to stop.
+// loss when due, then save_due; a signal drops the step in progress (stop_between_steps).
 int train_loop(Trainer *tr, Err *e) {
+    activations_watch(tr->acts, tr->stop);
+    if (eval_pending(tr) && run_eval(tr, e) != 0) return -1;
     while (tr->step < tr->total_steps) {
         if (tr->steps_this_run == 0) tr->t0 = now_seconds();
         StepStats st;
         train_step(tr, &st);
+        if (st.dropped) return stop_between_steps(tr, e);
         if (!isfinite(st.loss) || !isfinite(st.grad_norm)) return not_finite(tr, &st, e);
         tr->step++, tr->steps_this_run++;
-        log_step(tr, &st);
+        if (log_step(tr, &st, e) != 0) return -1;
         print_progress(tr, &st);
-        if (eval_due(tr)) log_eval(tr, eval_loss(tr));
+        if (eval_due(tr) && run_eval(tr, e) != 0) return -1;
         int stop = *tr->stop != 0;  // read once: a signal between the two uses changes nothing
-        int save = (tr->o.save_every > 0 && tr->step % tr->o.save_every == 0) || stop || tr->step == tr->total_steps;
-        if (save || now_seconds() - tr->last_svg > 2) {
-            if (write_loss_svg(tr, e) != 0) return -1;
-            tr->last_svg = now_seconds();
-        }
-        if (save && save_checkpoint(tr, e) != 0) return checkpoint_failed(tr, e);
-        if (stop && tr->step < tr->total_steps) return 1;
+        if (save_due(tr, stop, e) != 0) return -1;
+        if (stop && (tr->step < tr->total_steps || eval_pending(tr))) return 1;  // the last step's eval cut: resume
     }
     end_progress_line(tr);
     return 0;
@@ -786,6 +932,14 @@ static int same_file(const char *a, const char *b) {
     return stat(a, &sa) == 0 && stat(b, &sb) == 0 && sa.st_dev == sb.st_dev && sa.st_ino == sb.st_ino;
 }
 
+// 1 when --resume names a checkpoint of --out itself: the run goes on in its own directory.
+static int resumes_in_place(const Trainer *tr) {
+    char parent[1024];
+    if (!tr->o.resume) return 0;
+    parent_dir(parent, sizeof parent, tr->o.resume);
+    return same_file(parent, tr->out);
+}
+
 // Refuses an output directory that is not empty, unless --overwrite or it is the directory of
 // the checkpoint we resume from. Writes nothing.
 static int check_out_dir(Trainer *tr, Err *e) {
@@ -796,18 +950,48 @@ static int check_out_dir(Trainer *tr, Err *e) {
     struct stat st;
     if (stat(tr->out, &st) == 0) {
         if (!S_ISDIR(st.st_mode)) return err_set(e, "--out %s: exists and is not a directory", tr->out);
-        int own = o->resume && same_file(parent, tr->out);
-        if (!dir_is_empty(tr->out) && !o->overwrite && !own)
+        if (!dir_is_empty(tr->out) && !o->overwrite && !resumes_in_place(tr))
             return err_set(e, "--out %s: the directory is not empty; pass --overwrite to write into it, or "
                            "choose another --out", tr->out);
     }
     return 0;
 }
 
+// The files and directories that sft train writes into --out (their temporary files included):
+// the adapter, train_log.jsonl, loss.svg, checkpoint-STEP/ (.partial, .old).
+static int is_run_file(const char *name) {
+    const char *const prefixes[] = {"adapter_config.json", "adapter_model.safetensors", "train_log.jsonl", "loss.svg",
+                                    "checkpoint-"};
+    for (size_t i = 0; i < sizeof prefixes / sizeof prefixes[0]; i++)
+        if (strncmp(name, prefixes[i], strlen(prefixes[i])) == 0) return 1;
+    return 0;
+}
+
+// --overwrite: removes the files of the run that --out holds (is_run_file; others stay), so
+// that the folder never mixes two runs.
+static int remove_old_run(const char *out, Err *e) {
+    DIR *d = opendir(out);
+    if (!d) return 0;
+    struct dirent *de;
+    char p[1400];
+    int r = 0;
+    while (r == 0 && (de = readdir(d))) {
+        if (!is_run_file(de->d_name)) continue;
+        snprintf(p, sizeof p, "%s/%s", out, de->d_name);
+        if (is_dir(p)) remove_flat_dir(p);
+        else remove(p);
+        if (access(p, F_OK) == 0) r = err_set(e, "%s: cannot remove it (--overwrite): %s", p, strerror(errno));
+    }
+    closedir(d);
+    return r;
+}
+
 // Creates the output directory and OUT/train_log.jsonl, which starts as log[len] (a resumed
-// checkpoint's log) or empty.
+// checkpoint's log) or empty. With --overwrite, the old run goes first (unless this run resumes
+// in place): everything was checked before, nothing is written yet.
 static int create_out_dir(Trainer *tr, const char *log, size_t len, Err *e) {
     if (make_dirs(tr->out, e) != 0) return -1;
+    if (tr->o.overwrite && !resumes_in_place(tr) && remove_old_run(tr->out, e) != 0) return -1;
     char path[1100];
     snprintf(path, sizeof path, "%s/train_log.jsonl", tr->out);
     tr->log = fopen(path, "wb");
@@ -848,6 +1032,8 @@ void print_plan(const Trainer *tr) {
     fprintf(stderr, "plan      %ld optimizer steps (%ld per epoch) of %d x %d examples, lr %g %s, warmup %ld, "
             "AdamW weight decay %g, clip %g\n", tr->total_steps, tr->steps_per_epoch, tr->o.batch, tr->o.grad_accum,
             tr->o.lr, schedule_name(tr->o.schedule), tr->warmup, tr->o.weight_decay, tr->o.max_grad_norm);
+    if (tr->o.lr == 0)
+        fprintf(stderr, "warning: --lr 0: the adapter will not change (training only measures the loss)\n");
     if (tr->train.n_truncated)
         fprintf(stderr, "warning: %d of %d examples were longer than --max-len %d tokens and were cut\n",
                 tr->train.n_truncated, tr->train.n, tr->o.max_len);

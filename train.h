@@ -61,7 +61,7 @@ typedef struct {
 // Everything one training run holds, from setup to the saved adapter.
 typedef struct {
     TrainOptions o;
-    const volatile sig_atomic_t *stop;  // set by sft.c's signal handler: checkpoint and return 1
+    const volatile sig_atomic_t *stop;  // set by sft.c's signal handler: drop the step, checkpoint, return 1
     char out[1024];          // the output directory
     Model model;
     Lora lora;
@@ -91,15 +91,18 @@ typedef struct {
 
 // Loads and checks everything (model, data, adapter, --resume checkpoint) before writing
 // anything, so that bad input leaves --out untouched; then creates --out and its train_log.jsonl.
-// tr is zeroed and takes a copy of o; stop is the flag train_loop watches between steps.
+// tr is zeroed and takes a copy of o; stop is the flag train_loop watches (before every layer).
+// With --overwrite, the old run's files in --out are removed then, and not before.
 int trainer_setup(Trainer *tr, const TrainOptions *o, const volatile sig_atomic_t *stop, Err *e);
 
 // The plan on stderr: model, kernels, adapter, data, steps, and warnings (cut examples, few steps).
 void print_plan(const Trainer *tr);
 
 // Runs the steps from tr->step to the end, writing train_log.jsonl, loss.svg and the
-// checkpoints. Returns 0 when done, 1 when *tr->stop was set (after saving a checkpoint), -1 on
-// an error (e filled: a loss that is not finite, a checkpoint that cannot be written).
+// checkpoints (each with checksums.sha256, which --resume checks). Returns 0 when done, 1 when
+// *tr->stop was set: the step in progress is dropped and the last one done saved as a checkpoint
+// (none when no step was done: tr->step is 0); -1 on an error (e filled: a loss that is not
+// finite, a checkpoint or a line of train_log.jsonl that cannot be written).
 int train_loop(Trainer *tr, Err *e);
 
 double train_elapsed(const Trainer *tr);  // seconds of training, those before a resume included
