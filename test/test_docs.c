@@ -129,6 +129,76 @@ static int check_citations(const char *doc, const Names *functions) {
     return cited;
 }
 
+// The names of a trace, in order: the word after "trace" on each line of `sft train --trace`.
+static void trace_names(Names *s, const char *text) {
+    for (const char *line = text; line && *line; line = strchr(line, '\n') ? strchr(line, '\n') + 1 : NULL) {
+        if (strncmp(line, "trace ", 6) != 0) continue;
+        const char *p = line + 6;
+        while (*p == ' ') p++;
+        size_t n = 0;
+        while (is_ident((unsigned char)p[n])) n++;
+        if (n) names_add(s, p, n);
+    }
+}
+
+// The stops of a tutorial's walk: the first `name()` of each "### " heading, in order.
+static void tutorial_stops(Names *s, const char *text) {
+    for (const char *line = text; line && *line; line = strchr(line, '\n') ? strchr(line, '\n') + 1 : NULL) {
+        if (strncmp(line, "### ", 4) != 0) continue;
+        const char *eol = strchr(line, '\n'), *p = line;
+        while ((p = strchr(p, '`')) && (!eol || p < eol)) {
+            size_t n = 0;
+            while (is_ident((unsigned char)p[1 + n])) n++;
+            if (n && strncmp(p + 1 + n, "()`", 3) == 0) {
+                names_add(s, p + 1, n);
+                break;
+            }
+            p++;
+        }
+    }
+}
+
+// Every stop of the tutorial that the trace shows comes in the trace's order (a subsequence).
+static void check_walk(const char *doc, const Names *trace) {
+    char *text = read_file(doc, NULL, NULL);
+    Names stops = {0};
+    if (text) tutorial_stops(&stops, text);
+    int pos = 0, matched = 0, in_order = 1;
+    char first_bad[64] = "";
+    for (int i = 0; i < stops.n && in_order; i++) {
+        if (!names_has(trace, stops.names[i])) continue;  // main(), cmd_train(): frames the trace does not print
+        while (pos < trace->n && strcmp(trace->names[pos], stops.names[i]) != 0) pos++;
+        if (pos == trace->n) in_order = 0, snprintf(first_bad, sizeof first_bad, "%s", stops.names[i]);
+        else matched++;
+    }
+    char name[160];
+    snprintf(name, sizeof name, "%s: its %d stops that sft train --trace prints come in the trace's order", doc, matched);
+    check(text && in_order && matched >= 10, name, "%s", in_order ? "fewer than 10 stops matched" : first_bad);
+    names_free(&stops);
+    free(text);
+}
+
+// One step of sft train --trace on a tiny Q4_0 model.
+static void test_trace_walk(void) {
+    scratch_dir("docs");
+    FILE *f = fopen(TMP "/data.jsonl", "w");
+    if (f) fputs("{\"prompt\": \"ab\", \"completion\": \"cd\"}\n{\"prompt\": \"ef\", \"completion\": \"gh\"}\n", f), fclose(f);
+    int rc = run_commandf(NULL, TMP "/init.txt", "%s init --config tiny --tokenizer test/fixtures/tied/model/tokenizer.json "
+                          "--type q4_0 --seed 1 --out " TMP "/tiny.gguf", sft_binary());
+    if (rc == 0)
+        rc = run_commandf(NULL, TMP "/trace.txt", "%s train --model " TMP "/tiny.gguf --data " TMP "/data.jsonl --out " TMP
+                          "/out --trace --threads 1", sft_binary());
+    char *text = read_file(TMP "/trace.txt", NULL, NULL);
+    Names trace = {0};
+    if (text) trace_names(&trace, text);
+    check(rc == 0 && names_has(&trace, "matmul") && names_has(&trace, "adamw_step"),
+          "sft train --trace prints the kernels of one step", "exit %d, %d trace lines", rc, trace.n);
+    check_walk("docs/TUTORIAL.md", &trace);
+    check_walk("docs/TUTORIAL.ja.md", &trace);
+    names_free(&trace);
+    free(text);
+}
+
 void test_docs(void) {
     Names functions = {0};
     all_functions(&functions);
@@ -136,4 +206,5 @@ void test_docs(void) {
           "%d functions", functions.n);
     for (size_t i = 0; i < sizeof DOCS / sizeof DOCS[0]; i++) check_citations(DOCS[i], &functions);
     names_free(&functions);
+    test_trace_walk();
 }
