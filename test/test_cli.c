@@ -524,6 +524,11 @@ static void test_bad_input(void) {
     check(r == 0 && count_substr(err, "were cut") == 1 && strstr(err, "too few"),
           "cli: one truncation warning, and the small-plan warning", "exit %d: %s", r, err);
     free(err);
+    r = run_commandf(NULL, DIR "/stderr.txt", "%s generate --model %s --prompt \"ab$(printf '\\377')\" --max-new 2", sft, model);
+    err = last_stderr();
+    check(r == 1 && strstr(err, "not valid UTF-8 at byte 2 of its content") && count_substr(err, "\n") == 1,
+          "cli: an invalid UTF-8 --prompt names the byte in the user's text", "exit %d: %s", r, err);
+    free(err);
     char *out = NULL;
     r = run_commandf(&out, DIR "/stderr.txt", "%s train --help", sft);
     check(r == 0 && strstr(out, "--grad-accum K       4") && strstr(out, "130") && strstr(out, "--max-grad-norm"),
