@@ -601,9 +601,8 @@ static int cmd_train(int argc, char **argv) {
     if (r < 0) die("%s", e.msg);
     if (r == 1) {
         int sig = train_interrupted;
-        if (tr->step == 0) fprintf(stderr, "interrupted by %s before the first step ended: nothing to save\n", signal_name(sig));
-        else fprintf(stderr, "interrupted by %s: checkpoint saved in %s/checkpoint-%ld; continue with --resume %s/checkpoint-%ld\n",
-                     signal_name(sig), tr->out, tr->step, tr->out, tr->step);
+        fprintf(stderr, "interrupted by %s: checkpoint saved in %s/checkpoint-%ld; continue with --resume %s/checkpoint-%ld\n",
+                signal_name(sig), tr->out, tr->step, tr->out, tr->step);
         trainer_free(tr);
         free(tr);
         return 128 + sig;

@@ -722,7 +722,7 @@ static int read_trainer_state(Trainer *tr, const char *dir, long *step, double *
     if (!fmt || fmt->type != JSON_STRING || strcmp(fmt->str, "sft-trainer-state-1") != 0 || !st ||
         st->type != JSON_NUMBER || !set || set->type != JSON_OBJECT)
         r = err_set(e, "%s: not an sft trainer state", path);
-    else if (st->number < 1 || st->number > (double)tr->total_steps || st->number != floor(st->number))
+    else if (st->number < 0 || st->number > (double)tr->total_steps || st->number != floor(st->number))
         r = err_set(e, "%s: step %g is not within this run's %ld steps", path, st->number, tr->total_steps);
     else
         r = check_settings(tr, set, path, e);
@@ -874,10 +874,9 @@ static int save_due(Trainer *tr, int stop, Err *e) {
 // before the first step ends) and return 1.
 static int stop_between_steps(Trainer *tr, Err *e) {
     end_progress_line(tr);
-    if (tr->step == 0) return 1;
     int first, count;
-    step_examples(tr, tr->step - 1, &first, &count);  // the data order of the last step done
-    return save_due(tr, 1, e) != 0 ? -1 : 1;
+    if (tr->step > 0) step_examples(tr, tr->step - 1, &first, &count);  // the data order of the last step done
+    return save_due(tr, 1, e) != 0 ? -1 : 1;  // at step 0: checkpoint-0, the state before any step
 }
 
 // train.h has the contract. Each step: train_step, the log line, the progress line, the eval

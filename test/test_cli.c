@@ -268,9 +268,12 @@ static void test_stop_signals(void) {
               "cli: the run stopped mid-step resumes to the straight run's adapter bytes", "SIG%s", cases[i].sig);
     }
     int r = train_run("SFT_FAULT=model-pass:1:TERM", "sig_first", "--max-steps 6", &err);
-    check(r == 143 && strstr(err, "nothing to save") && !exists(DIR "/sig_first/checkpoint-0"),
-          "cli: a signal during the first step: nothing to save, exit 143", "exit %d: %s", r, err);
+    check(r == 143 && strstr(err, "checkpoint-0") && exists(DIR "/sig_first/checkpoint-0/checksums.sha256"),
+          "cli: a signal during the first step saves checkpoint-0 (the state before any step), exit 143", "exit %d: %s",
+          r, err);
     free(err);
+    check(resume_same("sig_first", 0, "sig_first_resumed", 6, "sig_ref"),
+          "cli: checkpoint-0 resumes to the straight run's adapter bytes", "differs");
     // a second signal (here during the save that the first one started) stops at once
     r = train_run("SFT_FAULT=model-pass:3:TERM,checkpoint-optimizer:1:HUP", "sig_twice", "--max-steps 6", &err);
     int partial = exists(DIR "/sig_twice/checkpoint-1.partial/adapter_config.json") ||
