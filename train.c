@@ -870,8 +870,8 @@ static int save_due(Trainer *tr, int stop, Err *e) {
     return 0;
 }
 
-// A signal came during step tr->step + 1, which was dropped: checkpoint step tr->step (none
-// before the first step ends) and return 1.
+// A signal came during step tr->step + 1, which was dropped: checkpoint step tr->step (step 0,
+// the state before any step, when the first was dropped) and return 1.
 static int stop_between_steps(Trainer *tr, Err *e) {
     end_progress_line(tr);
     int first, count;
