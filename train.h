@@ -101,7 +101,7 @@ void print_plan(const Trainer *tr);
 // Runs the steps from tr->step to the end, writing train_log.jsonl, loss.svg and the
 // checkpoints (each with checksums.sha256, which --resume checks). Returns 0 when done, 1 when
 // *tr->stop was set: the step in progress is dropped and the last one done saved as a checkpoint
-// (none when no step was done: tr->step is 0); -1 on an error (e filled: a loss that is not
+// (checkpoint-0 when no step was done); -1 on an error (e filled: a loss that is not
 // finite, a checkpoint or a line of train_log.jsonl that cannot be written).
 int train_loop(Trainer *tr, Err *e);
 
