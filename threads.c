@@ -77,9 +77,9 @@ static void *worker_main(void *arg) {
         }
         seen = g;
         run_chunk(k);
-        if (atomic_fetch_sub(&pool.pending, 1) == 1 && atomic_load(&pool.caller_asleep)) {
-            pthread_mutex_lock(&pool.mu);
-            pthread_cond_broadcast(&pool.done_cv);
+        if (atomic_fetch_sub(&pool.pending, 1) == 1) {  // the last chunk: wake the caller if it sleeps
+            pthread_mutex_lock(&pool.mu);                // (read under the mutex it sets it under)
+            if (atomic_load(&pool.caller_asleep)) pthread_cond_broadcast(&pool.done_cv);
             pthread_mutex_unlock(&pool.mu);
         }
     }
@@ -141,11 +141,12 @@ void parallel_for(RangeFn fn, void *ctx, int n, int align) {
     pool.align = align;
     atomic_store(&pool.pending, pool.n - 1);
     atomic_fetch_add(&pool.generation, 1);
-    if (atomic_load(&pool.sleepers) > 0) {
-        pthread_mutex_lock(&pool.mu);
-        pthread_cond_broadcast(&pool.start_cv);
-        pthread_mutex_unlock(&pool.mu);
-    }
+    // Workers count themselves asleep under the mutex, and the count is read under it here: one
+    // about to sleep either is counted or sees the new generation (no reliance on the ordering of
+    // a store and a later load, which qemu-user does not keep).
+    pthread_mutex_lock(&pool.mu);
+    if (atomic_load(&pool.sleepers) > 0) pthread_cond_broadcast(&pool.start_cv);
+    pthread_mutex_unlock(&pool.mu);
     run_chunk(0);
     for (int i = 0; i < SPIN_ITERS && atomic_load_explicit(&pool.pending, memory_order_acquire) > 0; i++)
         if ((i & 1023) == 1023) sched_yield();
