@@ -49,12 +49,18 @@ static void names_free(Names *s) {
 
 static int is_ident(int c) { return isalnum(c) || c == '_'; }
 
+// The line after the one at line, or NULL after the last.
+static const char *next_line(const char *line) {
+    const char *eol = strchr(line, '\n');
+    return eol ? eol + 1 : NULL;
+}
+
 // The functions defined (or declared) at the top level of one C file: a line that starts with a
 // letter and has an identifier right before its first '('.
 static void defined_functions(Names *s, const char *path) {
     char *text = read_file(path, NULL, NULL);
     if (!text) return;
-    for (char *line = text; line && *line; line = strchr(line, '\n') ? strchr(line, '\n') + 1 : NULL) {
+    for (const char *line = text; line && *line; line = next_line(line)) {
         if (!isalpha((unsigned char)*line)) continue;
         char *paren = strchr(line, '('), *eol = strchr(line, '\n');
         if (!paren || (eol && paren > eol)) continue;
@@ -131,7 +137,7 @@ static int check_citations(const char *doc, const Names *functions) {
 
 // The names of a trace, in order: the word after "trace" on each line of `sft train --trace`.
 static void trace_names(Names *s, const char *text) {
-    for (const char *line = text; line && *line; line = strchr(line, '\n') ? strchr(line, '\n') + 1 : NULL) {
+    for (const char *line = text; line && *line; line = next_line(line)) {
         if (strncmp(line, "trace ", 6) != 0) continue;
         const char *p = line + 6;
         while (*p == ' ') p++;
@@ -143,7 +149,7 @@ static void trace_names(Names *s, const char *text) {
 
 // The stops of a tutorial's walk: the first `name()` of each "### " heading, in order.
 static void tutorial_stops(Names *s, const char *text) {
-    for (const char *line = text; line && *line; line = strchr(line, '\n') ? strchr(line, '\n') + 1 : NULL) {
+    for (const char *line = text; line && *line; line = next_line(line)) {
         if (strncmp(line, "### ", 4) != 0) continue;
         const char *eol = strchr(line, '\n'), *p = line;
         while ((p = strchr(p, '`')) && (!eol || p < eol)) {
