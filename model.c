@@ -162,17 +162,26 @@ typedef struct {
     const float *gate, *up, *dh;   // inputs (dh: backward only)
 } SwigluArgs;
 
-static float sigmoid(float x) { return 1.0f / (1.0f + exp_f(-x)); }
+static inline float sigmoid(float x) { return 1.0f / (1.0f + exp_f(-x)); }
 
-// h[i] = silu(gate[i]) * up[i] for i in [start, end), LANES at a time (so that compilers vectorize it)
+// h[LANES] = silu(g) * u: one vector on AVX-512 (gcc vectorizes a loop of fixed length, inlined)
+static inline void swiglu_lanes(float *restrict h, const float *restrict g, const float *restrict u) {
+    for (int k = 0; k < LANES; k++) h[k] = g[k] * sigmoid(g[k]) * u[k];
+}
+
+// h[i] = silu(gate[i]) * up[i] for i in [start, end), LANES at a time; a short end goes through
+// a zero-padded copy, so that the lane function is the only loop body
 static void swiglu_forward_range(void *ctx, int start, int end) {
     const SwigluArgs *a = ctx;
-    float *restrict h = a->h;
-    const float *restrict gate = a->gate, *restrict up = a->up;
     int i = start;
-    for (; i + LANES <= end; i += LANES)
-        for (int k = 0; k < LANES; k++) h[i + k] = gate[i + k] * sigmoid(gate[i + k]) * up[i + k];
-    for (; i < end; i++) h[i] = gate[i] * sigmoid(gate[i]) * up[i];
+    for (; i + LANES <= end; i += LANES) swiglu_lanes(a->h + i, a->gate + i, a->up + i);
+    if (i < end) {
+        float h[LANES], g[LANES] = {0}, u[LANES] = {0};
+        memcpy(g, a->gate + i, (size_t)(end - i) * sizeof(float));
+        memcpy(u, a->up + i, (size_t)(end - i) * sizeof(float));
+        swiglu_lanes(h, g, u);
+        memcpy(a->h + i, h, (size_t)(end - i) * sizeof(float));
+    }
 }
 
 // h[n] = silu(gate[n]) * up[n]
@@ -183,23 +192,34 @@ void swiglu_forward(float *h, const float *gate, const float *up, int n) {
     trace_op(t0, "swiglu_forward", "h[%d] <- gate[%d], up[%d]", n, n, n);
 }
 
-// dgate[i], dup[i] += for i in [start, end), LANES at a time:
-// silu(g) = g s with s = sigmoid(g), silu'(g) = s (1 + g (1 - s))
+// dgate[LANES], dup[LANES] += <- dh, g, u: silu(g) = g s with s = sigmoid(g),
+// silu'(g) = s (1 + g (1 - s))
+static inline void swiglu_backward_lanes(float *restrict dgate, float *restrict dup, const float *restrict dh,
+                                         const float *restrict g, const float *restrict u) {
+    for (int k = 0; k < LANES; k++) {
+        float s = sigmoid(g[k]);
+        dgate[k] += dh[k] * u[k] * s * (1.0f + g[k] * (1.0f - s));
+        dup[k] += dh[k] * g[k] * s;
+    }
+}
+
+// dgate[i], dup[i] += for i in [start, end), LANES at a time (a short end through padded copies)
 static void swiglu_backward_range(void *ctx, int start, int end) {
     const SwigluArgs *a = ctx;
-    float *restrict dgate = a->dgate, *restrict dup = a->dup;
-    const float *restrict dh = a->dh, *restrict gate = a->gate, *restrict up = a->up;
     int i = start;
     for (; i + LANES <= end; i += LANES)
-        for (int k = 0; k < LANES; k++) {
-            float g = gate[i + k], s = sigmoid(g);
-            dgate[i + k] += dh[i + k] * up[i + k] * s * (1.0f + g * (1.0f - s));
-            dup[i + k] += dh[i + k] * g * s;
-        }
-    for (; i < end; i++) {
-        float g = gate[i], s = sigmoid(g);
-        dgate[i] += dh[i] * up[i] * s * (1.0f + g * (1.0f - s));
-        dup[i] += dh[i] * g * s;
+        swiglu_backward_lanes(a->dgate + i, a->dup + i, a->dh + i, a->gate + i, a->up + i);
+    if (i < end) {
+        size_t bytes = (size_t)(end - i) * sizeof(float);
+        float dg[LANES] = {0}, du[LANES] = {0}, dh[LANES] = {0}, g[LANES] = {0}, u[LANES] = {0};
+        memcpy(dg, a->dgate + i, bytes);
+        memcpy(du, a->dup + i, bytes);
+        memcpy(dh, a->dh + i, bytes);
+        memcpy(g, a->gate + i, bytes);
+        memcpy(u, a->up + i, bytes);
+        swiglu_backward_lanes(dg, du, dh, g, u);
+        memcpy(a->dgate + i, dg, bytes);
+        memcpy(a->dup + i, du, bytes);
     }
 }
 
