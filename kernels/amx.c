@@ -171,7 +171,7 @@ static AMX_TARGET void matmul_amx_range(void *ctx, int r0, int r1) {
                 dequantize_span(W->type, tmp, qmatrix_row_data(W, o), 0, IN);
                 to_bf16_pairs(words, tmp, IN);
             }
-            transpose_words16(B + (size_t)g * KP * 16, rows16, (size_t)KP, KP);
+            transpose_words16(B + (size_t)g * KP * 16, 16, rows16, (size_t)KP, KP);
         }
         int nrows = r1 - o0 < 32 ? r1 - o0 : 32;
         for (int t0 = 0; t0 < f->T; t0 += 32) {

@@ -374,14 +374,15 @@ int fwd_flush_avx512(const Fwd *f, const float *stage, int o0, int nrows) {
     return t;
 }
 
-// (amx.c's B operands) dst[k * 16 + j] = src[j * ld + k] for j < 16, k < n (n a multiple of 16): 16 rows of words
-// turned into n rows of 16, 16 x 16 blocks transposed in registers.
-void transpose_words16(uint32_t *dst, const uint32_t *src, size_t ld, int n) {
+// dst[k * ldd + j] = src[j * ld + k] for j < 16, k < n (n a multiple of 16): 16 rows of words
+// turned into n rows of 16, 16 x 16 blocks transposed in registers (amx.c's B operands, ldd 16;
+// avx512_vnni.c's packed activations, ldd the padded token count).
+void transpose_words16(uint32_t *dst, size_t ldd, const uint32_t *src, size_t ld, int n) {
     for (int k0 = 0; k0 < n; k0 += 16) {
         __m512 r[16];
         for (int j = 0; j < 16; j++) r[j] = _mm512_castsi512_ps(_mm512_loadu_si512(src + j * ld + k0));
         transpose16(r);
-        for (int k = 0; k < 16; k++) _mm512_storeu_si512(dst + (size_t)(k0 + k) * 16, _mm512_castps_si512(r[k]));
+        for (int k = 0; k < 16; k++) _mm512_storeu_si512(dst + (size_t)(k0 + k) * ldd, _mm512_castps_si512(r[k]));
     }
 }
 

@@ -251,39 +251,47 @@ typedef struct {
     const float *inp;
 } PackX16;
 
-// Tokens [t0, t1) of inp in 14-bit integers, one scale per K-chunk (dx = absmax / XQ_MAX; NaN when
-// the chunk holds a NaN or an infinity, so that the outputs are not finite either), as int16 pairs
-// into f->x, with the sums of each block's xq.
+// Token t of inp in 14-bit integers, one scale per K-chunk (dx = absmax / XQ_MAX; NaN when the
+// chunk holds a NaN or an infinity, so that the outputs are not finite either), as int16 pairs into
+// q[IN / 2], with the sums of each block's xq into f->xs and the scales into f->dx. Padding tokens
+// (t >= T) are zeros.
+static void pack_token16(const Fwd16 *f, const float *inp, int t, uint32_t *q) {
+    int IN = f->f.W->cols, KC = f->f.KC, TP = f->f.TP;
+    const float *x = inp + (size_t)t * IN;
+    for (int k0 = 0, c = 0; k0 < IN; k0 += KC, c++) {
+        int kn = IN - k0 < KC ? IN - k0 : KC;
+        __m512 amax = _mm512_setzero_ps();
+        __mmask16 bad = 0;
+        for (int k = 0; k < kn && t < f->f.T; k += 16) {
+            __m512 v = _mm512_loadu_ps(x + k0 + k);
+            amax = _mm512_max_ps(amax, _mm512_abs_ps(v));
+            bad |= _mm512_cmp_ps_mask(_mm512_abs_ps(v), _mm512_set1_ps(INFINITY), _CMP_NLT_UQ);  // NaN, inf
+        }
+        float a = _mm512_reduce_max_ps(amax);
+        __m512 id = _mm512_set1_ps(a > 0 ? (float)XQ_MAX / a : 0.0f);
+        int zero = t >= f->f.T || bad;  // padding tokens, and non-finite chunks (dx NaN says it)
+        for (int k = 0; k < kn; k += 32) {  // 32 values: one block, 16 words
+            __m512 v0 = zero ? _mm512_setzero_ps() : _mm512_loadu_ps(x + k0 + k);
+            __m512 v1 = zero ? _mm512_setzero_ps() : _mm512_loadu_ps(x + k0 + k + 16);
+            __m512i q0 = _mm512_cvtps_epi32(_mm512_mul_ps(v0, id)), q1 = _mm512_cvtps_epi32(_mm512_mul_ps(v1, id));
+            ((float *)f->xs)[(size_t)((k0 + k) / 32) * TP + t] = (float)_mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1));
+            __m512i words = _mm512_inserti64x4(_mm512_castsi256_si512(_mm512_cvtsepi32_epi16(q0)), _mm512_cvtsepi32_epi16(q1), 1);
+            _mm512_storeu_si512(q + (k0 + k) / 2, words);
+        }
+        ((float *)f->dx)[(size_t)c * TP + t] = bad ? NAN : a / (float)XQ_MAX;
+    }
+}
+
+// Tokens [t0, t1) (multiples of 16) of inp into f->x: 16 tokens packed side by side, then their
+// words transposed in 16 x 16 blocks into f->x's token-minor order (word k of token t at k * TP + t).
 static void pack_x16(void *ctx, int t0, int t1) {
     PackX16 *px = ctx;
     Fwd16 *f = px->f;
-    int IN = f->f.W->cols, KC = f->f.KC, TP = f->f.TP;
-    uint32_t *q = scratch_local((size_t)IN * sizeof(int16_t) + 64), *xw = (uint32_t *)f->x;
-    for (int t = t0; t < t1; t++) {
-        const float *x = px->inp + (size_t)t * IN;
-        for (int k0 = 0, c = 0; k0 < IN; k0 += KC, c++) {
-            int kn = IN - k0 < KC ? IN - k0 : KC;
-            __m512 amax = _mm512_setzero_ps();
-            __mmask16 bad = 0;
-            for (int k = 0; k < kn && t < f->f.T; k += 16) {
-                __m512 v = _mm512_loadu_ps(x + k0 + k);
-                amax = _mm512_max_ps(amax, _mm512_abs_ps(v));
-                bad |= _mm512_cmp_ps_mask(_mm512_abs_ps(v), _mm512_set1_ps(INFINITY), _CMP_NLT_UQ);  // NaN, inf
-            }
-            float a = _mm512_reduce_max_ps(amax);
-            __m512 id = _mm512_set1_ps(a > 0 ? (float)XQ_MAX / a : 0.0f);
-            int zero = t >= f->f.T || bad;  // padding tokens, and non-finite chunks (dx NaN says it)
-            for (int k = 0; k < kn; k += 32) {  // 32 values: one block, 16 words
-                __m512 v0 = zero ? _mm512_setzero_ps() : _mm512_loadu_ps(x + k0 + k);
-                __m512 v1 = zero ? _mm512_setzero_ps() : _mm512_loadu_ps(x + k0 + k + 16);
-                __m512i q0 = _mm512_cvtps_epi32(_mm512_mul_ps(v0, id)), q1 = _mm512_cvtps_epi32(_mm512_mul_ps(v1, id));
-                ((float *)f->xs)[(size_t)((k0 + k) / 32) * TP + t] = (float)_mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1));
-                __m512i words = _mm512_inserti64x4(_mm512_castsi256_si512(_mm512_cvtsepi32_epi16(q0)), _mm512_cvtsepi32_epi16(q1), 1);
-                _mm512_storeu_si512(q + (k0 + k) / 2, words);
-            }
-            ((float *)f->dx)[(size_t)c * TP + t] = bad ? NAN : a / (float)XQ_MAX;
-        }
-        for (int k = 0; k < IN / 2; k++) xw[(size_t)k * TP + t] = q[k];
+    int words = f->f.W->cols / 2;
+    uint32_t *q = scratch_local((size_t)16 * words * sizeof(uint32_t));
+    for (int g = t0; g < t1; g += 16) {
+        for (int j = 0; j < 16; j++) pack_token16(f, px->inp, g + j, q + (size_t)j * words);
+        transpose_words16((uint32_t *)f->x + g, (size_t)f->f.TP, q, (size_t)words, words);
     }
 }
 

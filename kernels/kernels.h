@@ -221,8 +221,8 @@ void axpy_f32_avx512(float *y, float a, const float *x, int n);
 void fwd_tile_avx512(const Fwd *f, const FwdTile *tl, int M);
 void bwd_tile_avx512(const Bwd *b, const BwdTile *tl, int M);
 int fwd_flush_avx512(const Fwd *f, const float *stage, int o0, int nrows);  // returns the tokens done
-// dst[k * 16 + j] = src[j * ld + k] for j < 16, k < n (n a multiple of 16)
-void transpose_words16(uint32_t *dst, const uint32_t *src, size_t ld, int n);
+// dst[k * ldd + j] = src[j * ld + k] for j < 16, k < n (n a multiple of 16)
+void transpose_words16(uint32_t *dst, size_t ldd, const uint32_t *src, size_t ld, int n);
 #endif
 #if HAVE_BF16_DOT  // avx512.c
 void to_bf16_pairs_avx512(uint32_t *out, const float *in, int n);
