@@ -9,7 +9,10 @@
 //   test/bench MODEL train T        training: tokens/s of forward + backward + AdamW at length T (the
 //                                   median of 3 steps)
 //                                   (LoRA r=8 on all seven projections, loss on every token)
-// Prints one JSON object: {"what", "T", "tokens_per_s", "seconds", "peak_rss_mb"}.
+// Prints one JSON object: {"what", "T", "tokens_per_s", "seconds", "peak_rss_mb"}; generation adds
+// "weights_gb_s", the bytes of weights read a second (every layer's matrices and the output layer,
+// once per token), to compare with the memory bandwidth that test/bench_kernels prints; a prompt
+// adds "gflop_s", the products' multiply-adds (x2) a second, to compare with its dot-product peak.
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -122,6 +125,31 @@ static double bench_train(Model *m, int T, int steps) {
     return median3(sec[0], sec[1], sec[2]);
 }
 
+static double matrix_bytes(const QMatrix *W) { return (double)row_bytes(W->type, W->cols) * W->rows; }
+
+// The multiply-adds of the layers' products for one token of a prompt (the output layer runs for
+// the last token only).
+static double token_macs(const Model *m) {
+    double n = 0;
+    for (int l = 0; l < m->config.L; l++) {
+        const LayerWeights *w = &m->w.layers[l];
+        const QMatrix *all[7] = {&w->wq, &w->wk, &w->wv, &w->wo, &w->wgate, &w->wup, &w->wdown};
+        for (int i = 0; i < 7; i++) n += (double)all[i]->rows * all[i]->cols;
+    }
+    return n;
+}
+
+// The bytes of weights that one generated token reads.
+static double token_weight_bytes(const Model *m) {
+    double b = matrix_bytes(&m->w.lm_head);
+    for (int l = 0; l < m->config.L; l++) {
+        const LayerWeights *w = &m->w.layers[l];
+        b += matrix_bytes(&w->wq) + matrix_bytes(&w->wk) + matrix_bytes(&w->wv) + matrix_bytes(&w->wo) +
+             matrix_bytes(&w->wgate) + matrix_bytes(&w->wup) + matrix_bytes(&w->wdown);
+    }
+    return b;
+}
+
 int main(int argc, char **argv) {
     if (argc < 4) {
         fprintf(stderr, "usage: test/bench MODEL forward|prefill|generate|train T [threads]\n");
@@ -146,8 +174,11 @@ int main(int argc, char **argv) {
         fprintf(stderr, "bench: unknown figure '%s'\n", what);
         return 1;
     }
-    printf("{\"what\": \"%s\", \"T\": %d, \"threads\": %d, \"tokens_per_s\": %.1f, \"seconds\": %.3f, \"peak_rss_mb\": %.0f}\n",
+    printf("{\"what\": \"%s\", \"T\": %d, \"threads\": %d, \"tokens_per_s\": %.1f, \"seconds\": %.3f, \"peak_rss_mb\": %.0f",
            what, T, threads_count(), tokens / sec, sec, peak_rss_mb());
+    if (strcmp(what, "prefill") == 0) printf(", \"gflop_s\": %.1f", 2 * token_macs(&m) * tokens / sec * 1e-9);
+    if (strcmp(what, "generate") == 0) printf(", \"weights_gb_s\": %.1f", token_weight_bytes(&m) * tokens / sec * 1e-9);
+    printf("}\n");
     model_free(&m);
     threads_free();
     return 0;

@@ -29,6 +29,7 @@ have_llama=0
 
 lines=()
 rows=()
+notes=()
 emit() {  # emit NAME JSON-OBJECT
     local line="{\"figure\": \"$1\", ${2#\{}"
     echo "$line"
@@ -60,6 +61,11 @@ for type in q4_0 q4_k_m q8_0; do
         emit "llama_tg64_$type" "{\"tokens_per_s\": $ltg}"
         ratio "prompt 128 tokens, $type (tok/s)" "$(field tokens_per_s "$pp")" "$lpp" "llama.cpp pp128" 1
         ratio "generation, $type (tok/s)" "$(field tokens_per_s "$tg")" "$ltg" "llama.cpp tg64" 1
+        notes+=("prompt 128 tokens, $type: products at $(field gflop_s "$pp") GFLOP/s by sft, $(awk "BEGIN { printf \"%.1f\", \
+            $(field gflop_s "$pp") / $(field tokens_per_s "$pp") * $lpp }") GFLOP/s by llama.cpp, on $threads threads")
+        # the same file's weights, read once per token by both
+        notes+=("generation, $type: weights read at $(field weights_gb_s "$tg") GB/s by sft, $(awk "BEGIN { printf \"%.1f\", \
+            $(field weights_gb_s "$tg") / $(field tokens_per_s "$tg") * $ltg }") GB/s by llama.cpp")
     fi
 done
 emit forward_512_q4_0 "$(./test/bench "$q4" forward 512 "$threads")"
@@ -106,6 +112,10 @@ if [ ${#rows[@]} -gt 0 ]; then
     echo "| figure | sft | peer, same run | sft's advantage |"
     echo "|---|---|---|---|"
     printf '%s\n' "${rows[@]}"
+    echo
+    echo "The machine's ceilings (test/bench_kernels --ceilings):"
+    ./test/bench_kernels --ceilings
+    [ ${#notes[@]} -gt 0 ] && printf '%s\n' "${notes[@]}"
 else
     echo "no peers found: set LLAMA_BENCH, install python3-torch (see ../shared/peers/README.md)" >&2
 fi

@@ -5,11 +5,19 @@
 //      test/bench_kernels.c quant.c kernels/*.c threads.c common.c -lm
 //   /tmp/bk            full table (the _ref timings take a minute)
 //   /tmp/bk --no-ref   fast kernels only
+//   /tmp/bk --ceilings the memory bandwidth and the dot-product peaks only
 // One line per (type, shape, T, direction): GFLOP/s at 1 and 2 threads and the speed-up over _ref
-// (single-threaded). FLOPs are 2 * T * OUT * IN per product.
+// (single-threaded). FLOPs are 2 * T * OUT * IN per product. First, the machine's ceilings that
+// the products are measured against: the read bandwidth of memory (what a product of one token,
+// which reads every weight once, cannot beat: test/bench's generation prints the bytes of weights
+// it reads a second) and, on AVX-512, the peak of the two dot-product instructions that the tiles
+// are made of (what T = 128 cannot beat).
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#if defined(__AVX512VNNI__) && defined(__AVX512BF16__)
+#include <immintrin.h>
+#endif
 #include "../common.h"
 #include "../quant.h"
 #include "../threads.h"
@@ -68,11 +76,99 @@ static double seconds_per_call(const Job *j, double min_s) {
     return best;
 }
 
+typedef struct {
+    const uint64_t *a;
+    uint64_t sums[64];  // one per 4M-word chunk
+} ReadJob;
+
+static void read_range(void *ctx, int c0, int c1) {
+    ReadJob *r = ctx;
+    for (int c = c0; c < c1; c++) {
+        uint64_t s[8] = {0};
+        const uint64_t *p = r->a + ((size_t)c << 22);
+        for (size_t i = 0; i < (1u << 22); i += 8)
+            for (int k = 0; k < 8; k++) s[k] += p[i + k];
+        r->sums[c] = s[0] + s[1] + s[2] + s[3] + s[4] + s[5] + s[6] + s[7];
+    }
+}
+
+// GB/s of reading 512 MB (far past the caches) with `threads` threads: the best of 5 passes.
+static double read_bandwidth(const uint64_t *a, int threads) {
+    ReadJob r = {a, {0}};
+    threads_init(threads);
+    double best = 1e30;
+    for (int pass = 0; pass < 5; pass++) {
+        double t0 = now_seconds();
+        parallel_for(read_range, &r, 16, 1);
+        double dt = now_seconds() - t0;
+        best = dt < best ? dt : best;
+    }
+    return 16.0 * (1u << 22) * 8 / best * 1e-9;
+}
+
+#if defined(__AVX512VNNI__) && defined(__AVX512BF16__)
+// GFLOP/s of one core issuing only vpdpwssd (16-bit integer pairs, the forward tiles) or
+// vdpbf16ps (bf16 pairs, the backward tiles): 12 independent sums, each 32 multiply-adds an
+// instruction. Twelve named variables, not an array: gcc keeps those in registers.
+static double dot_peak(int bf16) {
+    const long n = 20000000;
+    __m512i a = _mm512_set1_epi16(3), b = _mm512_set1_epi16(5);
+    __m512i c0 = _mm512_set1_epi32(0), c1 = _mm512_set1_epi32(1), c2 = _mm512_set1_epi32(2), c3 = _mm512_set1_epi32(3);
+    __m512i c4 = _mm512_set1_epi32(4), c5 = _mm512_set1_epi32(5), c6 = _mm512_set1_epi32(6), c7 = _mm512_set1_epi32(7);
+    __m512i c8 = _mm512_set1_epi32(8), c9 = _mm512_set1_epi32(9), c10 = _mm512_set1_epi32(10), c11 = _mm512_set1_epi32(11);
+    __m512bh x = (__m512bh)a, y = (__m512bh)b;
+    __m512 f0 = _mm512_set1_ps(0), f1 = _mm512_set1_ps(1), f2 = _mm512_set1_ps(2), f3 = _mm512_set1_ps(3);
+    __m512 f4 = _mm512_set1_ps(4), f5 = _mm512_set1_ps(5), f6 = _mm512_set1_ps(6), f7 = _mm512_set1_ps(7);
+    __m512 f8 = _mm512_set1_ps(8), f9 = _mm512_set1_ps(9), f10 = _mm512_set1_ps(10), f11 = _mm512_set1_ps(11);
+    double t0 = now_seconds();
+    for (long k = 0; k < n && !bf16; k++) {
+        c0 = _mm512_dpwssd_epi32(c0, a, b), c1 = _mm512_dpwssd_epi32(c1, a, b), c2 = _mm512_dpwssd_epi32(c2, a, b);
+        c3 = _mm512_dpwssd_epi32(c3, a, b), c4 = _mm512_dpwssd_epi32(c4, a, b), c5 = _mm512_dpwssd_epi32(c5, a, b);
+        c6 = _mm512_dpwssd_epi32(c6, a, b), c7 = _mm512_dpwssd_epi32(c7, a, b), c8 = _mm512_dpwssd_epi32(c8, a, b);
+        c9 = _mm512_dpwssd_epi32(c9, a, b), c10 = _mm512_dpwssd_epi32(c10, a, b), c11 = _mm512_dpwssd_epi32(c11, a, b);
+    }
+    for (long k = 0; k < n && bf16; k++) {
+        f0 = _mm512_dpbf16_ps(f0, x, y), f1 = _mm512_dpbf16_ps(f1, x, y), f2 = _mm512_dpbf16_ps(f2, x, y);
+        f3 = _mm512_dpbf16_ps(f3, x, y), f4 = _mm512_dpbf16_ps(f4, x, y), f5 = _mm512_dpbf16_ps(f5, x, y);
+        f6 = _mm512_dpbf16_ps(f6, x, y), f7 = _mm512_dpbf16_ps(f7, x, y), f8 = _mm512_dpbf16_ps(f8, x, y);
+        f9 = _mm512_dpbf16_ps(f9, x, y), f10 = _mm512_dpbf16_ps(f10, x, y), f11 = _mm512_dpbf16_ps(f11, x, y);
+    }
+    double dt = now_seconds() - t0;
+    __m512i ci = _mm512_add_epi32(_mm512_add_epi32(_mm512_add_epi32(c0, c1), _mm512_add_epi32(c2, c3)),
+                                  _mm512_add_epi32(_mm512_add_epi32(c4, c5), _mm512_add_epi32(c6, c7)));
+    ci = _mm512_add_epi32(ci, _mm512_add_epi32(_mm512_add_epi32(c8, c9), _mm512_add_epi32(c10, c11)));
+    __m512 cf = _mm512_add_ps(_mm512_add_ps(_mm512_add_ps(f0, f1), _mm512_add_ps(f2, f3)),
+                              _mm512_add_ps(_mm512_add_ps(f4, f5), _mm512_add_ps(f6, f7)));
+    cf = _mm512_add_ps(cf, _mm512_add_ps(_mm512_add_ps(f8, f9), _mm512_add_ps(f10, f11)));
+    volatile float sink = (float)_mm512_reduce_add_epi32(ci) + _mm512_reduce_add_ps(cf);  // keeps the sums
+    (void)sink;
+    return 12.0 * 2 * 32 * n / dt * 1e-9;
+}
+#endif
+
+static void print_ceilings(void) {
+    size_t words = (size_t)16 << 22;
+    uint64_t *a = xmalloc(words * sizeof(uint64_t));
+    for (size_t i = 0; i < words; i++) a[i] = i;
+    printf("memory read bandwidth: %.1f GB/s (1 thread), %.1f GB/s (2 threads)\n", read_bandwidth(a, 1),
+           read_bandwidth(a, 2));
+    free(a);
+#if defined(__AVX512VNNI__) && defined(__AVX512BF16__)
+    printf("peak of one core: vpdpwssd %.1f GFLOP/s, vdpbf16ps %.1f GFLOP/s\n", dot_peak(0), dot_peak(1));
+#endif
+}
+
 int main(int argc, char **argv) {
+    if (argc > 1 && strcmp(argv[1], "--ceilings") == 0) {
+        print_ceilings();
+        threads_free();
+        return 0;
+    }
     int with_ref = !(argc > 1 && strcmp(argv[1], "--no-ref") == 0);
     const int types[] = {TYPE_Q4_0, TYPE_Q8_0, TYPE_Q4_K, TYPE_Q6_K, TYPE_F32};
     const int shapes[2][2] = {{4864, 896}, {896, 4864}};  // [OUT, IN]: gate/up, down
     const int Ts[] = {1, 128};
+    print_ceilings();
     printf("%-5s %-11s %4s %-8s %9s %9s %9s\n", "type", "[OUT x IN]", "T", "product", "1 thread", "2 threads", "fast/ref");
     for (size_t a = 0; a < sizeof types / sizeof types[0]; a++) {
         for (int s = 0; s < 2; s++) {
