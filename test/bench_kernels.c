@@ -10,8 +10,8 @@
 // (single-threaded). FLOPs are 2 * T * OUT * IN per product. First, the machine's ceilings that
 // the products are measured against: the read bandwidth of memory (what a product of one token,
 // which reads every weight once, cannot beat: test/bench's generation prints the bytes of weights
-// it reads a second) and, on AVX-512, the peak of the two dot-product instructions that the tiles
-// are made of (what T = 128 cannot beat).
+// it reads a second) and, on AVX-512, the peaks of the dot-product instructions that the tiles
+// are made of (what T = 128 cannot beat) and of llama.cpp's 8-bit one.
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -107,10 +107,11 @@ static double read_bandwidth(const uint64_t *a, int threads) {
 }
 
 #if defined(__AVX512VNNI__) && defined(__AVX512BF16__)
-// GFLOP/s of one core issuing only vpdpwssd (16-bit integer pairs, the forward tiles) or
-// vdpbf16ps (bf16 pairs, the backward tiles): 12 independent sums, each 32 multiply-adds an
-// instruction. Twelve named variables, not an array: gcc keeps those in registers.
-static double dot_peak(int bf16) {
+// GFLOP/s of one core issuing only one dot-product instruction: vpdpwssd (which == 0: 16-bit
+// integer pairs, the forward tiles), vdpbf16ps (1: bf16 pairs, the backward tiles) or vpdpbusd
+// (2: 8-bit quads, llama.cpp's products, 64 multiply-adds an instruction where the others do 32):
+// 12 independent sums. Twelve named variables, not an array: gcc keeps those in registers.
+static double dot_peak(int which) {
     const long n = 20000000;
     __m512i a = _mm512_set1_epi16(3), b = _mm512_set1_epi16(5);
     __m512i c0 = _mm512_set1_epi32(0), c1 = _mm512_set1_epi32(1), c2 = _mm512_set1_epi32(2), c3 = _mm512_set1_epi32(3);
@@ -121,13 +122,19 @@ static double dot_peak(int bf16) {
     __m512 f4 = _mm512_set1_ps(4), f5 = _mm512_set1_ps(5), f6 = _mm512_set1_ps(6), f7 = _mm512_set1_ps(7);
     __m512 f8 = _mm512_set1_ps(8), f9 = _mm512_set1_ps(9), f10 = _mm512_set1_ps(10), f11 = _mm512_set1_ps(11);
     double t0 = now_seconds();
-    for (long k = 0; k < n && !bf16; k++) {
+    for (long k = 0; k < n && which == 0; k++) {
         c0 = _mm512_dpwssd_epi32(c0, a, b), c1 = _mm512_dpwssd_epi32(c1, a, b), c2 = _mm512_dpwssd_epi32(c2, a, b);
         c3 = _mm512_dpwssd_epi32(c3, a, b), c4 = _mm512_dpwssd_epi32(c4, a, b), c5 = _mm512_dpwssd_epi32(c5, a, b);
         c6 = _mm512_dpwssd_epi32(c6, a, b), c7 = _mm512_dpwssd_epi32(c7, a, b), c8 = _mm512_dpwssd_epi32(c8, a, b);
         c9 = _mm512_dpwssd_epi32(c9, a, b), c10 = _mm512_dpwssd_epi32(c10, a, b), c11 = _mm512_dpwssd_epi32(c11, a, b);
     }
-    for (long k = 0; k < n && bf16; k++) {
+    for (long k = 0; k < n && which == 2; k++) {
+        c0 = _mm512_dpbusd_epi32(c0, a, b), c1 = _mm512_dpbusd_epi32(c1, a, b), c2 = _mm512_dpbusd_epi32(c2, a, b);
+        c3 = _mm512_dpbusd_epi32(c3, a, b), c4 = _mm512_dpbusd_epi32(c4, a, b), c5 = _mm512_dpbusd_epi32(c5, a, b);
+        c6 = _mm512_dpbusd_epi32(c6, a, b), c7 = _mm512_dpbusd_epi32(c7, a, b), c8 = _mm512_dpbusd_epi32(c8, a, b);
+        c9 = _mm512_dpbusd_epi32(c9, a, b), c10 = _mm512_dpbusd_epi32(c10, a, b), c11 = _mm512_dpbusd_epi32(c11, a, b);
+    }
+    for (long k = 0; k < n && which == 1; k++) {
         f0 = _mm512_dpbf16_ps(f0, x, y), f1 = _mm512_dpbf16_ps(f1, x, y), f2 = _mm512_dpbf16_ps(f2, x, y);
         f3 = _mm512_dpbf16_ps(f3, x, y), f4 = _mm512_dpbf16_ps(f4, x, y), f5 = _mm512_dpbf16_ps(f5, x, y);
         f6 = _mm512_dpbf16_ps(f6, x, y), f7 = _mm512_dpbf16_ps(f7, x, y), f8 = _mm512_dpbf16_ps(f8, x, y);
@@ -142,7 +149,7 @@ static double dot_peak(int bf16) {
     cf = _mm512_add_ps(cf, _mm512_add_ps(_mm512_add_ps(f8, f9), _mm512_add_ps(f10, f11)));
     volatile float sink = (float)_mm512_reduce_add_epi32(ci) + _mm512_reduce_add_ps(cf);  // keeps the sums
     (void)sink;
-    return 12.0 * 2 * 32 * n / dt * 1e-9;
+    return 12.0 * 2 * (which == 2 ? 64 : 32) * n / dt * 1e-9;
 }
 #endif
 
@@ -154,7 +161,8 @@ static void print_ceilings(void) {
            read_bandwidth(a, 2));
     free(a);
 #if defined(__AVX512VNNI__) && defined(__AVX512BF16__)
-    printf("peak of one core: vpdpwssd %.1f GFLOP/s, vdpbf16ps %.1f GFLOP/s\n", dot_peak(0), dot_peak(1));
+    printf("peak of one core: vpdpwssd %.1f GFLOP/s, vdpbf16ps %.1f GFLOP/s, vpdpbusd %.1f GFLOP/s\n", dot_peak(0),
+           dot_peak(1), dot_peak(2));
 #endif
 }
 
