@@ -25,7 +25,8 @@
 //   test/test_quant.c), and the gradients measured on the fixtures stay below PyTorch bf16
 //   autocast's. Why not llama.cpp's 8-bit activations (vpdpbusd): their error per value is
 //   absmax / 254 of its block, 2-3x that of bf16 rounding, which would make the loss less exact
-//   than the peer's.
+//   than the peer's. (Inference alone could take them: scaled from the measured 16-bit error,
+//   their logit error would be about PyTorch bf16's. Not built yet: see README, Speed.)
 // - Other CPUs, all ROUTE_FP32: the same rows and tiles in fp32 words, with AVX2 + FMA (avx2.c),
 //   NEON (neon.c) or plain C (tiles.c, which compilers vectorize as they can).
 #include <stdio.h>
