@@ -115,7 +115,7 @@ if [ ${#rows[@]} -gt 0 ]; then
     echo
     echo "The machine's ceilings (test/bench_kernels --ceilings):"
     ./test/bench_kernels --ceilings
-    [ ${#notes[@]} -gt 0 ] && printf '%s\n' "${notes[@]}"
+    if [ ${#notes[@]} -gt 0 ]; then printf '%s\n' "${notes[@]}"; fi
 else
     echo "no peers found: set LLAMA_BENCH, install python3-torch (see ../shared/peers/README.md)" >&2
 fi
