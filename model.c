@@ -238,9 +238,12 @@ static void residual_add(float *out, const float *inp, size_t n) {
     trace_op(t0, "residual_add", "out[%zu] += inp[%zu]", n, n);
 }
 
-// out[T, OUT] = inp[T, IN] W^T + bias (+ the adapter's update)
-static void linear_forward(float *out, const float *inp, const QMatrix *W, const float *bias, const LoraSite *s, int T) {
-    matmul(out, inp, W, bias, T);
+// out[T, OUT] = inp[T, IN] W^T + bias (+ the adapter's update); at inference, the product may take
+// 8-bit activations (quant.h: matmul_inference)
+static void linear_forward(int infer, float *out, const float *inp, const QMatrix *W, const float *bias,
+                           const LoraSite *s, int T) {
+    if (infer) matmul_inference(out, inp, W, bias, T);
+    else matmul(out, inp, W, bias, T);
     if (s->pair) lora_forward(out, s, inp, T, W->cols, W->rows);
 }
 
@@ -287,6 +290,7 @@ typedef struct {
     const float *cos, *sin;    // [max_T, HS/2]
     const int *seg;            // [B + 1] the sequences of the pass: rows seg[b] .. seg[b+1]-1 of every
     int B;                     // [T, ...] array; each attends only to itself, its positions start at 0
+    int infer;                 // inference (model_infer): no loss, no gradient; 0 in training and eval
 } Pass;
 
 // RoPE and attention see one sequence at a time: the rows of sequence b, at its own positions
@@ -351,8 +355,8 @@ static LoraSite lora_site(const Pass *ps, int l, int target, float *lora_u, int 
 static void mlp_gate_up(const Pass *ps, int l, const LayerBufs *b, int T) {
     const LayerWeights *lw = &ps->w->layers[l];
     LoraSite sg = lora_site(ps, l, LORA_GATE, b->lora_u, T), su = lora_site(ps, l, LORA_UP, b->lora_u, T);
-    linear_forward(b->gate, b->ln, &lw->wgate, NULL, &sg, T);
-    linear_forward(b->up, b->ln, &lw->wup, NULL, &su, T);
+    linear_forward(ps->infer, b->gate, b->ln, &lw->wgate, NULL, &sg, T);
+    linear_forward(ps->infer, b->up, b->ln, &lw->wup, NULL, &su, T);
 }
 
 static void block_forward(const Pass *ps, int l, const LayerBufs *b, int T, int pos0) {
@@ -366,19 +370,19 @@ static void block_forward(const Pass *ps, int l, const LayerBufs *b, int T, int 
     float *k = b->k + (size_t)pos0 * KD, *v = b->v + (size_t)pos0 * KD;
 
     rmsnorm_forward(b->ln, b->rstd1, b->x, lw->attn_norm, T, C, c->rms_eps);
-    linear_forward(b->q, b->ln, &lw->wq, lw->bq, &sq, T);
-    linear_forward(k, b->ln, &lw->wk, lw->bk, &sk, T);
-    linear_forward(v, b->ln, &lw->wv, lw->bv, &sv, T);
+    linear_forward(ps->infer, b->q, b->ln, &lw->wq, lw->bq, &sq, T);
+    linear_forward(ps->infer, k, b->ln, &lw->wk, lw->bk, &sk, T);
+    linear_forward(ps->infer, v, b->ln, &lw->wv, lw->bv, &sv, T);
     rope_forward_seqs(ps, b->q, c->NH, pos0);
     rope_forward_seqs(ps, k, c->NKV, pos0);
     attention_forward_seqs(ps, b->att, b->lse, b->q, b->k, b->v, pos0);
-    linear_forward(b->xmid, b->att, &lw->wo, NULL, &so, T);
+    linear_forward(ps->infer, b->xmid, b->att, &lw->wo, NULL, &so, T);
     residual_add(b->xmid, b->x, (size_t)T * C);
 
     rmsnorm_forward(b->ln, b->rstd2, b->xmid, lw->ffn_norm, T, C, c->rms_eps);
     mlp_gate_up(ps, l, b, T);
     swiglu_forward(b->h, b->gate, b->up, T * c->FF);
-    linear_forward(b->xout, b->h, &lw->wdown, NULL, &sd, T);
+    linear_forward(ps->infer, b->xout, b->h, &lw->wdown, NULL, &sd, T);
     residual_add(b->xout, b->xmid, (size_t)T * C);
 }
 
@@ -765,7 +769,7 @@ double model_forward_backward_batch(Model *m, struct Lora *lora, Activations *a,
     if (lora && dropout_seed != 0 && lora->dropout > 0 && !a->keep) return NAN;
     if (T == 0) return 0;
     Pass ps = {c, &m->w, lora, 0, dropout_seed, a->xdrop, a->keep, a->lora_du, a->lora_bt, a->att_work, a->cos, a->sin,
-               a->seg, B};
+               a->seg, B, 0};
     if (lora && dropout_seed != 0 && lora->dropout > 0) ps.p = lora->dropout;
     backward = backward && lora;
     trace_frame("model_forward_backward_batch", "%d sequences, %d tokens%s", B, T, backward ? ", backward" : "");
@@ -856,7 +860,7 @@ static void infer_chunk(Model *m, const Lora *lora, KVCache *kv, const int *toke
     const Config *c = &m->config;
     size_t KD = (size_t)c->NKV * c->HS;
     int seg[2] = {0, n};
-    Pass ps = {c, &m->w, lora, 0, 0, NULL, NULL, NULL, kv->lora_bt, kv->att_work, kv->cos, kv->sin, seg, 1};
+    Pass ps = {c, &m->w, lora, 0, 0, NULL, NULL, NULL, kv->lora_bt, kv->att_work, kv->cos, kv->sin, seg, 1, 1};
     embed_forward(kv->x, tokens, &m->w.embed, n);
     for (int l = 0; l < c->L; l++) {
         LayerBufs b = {
@@ -871,7 +875,7 @@ static void infer_chunk(Model *m, const Lora *lora, KVCache *kv, const int *toke
     if (!logits) return;
     float rstd;
     rmsnorm_forward(kv->ln, &rstd, kv->x + (size_t)(n - 1) * c->C, m->w.out_norm, 1, c->C, c->rms_eps);
-    matmul(logits, kv->ln, &m->w.lm_head, NULL, 1);
+    matmul_inference(logits, kv->ln, &m->w.lm_head, NULL, 1);
 }
 
 int model_infer(Model *m, const struct Lora *lora, KVCache *kv, const int *tokens, int n, float *logits) {

@@ -195,6 +195,10 @@ static inline const uint8_t *qmatrix_row_data(const QMatrix *W, int r) {
 
 // out[T, OUT] = inp[T, IN] @ W[OUT, IN]^T (+ bias[OUT] when bias is not NULL).
 void matmul(float *out, const float *inp, const QMatrix *W, const float *bias, int T);
+// The same product for inference only (the prompts of generate and chat, never a loss or a
+// gradient): where this build has it, with 8-bit activations (ROUTE_INT8_TILES), faster and less
+// exact; otherwise matmul.
+void matmul_inference(float *out, const float *inp, const QMatrix *W, const float *bias, int T);
 void matmul_ref(float *out, const float *inp, const QMatrix *W, const float *bias, int T);
 
 // dinp[T, IN] += dout[T, OUT] @ W[OUT, IN]: the input gradient through a frozen matrix,
@@ -214,9 +218,9 @@ Kernels kernels(void);
 // the training plan.
 const char *kernel_path(void);
 
-// The arithmetic of one product: what matmul (backward = 0) or matmul_backward_input (1) does for
-// W and T tokens in this build on this CPU (they dispatch by it), and so the error bound it must
-// meet (test/test_quant.c).
+// The arithmetic of one product: what matmul, matmul_backward_input or matmul_inference does for W
+// and T tokens in this build on this CPU (they dispatch by it), and so the error bound it must meet
+// (test/test_quant.c).
 typedef enum {
     ROUTE_FP32,         // fp32 sums of exact fp32 products (the definitions, F32 weights, CPUs
                         // without AVX512-BF16, few tokens)
@@ -224,8 +228,10 @@ typedef enum {
     ROUTE_AMX,          // the same on AMX tiles
     ROUTE_INT16_TILES,  // exact weights, activations in 14-bit integers per token and K-chunk
     ROUTE_INT16_ROWS,   // exact weights, activations in 16-bit integers per block of 32 (T < 5)
+    ROUTE_INT8_TILES,   // exact weights, activations in 8-bit integers per block of 32 (inference)
 } Route;
-Route matmul_route(const QMatrix *W, int T, int backward);
+typedef enum { PRODUCT_FORWARD, PRODUCT_BACKWARD, PRODUCT_INFERENCE } Product;
+Route matmul_route(const QMatrix *W, int T, Product product);
 
 // out[C] = row r of W dequantized (embedding lookup).
 void qmatrix_row(float *out, const QMatrix *W, int r);

@@ -319,6 +319,190 @@ void matmul_int16(float *out, const float *inp, const QMatrix *W, const float *b
     parallel_for(matmul_int16_range, &f, W->rows, FWD_N);
 }
 
+// --- Prompts at inference: 8-bit activations, Q4_0 ----------------------------------------------
+//
+// A prompt at inference (generation's prefill: sft generate, chat; never the loss or a gradient)
+// may take llama.cpp's arithmetic: each token's activations rounded to 8-bit integers with one
+// scale per block of 32 values, x ~ dx * xq with dx = absmax / 127, an error of at most
+// absmax / 254 per value; times Q4_0's own nibbles q (0..15) with vpdpbusd, which sums 4 products
+// of unsigned and signed bytes a lane: 64 multiply-adds an instruction, twice vpdpwssd. Per block,
+// with the weights' scale dW: dW (dx sum q xq - 8 dx sum xq), the second term packed with the
+// activations. The logits' error that this adds is measured on the fixtures against PyTorch bf16
+// autocast's (test_model.c): the issue allows inference 1.5x the peer's.
+// Tile: up to 4 vectors of 16 tokens x FWD_N rows, as the 16-bit tiles, 8 words a block (not 16).
+
+typedef struct {
+    Fwd f;                 // out, bias, W, T, TP, KC as for the other tiles (f.x unused)
+    const uint32_t *x;     // xq as int8 quads: word k (values 4k .. 4k + 3) of token t at x[k * TP + t]
+    const float *dx;       // [IN / 32, TP] the scale of each block of each token
+    const float *off;      // [IN / 32, TP] 8 dx (sum of the block's xq): Q4_0's offset, applied per block
+} Fwd8;
+
+// One tile: tokens 16 * tv0 ... (M <= 4 vectors of 16) x the FWD_N rows whose nibbles (one byte
+// each, in order) are w + n * nw and scales s + n * ns (nrows real rows, the others repeat the
+// last), over blocks b0 .. b0 + nb - 1 of the row; the sums are added into (first chunk: written
+// to) dst + n * TP + token.
+typedef struct {
+    const uint32_t *w;
+    const float *s;
+    size_t nw, ns;
+    int nrows, tv0, b0, nb, first;
+    float *dst;
+    int bw;   // words of a block of 32 nibbles: 8 (a bound from memory, as fwd16_tile's)
+} Tile8;
+
+static inline __attribute__((always_inline)) void fwd8_tile(const Fwd8 *f, const Tile8 *tl, const int M) {
+    int TP = f->f.TP;
+    const uint32_t *w[FWD_N];
+    __m512 acc[2][FWD_N];
+    for (int n = 0; n < FWD_N; n++) w[n] = tl->w + (n < tl->nrows ? n : tl->nrows - 1) * tl->nw;
+UNROLL
+    for (int m = 0; m < M; m++)
+UNROLL
+        for (int n = 0; n < FWD_N; n++) acc[m][n] = _mm512_setzero_ps();
+    for (int b = 0; b < tl->nb; b++) {
+        const uint32_t *x = f->x + (size_t)(tl->b0 + b) * 8 * TP + 16 * tl->tv0;
+        __m512i is[2][FWD_N], xv[2];
+UNROLL
+        for (int m = 0; m < M; m++)
+UNROLL
+            for (int n = 0; n < FWD_N; n++) is[m][n] = _mm512_setzero_si512();
+        for (int j = 0; j < tl->bw; j++, x += TP) {
+UNROLL
+            for (int m = 0; m < M; m++) xv[m] = _mm512_loadu_si512(x + 16 * m);
+UNROLL
+            for (int n = 0; n < FWD_N; n++) {
+                __m512i wv = _mm512_set1_epi32((int)word_at(w[n] + 8 * b + j));
+UNROLL
+                for (int m = 0; m < M; m++) is[m][n] = _mm512_dpbusd_epi32(is[m][n], wv, xv[m]);
+            }
+        }
+        size_t at = (size_t)(tl->b0 + b) * TP + 16 * tl->tv0;
+UNROLL
+        for (int n = 0; n < FWD_N; n++) {
+            int r = n < tl->nrows ? n : tl->nrows - 1;
+            __m512 sv = _mm512_set1_ps(tl->s[r * tl->ns + b]);
+UNROLL
+            for (int m = 0; m < M; m++) {
+                __m512 blk = _mm512_fmsub_ps(_mm512_cvtepi32_ps(is[m][n]), _mm512_loadu_ps(f->dx + at + 16 * m),
+                                             _mm512_loadu_ps(f->off + at + 16 * m));
+                acc[m][n] = _mm512_fmadd_ps(blk, sv, acc[m][n]);
+            }
+        }
+    }
+UNROLL
+    for (int m = 0; m < M; m++)
+UNROLL
+        for (int n = 0; n < FWD_N; n++) {
+            if (n >= tl->nrows) break;
+            float *d = tl->dst + (size_t)n * TP + 16 * (tl->tv0 + m);
+            _mm512_storeu_ps(d, tl->first ? acc[m][n] : _mm512_add_ps(acc[m][n], _mm512_loadu_ps(d)));
+        }
+}
+
+#if defined(__GNUC__) && !defined(__clang__)
+__attribute__((optimize("no-tree-pre", "no-tree-loop-im")))  // as fwd16_tiles
+#endif
+static void fwd8_tiles(const Fwd8 *f, const Tile8 *tl, int M) {
+    if (M == 2) fwd8_tile(f, tl, 2);
+    else fwd8_tile(f, tl, 1);
+}
+
+// w[kn / 4] = Q4_0's nibbles of values k0 .. k0 + kn - 1 of a row, one byte each in order, s[kn / 32]
+// the blocks' scales.
+static void unpack8_q4_0(uint32_t *w, float *s, const uint8_t *row, int k0, int kn) {
+    const __m256i m15 = _mm256_set1_epi8(15);
+    for (int b = 0; b < kn / QK; b++) {
+        const BlockQ4_0 *blk = (const BlockQ4_0 *)row + k0 / QK + b;
+        __m128i q = _mm_loadu_si128((const __m128i *)blk->qs);  // value j: low nibble of byte j, j + 16: high
+        _mm256_storeu_si256((__m256i *)(w + 8 * b), _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(q, 4), q), m15));
+        s[b] = half_scalar(blk->d);
+    }
+}
+
+// Rows [r0, r1) of the output, every token, as matmul_int16_range.
+static void matmul_int8_range(void *ctx, int r0, int r1) {
+    const Fwd8 *f = ctx;
+    const QMatrix *W = f->f.W;
+    int IN = W->cols, KC = f->f.KC, NV = f->f.TP / 16;
+    size_t nw = (size_t)KC / 4, ns = (size_t)KC / 32;
+    uint32_t *w = scratch_local(FWD_N * (nw + ns) * 4 + (size_t)FWD_BLOCK * f->f.TP * sizeof(float));
+    float *s = (float *)(w + FWD_N * nw), *stage = s + FWD_N * ns;
+    for (int b0 = r0; b0 < r1; b0 += FWD_BLOCK) {
+        int b1 = r1 - b0 < FWD_BLOCK ? r1 : b0 + FWD_BLOCK;
+        for (int k0 = 0; k0 < IN; k0 += KC) {
+            int kn = IN - k0 < KC ? IN - k0 : KC;
+            for (int o0 = b0; o0 < b1; o0 += FWD_N) {
+                int nrows = b1 - o0 < FWD_N ? b1 - o0 : FWD_N;
+                for (int n = 0; n < nrows; n++) unpack8_q4_0(w + n * nw, s + n * ns, qmatrix_row_data(W, o0 + n), k0, kn);
+                Tile8 tl = {w, s, nw, ns, nrows, 0, k0 / 32, kn / 32, k0 == 0, stage + (size_t)(o0 - b0) * f->f.TP, 8};
+                for (tl.tv0 = 0; tl.tv0 < NV; tl.tv0 += 2) fwd8_tiles(f, &tl, NV - tl.tv0 < 2 ? NV - tl.tv0 : 2);
+            }
+        }
+        fwd_flush(&f->f, stage, b0, b1 - b0);
+    }
+}
+
+typedef struct {
+    Fwd8 *f;
+    const float *inp;
+    int words;   // words of a token's row: IN / 4 rounded up to 16 (transpose_words16 takes 16 at a time)
+} PackX8;
+
+// Token t of inp in 8-bit integers, one scale per block of 32 (dx = absmax / 127; NaN when the block
+// holds a NaN or an infinity, so that the outputs are not finite either), as quads into q[IN / 4],
+// with dx and the offsets 8 dx (sum xq) into f. Padding tokens (t >= T) are zeros.
+static void pack_token8(const Fwd8 *f, const float *inp, int t, uint32_t *q) {
+    int IN = f->f.W->cols, TP = f->f.TP;
+    const float *x = inp + (size_t)t * IN;
+    for (int b = 0; b < IN / 32; b++) {
+        int pad = t >= f->f.T;
+        __m512 v0 = pad ? _mm512_setzero_ps() : _mm512_loadu_ps(x + 32 * b);
+        __m512 v1 = pad ? _mm512_setzero_ps() : _mm512_loadu_ps(x + 32 * b + 16);
+        float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
+        int bad = _mm512_cmp_ps_mask(v0, v1, _CMP_UNORD_Q) || !(amax <= FLT_MAX);  // NaN, inf
+        __m512 id = _mm512_set1_ps(amax > 0 && !bad ? 127.0f / amax : 0.0f);
+        __m512i q0 = _mm512_cvtps_epi32(_mm512_mul_ps(v0, id)), q1 = _mm512_cvtps_epi32(_mm512_mul_ps(v1, id));
+        if (bad) q0 = q1 = _mm512_setzero_si512();
+        float dx = bad ? NAN : amax / 127.0f;
+        _mm_storeu_si128((__m128i *)(q + 8 * b), _mm512_cvtsepi32_epi8(q0));
+        _mm_storeu_si128((__m128i *)(q + 8 * b + 4), _mm512_cvtsepi32_epi8(q1));
+        ((float *)f->dx)[(size_t)b * TP + t] = dx;
+        ((float *)f->off)[(size_t)b * TP + t] = 8.0f * dx * (float)_mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1));
+    }
+}
+
+// Tokens [t0, t1) (multiples of 16) of inp into f->x, as pack_x16.
+static void pack_x8(void *ctx, int t0, int t1) {
+    PackX8 *px = ctx;
+    Fwd8 *f = px->f;
+    uint32_t *q = scratch_local((size_t)16 * px->words * sizeof(uint32_t));
+    memset(q, 0, (size_t)16 * px->words * sizeof(uint32_t));  // the words past IN / 4
+    for (int g = t0; g < t1; g += 16) {
+        for (int j = 0; j < 16; j++) pack_token8(f, px->inp, g + j, q + (size_t)j * px->words);
+        transpose_words16((uint32_t *)f->x + g, (size_t)f->f.TP, q, (size_t)px->words, px->words);
+    }
+}
+
+// matmul_int8 takes W: Q4_0, IN a multiple of 32.
+int int8_tiles_type(Type type, int IN) { return type == TYPE_Q4_0 && IN % 32 == 0; }
+
+// out[T, OUT] = inp[T, IN] W^T (+ bias) with 8-bit activations, for the types of int8_tiles_type:
+// inference only.
+void matmul_int8(float *out, const float *inp, const QMatrix *W, const float *bias, int T) {
+    int IN = W->cols, TP = (int)round_up((size_t)T, 16), words = (int)round_up((size_t)IN / 4, 16);
+    // K-chunks keep the packed activations of a chunk (TP x KC bytes) within ~320 KB, as matmul_int16's
+    size_t budget = 320 * 1024 / (size_t)TP, parts = ((size_t)IN + budget - 1) / budget;
+    int KC = (int)round_up(((size_t)IN + parts - 1) / parts, CHUNK_ALIGN);
+    if (KC >= IN) KC = IN;
+    size_t xw = (size_t)words * TP * 4, sb = (size_t)IN / 32 * TP * 4;
+    uint8_t *mem = scratch_shared(xw + 2 * sb);
+    Fwd8 f = {{out, bias, W, T, TP, 0, NULL, KC}, (uint32_t *)mem, (float *)(mem + xw), (float *)(mem + xw + sb)};
+    PackX8 px = {&f, inp, words};
+    parallel_for(pack_x8, &px, TP, 16);
+    parallel_for(matmul_int8_range, &f, W->rows, FWD_N);
+}
+
 // --- Few tokens, 16-bit integer activations: rows ------------------------------------------------
 //
 // Generation reads every weight once per token: the product must cost less than bringing the

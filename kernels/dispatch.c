@@ -23,10 +23,14 @@
 //   the thread's own scratch. Lanes are 16 tokens (forward) or input columns (backward); a tile
 //   is 4 x 16 lanes x 6. The relative error of a product is at most 2^-7 (bounds in
 //   test/test_quant.c), and the gradients measured on the fixtures stay below PyTorch bf16
-//   autocast's. Why not llama.cpp's 8-bit activations (vpdpbusd): their error per value is
+//   autocast's. Why not llama.cpp's 8-bit activations (vpdpbusd) here: their error per value is
 //   absmax / 254 of its block, 2-3x that of bf16 rounding, which would make the loss less exact
-//   than the peer's. (Inference alone could take them: scaled from the measured 16-bit error,
-//   their logit error would be about PyTorch bf16's. Not built yet: see README, Speed.)
+//   than the peer's.
+// - Prompts at inference (matmul_inference: generate and chat's prefill, never a loss or a
+//   gradient), Q4_0 on AVX512-VNNI: those 8-bit activations, per block of 32, times Q4_0's nibbles
+//   (avx512_vnni.c: matmul_int8, ROUTE_INT8_TILES): twice the multiply-adds an instruction. The
+//   logits' error, measured on the fixtures, is 0.8-1.2x PyTorch bf16 autocast's (test_model.c
+//   allows 1.5x). Other products of inference take the routes above.
 // - Other CPUs, all ROUTE_FP32: the same rows and tiles in fp32 words, with AVX2 + FMA (avx2.c),
 //   NEON (neon.c) or plain C (tiles.c, which compilers vectorize as they can).
 #include <stdio.h>
@@ -163,8 +167,9 @@ const char *kernel_path(void) {
 #if defined(SFT_REF)
     return "reference (the scalar definitions, -DSFT_REF)";
 #elif HAVE_BF16_DOT
-    static char text[200];  // the same text on every call
-    const char *fwd = HAVE_INT16_DOT ? "exact weights x int16 activations (vpdpwssd)" : "bf16 (vdpbf16ps)";
+    static char text[300];  // the same text on every call
+    const char *fwd = HAVE_INT16_DOT ? "exact weights x int16 activations (vpdpwssd); Q4_0 prompts at inference x int8 (vpdpbusd)"
+                                     : "bf16 (vdpbf16ps)";
 #if HAVE_AMX
     const char *bwd = amx_on() ? amx_why() : "vdpbf16ps", *note = amx_on() ? "" : amx_why();
 #else
@@ -185,11 +190,12 @@ const char *kernel_path(void) {
 
 // --- The one dispatch point ----------------------------------------------------------------------
 
-Route matmul_route(const QMatrix *W, int T, int backward) {
+Route matmul_route(const QMatrix *W, int T, Product product) {
 #if defined(SFT_REF)
-    (void)W, (void)T, (void)backward;
+    (void)W, (void)T, (void)product;
     return ROUTE_FP32;
 #else
+    int backward = product == PRODUCT_BACKWARD;
     int bf16 = tile_pairs(W->type);  // quantized weights on a CPU with AVX512-BF16
 #if HAVE_AMX
     int amx = bf16 && amx_on();
@@ -198,6 +204,7 @@ Route matmul_route(const QMatrix *W, int T, int backward) {
 #endif
     if (backward) return T < BWD_TILE_MIN_T || !bf16 ? ROUTE_FP32 : amx ? ROUTE_AMX : ROUTE_BF16;
 #if HAVE_INT16_DOT
+    if (product == PRODUCT_INFERENCE && T >= FWD_TILE_MIN_T && int8_tiles_type(W->type, W->cols)) return ROUTE_INT8_TILES;
     if (T < FWD_TILE_MIN_T) return int16_rows_type(W->type, W->cols) ? ROUTE_INT16_ROWS : ROUTE_FP32;
     if (int16_tiles_type(W->type, W->cols)) return ROUTE_INT16_TILES;
 #endif
@@ -207,10 +214,10 @@ Route matmul_route(const QMatrix *W, int T, int backward) {
 }
 
 // What sft train --trace prints after a product: its shapes and its route.
-static void trace_product(double t0, const char *name, const QMatrix *W, int T, int backward) {
-    static const char *const routes[] = {"fp32", "bf16", "amx", "int16-tiles", "int16-rows"};
-    Route r = matmul_route(W, T, backward);
-    if (backward)
+static void trace_product(double t0, const char *name, const QMatrix *W, int T, Product product) {
+    static const char *const routes[] = {"fp32", "bf16", "amx", "int16-tiles", "int16-rows", "int8-tiles"};
+    Route r = matmul_route(W, T, product);
+    if (product == PRODUCT_BACKWARD)
         trace_op(t0, name, "dinp[%d, %d] += <- dout[%d, %d], W %s [%d, %d], %s", T, W->cols, T, W->rows,
                  type_info(W->type)->name, W->rows, W->cols, routes[r]);
     else
@@ -219,19 +226,21 @@ static void trace_product(double t0, const char *name, const QMatrix *W, int T, 
 }
 
 // out[T, OUT] = inp[T, IN] @ W[OUT, IN]^T (+ bias): matmul_route's choice, then its kernel.
-void matmul(float *out, const float *inp, const QMatrix *W, const float *bias, int T) {
+static void forward_product(float *out, const float *inp, const QMatrix *W, const float *bias, int T, Product product) {
     double t0 = trace_start();
 #if defined(SFT_REF)
+    (void)product;
     matmul_ref(out, inp, W, bias, T);
 #else
     if (T <= 0 || W->rows <= 0 || W->cols <= 0) {
         matmul_ref(out, inp, W, bias, T);
         return;
     }
-    switch (matmul_route(W, T, 0)) {
+    switch (matmul_route(W, T, product)) {
 #if HAVE_INT16_DOT
     case ROUTE_INT16_ROWS: matmul_rows16(out, inp, W, bias, T); break;
     case ROUTE_INT16_TILES: matmul_int16(out, inp, W, bias, T); break;
+    case ROUTE_INT8_TILES: matmul_int8(out, inp, W, bias, T); break;
 #endif
 #if HAVE_AMX
     case ROUTE_AMX: matmul_amx(out, inp, W, bias, T); break;
@@ -241,7 +250,15 @@ void matmul(float *out, const float *inp, const QMatrix *W, const float *bias, i
         else matmul_tiles(out, inp, W, bias, T);
     }
 #endif
-    if (trace_on) trace_product(t0, "matmul", W, T, 0);
+    if (trace_on) trace_product(t0, product == PRODUCT_INFERENCE ? "matmul_inference" : "matmul", W, T, product);
+}
+
+void matmul(float *out, const float *inp, const QMatrix *W, const float *bias, int T) {
+    forward_product(out, inp, W, bias, T, PRODUCT_FORWARD);
+}
+
+void matmul_inference(float *out, const float *inp, const QMatrix *W, const float *bias, int T) {
+    forward_product(out, inp, W, bias, T, PRODUCT_INFERENCE);
 }
 
 // dinp[T, IN] += dout[T, OUT] @ W[OUT, IN]: matmul_route's choice, then its kernel.
@@ -251,7 +268,7 @@ void matmul_backward_input(float *dinp, const float *dout, const QMatrix *W, int
     matmul_backward_input_ref(dinp, dout, W, T);
 #else
     if (T <= 0 || W->rows <= 0 || W->cols <= 0) return;
-    switch (matmul_route(W, T, 1)) {
+    switch (matmul_route(W, T, PRODUCT_BACKWARD)) {
 #if HAVE_AMX
     case ROUTE_AMX: matmul_backward_amx(dinp, dout, W, T); break;
 #endif
@@ -260,5 +277,5 @@ void matmul_backward_input(float *dinp, const float *dout, const QMatrix *W, int
         else matmul_backward_tiles(dinp, dout, W, T);
     }
 #endif
-    if (trace_on) trace_product(t0, "matmul_backward_input", W, T, 1);
+    if (trace_on) trace_product(t0, "matmul_backward_input", W, T, PRODUCT_BACKWARD);
 }

@@ -233,6 +233,8 @@ int int16_tiles_type(Type type, int IN);  // matmul_int16 takes W: 1, or 0
 int int16_rows_type(Type type, int IN);   // matmul_rows16 takes W: 1, or 0
 void matmul_int16(float *out, const float *inp, const QMatrix *W, const float *bias, int T);
 void matmul_rows16(float *out, const float *inp, const QMatrix *W, const float *bias, int T);
+int int8_tiles_type(Type type, int IN);   // matmul_int8 takes W: 1, or 0
+void matmul_int8(float *out, const float *inp, const QMatrix *W, const float *bias, int T);
 #endif
 #if HAVE_AMX  // amx.c
 int amx_on(void);            // the AMX route runs (decided once per process)

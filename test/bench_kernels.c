@@ -6,7 +6,8 @@
 //   /tmp/bk            full table (the _ref timings take a minute)
 //   /tmp/bk --no-ref   fast kernels only
 //   /tmp/bk --ceilings the memory bandwidth and the dot-product peaks only
-// One line per (type, shape, T, direction): GFLOP/s at 1 and 2 threads and the speed-up over _ref
+// One line per (type, shape, T, product: forward, backward, and the inference forward where it
+// takes another route): GFLOP/s at 1 and 2 threads and the speed-up over _ref
 // (single-threaded). FLOPs are 2 * T * OUT * IN per product. First, the machine's ceilings that
 // the products are measured against: the read bandwidth of memory (what a product of one token,
 // which reads every weight once, cannot beat: test/bench's generation prints the bytes of weights
@@ -49,15 +50,18 @@ static uint8_t *bench_matrix(int type, int rows, int cols, uint64_t seed) {
 typedef struct {
     const QMatrix *W;
     float *out, *inp, *dout, *dinp;
-    int T, backward, ref;
+    int T;
+    Product product;
+    int ref;
 } Job;
 
 static void run(const Job *j) {
-    if (j->backward) {
+    if (j->product == PRODUCT_BACKWARD) {
         if (j->ref) matmul_backward_input_ref(j->dinp, j->dout, j->W, j->T);
         else matmul_backward_input(j->dinp, j->dout, j->W, j->T);
     } else {
         if (j->ref) matmul_ref(j->out, j->inp, j->W, NULL, j->T);
+        else if (j->product == PRODUCT_INFERENCE) matmul_inference(j->out, j->inp, j->W, NULL, j->T);
         else matmul(j->out, j->inp, j->W, NULL, j->T);
     }
 }
@@ -191,8 +195,9 @@ int main(int argc, char **argv) {
                 for (size_t i = 0; i < (size_t)T * IN; i++) inp[i] = rng_normal(&seed);
                 for (size_t i = 0; i < (size_t)T * OUT; i++) dout[i] = rng_normal(&seed);
                 double flop = 2.0 * T * OUT * IN;
-                for (int backward = 0; backward < 2; backward++) {
-                    Job j = {&W, out, inp, dout, dinp, T, backward, 0};
+                for (int p = PRODUCT_FORWARD; p <= PRODUCT_INFERENCE; p++) {
+                    if (p == PRODUCT_INFERENCE && matmul_route(&W, T, p) == matmul_route(&W, T, PRODUCT_FORWARD)) continue;
+                    Job j = {&W, out, inp, dout, dinp, T, (Product)p, 0};
                     threads_init(1);
                     double t1 = seconds_per_call(&j, 0.5);
                     threads_init(2);
@@ -206,7 +211,7 @@ int main(int argc, char **argv) {
                     char shape[32];
                     snprintf(shape, sizeof shape, "[%d x %d]", OUT, IN);
                     printf("%-5s %-11s %4d %-8s %9.1f %9.1f", type_info(types[a])->name, shape, T,
-                           backward ? "backward" : "forward", flop / t1 * 1e-9, flop / t2 * 1e-9);
+                           p == PRODUCT_BACKWARD ? "backward" : p == PRODUCT_INFERENCE ? "infer" : "forward", flop / t1 * 1e-9, flop / t2 * 1e-9);
                     if (with_ref) printf(" %8.1fx", tr / t1);
                     printf("\n");
                     fflush(stdout);

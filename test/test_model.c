@@ -642,6 +642,7 @@ typedef struct {
     double grads;   // relative norm error of each gradient tensor
     double prompt;  // absolute error of logits after a prompt (matmul with T > 1)
     double step;    // absolute error of logits when tokens go one at a time (T = 1)
+    double prompt8; // the same as prompt where the prompt's products take 8-bit activations
 } Tolerance;
 
 // The kernel level this suite was built for, as CI builds it (each its own build): the arithmetic
@@ -670,15 +671,16 @@ static Level test_level(void) {
 // portable C, AVX2, NEON, and every level on F32 weights) are as exact as float allows; on
 // AVX-512 the forward takes the activations in 14- and 16-bit integers (~1e-5 of the loss) and
 // the backward rounds both factors to bf16 (~1e-2 of the gradients), as PyTorch's bf16 autocast
-// does everywhere (see reference_case).
+// does everywhere (see reference_case). The prompts of Q4_0 on AVX512-VNNI take 8-bit activations
+// (ROUTE_INT8_TILES, inference only): ~1e-1 of the logits, that of PyTorch bf16 autocast.
 static Tolerance tolerance(int quant) {
     static const Tolerance table[LEVELS][2] = {  // measured 2026-12-07 on every level, times 1.5
         [LEVEL_REF] = {{1.1e-07, 4.7e-06, 7.5e-06, 7.5e-06}, {1.1e-07, 5.8e-06, 8.2e-06, 8.2e-06}},
         [LEVEL_PORTABLE] = {{1.1e-07, 2.4e-06, 9.1e-06, 5e-06}, {1.1e-07, 7.2e-06, 8.2e-06, 7.1e-06}},
         [LEVEL_AVX2] = {{1.2e-07, 3.1e-06, 8.7e-06, 5e-06}, {1.1e-07, 5.6e-06, 8.5e-06, 6.4e-06}},
         [LEVEL_NEON] = {{1.2e-07, 3.1e-06, 8.7e-06, 5e-06}, {1.1e-07, 5.6e-06, 8.9e-06, 5e-06}},
-        [LEVEL_AVX512_BF16] = {{1.2e-07, 3.1e-06, 8.7e-06, 6.3e-06}, {5e-05, 0.025, 0.003, 0.00068}},
-        [LEVEL_AMX] = {{1.2e-07, 3.1e-06, 8.7e-06, 6.3e-06}, {5e-05, 0.025, 0.003, 0.00068}},
+        [LEVEL_AVX512_BF16] = {{1.2e-07, 3.1e-06, 8.7e-06, 6.3e-06}, {5e-05, 0.025, 0.003, 0.00068, 0.15}},
+        [LEVEL_AMX] = {{1.2e-07, 3.1e-06, 8.7e-06, 6.3e-06}, {5e-05, 0.025, 0.003, 0.00068, 0.15}},
     };
     return table[test_level()][quant != TYPE_F32];
 }
@@ -697,7 +699,8 @@ static int all_matrices(const Model *m, Type type) {
 
 // One fixture (a model, its adapter, the data) in one weight type against the float64 reference:
 // loss, gradients and logits within the level's tolerance, and, for the training path, no less
-// accurate than PyTorch's bf16 autocast (the peer of `make bench`) on the same weights.
+// accurate than PyTorch's bf16 autocast (the peer of `make bench`) on the same weights; the
+// logits of 8-bit prompts (inference only) at most 1.5x as far from the reference as the peer's.
 static void reference_case(const char *name, int quant) {
     Fixture fx;
     if (fixture_open(&fx, name, quant) != 0) return;
@@ -708,15 +711,19 @@ static void reference_case(const char *name, int quant) {
           type_info(fx.m.w.layers[0].wq.type)->name);
     // which kernels run: training's forward and backward (T >= 5) and generation's forward (T = 1)
     const QMatrix *wq = &fx.m.w.layers[0].wq;
-    Route fwd = matmul_route(wq, 16, 0), bwd = matmul_route(wq, 16, 1), gen = matmul_route(wq, 1, 0);
+    Route fwd = matmul_route(wq, 16, PRODUCT_FORWARD), bwd = matmul_route(wq, 16, PRODUCT_BACKWARD);
+    Route gen = matmul_route(wq, 1, PRODUCT_FORWARD), prompt = matmul_route(wq, 16, PRODUCT_INFERENCE);
     Level lv = test_level();
     int q = quant != TYPE_F32, avx512 = lv == LEVEL_AVX512_BF16 || lv == LEVEL_AMX;
     int rows16 = quant == TYPE_Q6_K || (quant == TYPE_Q4_0 && wq->cols % 64 == 0);
     int ok_routes = fwd == (q && avx512 ? ROUTE_INT16_TILES : ROUTE_FP32) &&
                     bwd == (q && lv == LEVEL_AMX ? ROUTE_AMX : q && avx512 ? ROUTE_BF16 : ROUTE_FP32) &&
-                    gen == (q && avx512 && rows16 ? ROUTE_INT16_ROWS : ROUTE_FP32);
-    snprintf(text, sizeof text, "kernel routes at level %s: forward %d, backward %d, generation %d", LEVEL_NAMES[lv], fwd,
-             bwd, gen);
+                    gen == (q && avx512 && rows16 ? ROUTE_INT16_ROWS : ROUTE_FP32) &&
+                    prompt == (quant == TYPE_Q4_0 && avx512 ? ROUTE_INT8_TILES : fwd);
+    int int8 = prompt == ROUTE_INT8_TILES;
+    double prompt_tol = int8 ? tol.prompt8 : tol.prompt, peer_factor = int8 ? 1.5 : 1.0;
+    snprintf(text, sizeof text, "kernel routes at level %s: forward %d, backward %d, generation %d, prompt %d",
+             LEVEL_NAMES[lv], fwd, bwd, gen, prompt);
     label(label_, sizeof label_, &fx, text);
     check(ok_routes, label_, "not the routes of this level (quant.h: Route)");
     Activations *a = activations_new(&fx.m.config, &fx.lora, max_len(&fx.ds));
@@ -736,14 +743,15 @@ static void reference_case(const char *name, int quant) {
           tol.grads, LEVEL_NAMES[test_level()]);
     snprintf(text, sizeof text, "logits after a prompt (max err %.2g), one token at a time (%.2g)", err_prompt, err_step);
     label(label_, sizeof label_, &fx, text);
-    check(logits_ok && err_prompt <= tol.prompt && err_step <= tol.step, label_, "tolerances %.1g, %.1g at level %s",
-          tol.prompt, tol.step, LEVEL_NAMES[test_level()]);
+    check(logits_ok && err_prompt <= prompt_tol && err_step <= tol.step, label_, "tolerances %.1g, %.1g at level %s",
+          prompt_tol, tol.step, LEVEL_NAMES[test_level()]);
     double peer_loss = load_scalar(&fx.want, "peer_bf16.loss_err"), peer_grads = load_scalar(&fx.want, "peer_bf16.grads_err");
     double peer_logits = load_scalar(&fx.want, "peer_bf16.logits_err");
-    snprintf(text, sizeof text, "no less accurate than PyTorch bf16 autocast (loss %.2g vs %.2g, grads %.2g vs %.2g)",
-             err_loss, peer_loss, err_grads, peer_grads);
+    snprintf(text, sizeof text,
+             "no less accurate than PyTorch bf16 autocast (loss %.2g vs %.2g, grads %.2g vs %.2g, prompt logits %.2g vs %.2g%s)",
+             err_loss, peer_loss, err_grads, peer_grads, err_prompt, peer_logits, int8 ? ", 8-bit: 1.5x allowed" : "");
     label(label_, sizeof label_, &fx, text);
-    check(err_loss <= peer_loss && err_grads <= peer_grads && err_prompt <= peer_logits, label_,
+    check(err_loss <= peer_loss && err_grads <= peer_grads && err_prompt <= peer_factor * peer_logits, label_,
           "logits %.2g vs %.2g", err_prompt, peer_logits);
     if (getenv("SFT_TEST_ERRORS"))
         printf("ERRORS %s %s %s loss %.3g base %.3g grads %.3g prompt %.3g step %.3g\n", LEVEL_NAMES[test_level()],

@@ -485,9 +485,14 @@ static void test_ref_vs_f64(void) {
 //   ROUTE_INT16_TILES: exact weights, x within dx / 2 with dx = amax(x) / 16383 (of a K-chunk; here of
 //     the whole row, which is larger): sum |w_k| * amax / 32766; NF4's codes in 13 bits add
 //     amax |w| * sum |x_k| / 8190;
-//   ROUTE_INT16_ROWS: the same with 16 bits: sum |w_k| * amax / 65534.
+//   ROUTE_INT16_ROWS: the same with 16 bits: sum |w_k| * amax / 65534;
+//   ROUTE_INT8_TILES: x rounded to a multiple of dx = amax(x of the block of 32) / 127, an error
+//     uniform in +-dx / 2 (variance dx^2 / 12), independent from one value to the next: 7.5
+//     standard deviations of the sum, 7.5 sqrt(sum_k w_k^2 dx_k^2 / 12) (the worst case, sum |w_k|
+//     dx_k / 2, would let a dropped pair through in most outputs).
 typedef struct {
     double abs, sq, w, x, wmax, xmax;  // sum |p|, sum p^2, sum |w|, sum |x|, max |w|, max |x|
+    double w8;                         // sum over blocks of 32 of (sum w_k^2) * (amax |x_k| / 127)^2
 } Terms;
 
 static double route_bound(Route route, int type, const Terms *t) {
@@ -495,6 +500,7 @@ static double route_bound(Route route, int type, const Terms *t) {
     if (route == ROUTE_BF16 || route == ROUTE_AMX) b += 0.025 * sqrt(t->sq);
     if (route == ROUTE_INT16_TILES) b += t->w * t->xmax / 32766 + (type == TYPE_NF4 ? t->wmax * t->x / 8190 : 0);
     if (route == ROUTE_INT16_ROWS) b += t->w * t->xmax / 65534;
+    if (route == ROUTE_INT8_TILES) b += 7.5 * sqrt(t->w8 / 12);
     return b;
 }
 
@@ -502,6 +508,19 @@ static void terms_add(Terms *t, double w, double x) {
     double p = w * x;
     t->abs += fabs(p), t->sq += p * p, t->w += fabs(w), t->x += fabs(x);
     t->wmax = fmax(t->wmax, fabs(w)), t->xmax = fmax(t->xmax, fabs(x));
+}
+
+// The terms of one output: row wr[n] (dequantized) against token row xr[n], and bias b.
+static Terms output_terms(const double *wr, const float *xr, int n, float b) {
+    Terms tm = {0};
+    for (int i = 0; i < n; i++) terms_add(&tm, wr[i], xr[i]);
+    for (int i0 = 0; i0 < n; i0 += 32) {
+        double sq = 0, amax = 0;
+        for (int i = i0; i < n && i < i0 + 32; i++) sq += wr[i] * wr[i], amax = fmax(amax, fabs(xr[i]));
+        tm.w8 += sq * (amax / 127) * (amax / 127);
+    }
+    tm.abs += fabs(b);
+    return tm;
 }
 
 // What one size of one type measured: the worst error / bound, how many outputs broke their bound,
@@ -523,9 +542,37 @@ static void result_add(Result *r, const char *what, size_t i, double got, double
     r->seen += fabs(dropped) > bound;
 }
 
+// The forward product of one size through `product` (matmul or matmul_inference) against the
+// definition (1 thread), each output within the bound of its route; then with 2 threads, bit for bit.
+static void forward_vs_ref(Result *r, Product product, const QMatrix *W, const double *w, const float *x, const float *bias,
+                           int T) {
+    int OUT = W->rows, IN = W->cols;
+    float *got = xmalloc((size_t)T * OUT * 4), *want = xmalloc((size_t)T * OUT * 4), *got2 = xmalloc((size_t)T * OUT * 4);
+    void (*product_fn)(float *, const float *, const QMatrix *, const float *, int) =
+        product == PRODUCT_INFERENCE ? matmul_inference : matmul;
+    Route route = matmul_route(W, T, product);
+    matmul_ref(want, x, W, bias, T);
+    threads_init(1);
+    product_fn(got, x, W, bias, T);
+    threads_init(2);
+    product_fn(got2, x, W, bias, T);
+    r->threads_differ |= memcmp(got, got2, (size_t)T * OUT * 4) != 0;
+    for (int t = 0; t < T; t++)
+        for (int o = 0; o < OUT; o++) {
+            const double *wr = w + (size_t)o * IN;
+            const float *xr = x + (size_t)t * IN;
+            Terms tm = output_terms(wr, xr, IN, bias[o]);
+            double dropped = IN >= 2 ? wr[IN - 1] * xr[IN - 1] + wr[IN - 2] * xr[IN - 2] : 0;
+            result_add(r, product == PRODUCT_INFERENCE ? "inference" : "forward", (size_t)t * OUT + o,
+                       got[(size_t)t * OUT + o], want[(size_t)t * OUT + o], route_bound(route, W->type, &tm), dropped);
+        }
+    free(got), free(want), free(got2);
+}
+
 // The fast products of one size against the definitions (1 thread), each output within the bound
-// of its route; then the same outputs with 2 threads, bit for bit.
-static void fast_vs_ref(Result *fr, Result *br, int type, int T, int OUT, int IN, uint64_t seed) {
+// of its route; then the same outputs with 2 threads, bit for bit: the forward product of
+// training, that of inference, and the backward one.
+static void fast_vs_ref(Result *fr, Result *ir, Result *br, int type, int T, int OUT, int IN, uint64_t seed) {
     uint8_t *data = random_matrix(type, OUT, IN, seed);
     QMatrix W = {type, OUT, IN, data};
     double *w = dequantized(&W);
@@ -533,25 +580,9 @@ static void fast_vs_ref(Result *fr, Result *br, int type, int T, int OUT, int IN
     float *dy = random_floats((size_t)T * OUT, seed + 3, 1.0f), *dx0 = random_floats((size_t)T * IN, seed + 4, 1.0f);
     size_t nmax = (size_t)T * (IN > OUT ? IN : OUT);
     float *got = xmalloc(nmax * 4), *want = xmalloc(nmax * 4), *got2 = xmalloc(nmax * 4);
-    Route fwd = matmul_route(&W, T, 0), bwd = matmul_route(&W, T, 1);
-
-    matmul_ref(want, x, &W, bias, T);
-    threads_init(1);
-    matmul(got, x, &W, bias, T);
-    threads_init(2);
-    matmul(got2, x, &W, bias, T);
-    fr->threads_differ |= memcmp(got, got2, (size_t)T * OUT * 4) != 0;
-    for (int t = 0; t < T; t++)
-        for (int o = 0; o < OUT; o++) {
-            Terms tm = {0};
-            const double *wr = w + (size_t)o * IN;
-            const float *xr = x + (size_t)t * IN;
-            for (int i = 0; i < IN; i++) terms_add(&tm, wr[i], xr[i]);
-            tm.abs += fabs(bias[o]);
-            double dropped = IN >= 2 ? wr[IN - 1] * xr[IN - 1] + wr[IN - 2] * xr[IN - 2] : 0;
-            result_add(fr, "forward", (size_t)t * OUT + o, got[(size_t)t * OUT + o], want[(size_t)t * OUT + o],
-                       route_bound(fwd, type, &tm), dropped);
-        }
+    Route bwd = matmul_route(&W, T, PRODUCT_BACKWARD);
+    forward_vs_ref(fr, PRODUCT_FORWARD, &W, w, x, bias, T);
+    forward_vs_ref(ir, PRODUCT_INFERENCE, &W, w, x, bias, T);
 
     memcpy(want, dx0, (size_t)T * IN * 4), memcpy(got, dx0, (size_t)T * IN * 4), memcpy(got2, dx0, (size_t)T * IN * 4);
     matmul_backward_input_ref(want, dy, &W, T);
@@ -574,7 +605,7 @@ static void fast_vs_ref(Result *fr, Result *br, int type, int T, int OUT, int IN
 }
 
 static const char *route_name(Route r) {
-    static const char *const names[] = {"fp32", "bf16", "amx", "int16-tiles", "int16-rows"};
+    static const char *const names[] = {"fp32", "bf16", "amx", "int16-tiles", "int16-rows", "int8-tiles"};
     return names[r];
 }
 
@@ -591,26 +622,26 @@ static void test_fast_vs_ref(void) {
     for (size_t k = 0; k < sizeof ALL_TYPES / sizeof ALL_TYPES[0]; k++) {
         int type = ALL_TYPES[k], bs = type_info(type)->block, small = 3 * (bs > 32 ? bs : 32);
         int big = bs == 256 ? 1280 : bs == 64 ? 1088 : 1120;
-        Result fr = {0}, br = {0};
+        Result fr = {0}, ir = {0}, br = {0};
         int rows_in = bs == 256 ? 1280 : 896;
-        for (int a = 0; a < nt; a++) fast_vs_ref(&fr, &br, type, tokens[a], 37, small, 1000 + 40 * k + a);
-        fast_vs_ref(&fr, &br, type, 128, 70, big, 1000 + 40 * k + 30);
-        fast_vs_ref(&fr, &br, type, 17, 300, small, 1000 + 40 * k + 31);
-        for (int T = 1; T <= 3; T++) fast_vs_ref(&fr, &br, type, T, 37, rows_in, 1000 + 40 * k + 32 + T);
+        for (int a = 0; a < nt; a++) fast_vs_ref(&fr, &ir, &br, type, tokens[a], 37, small, 1000 + 40 * k + a);
+        fast_vs_ref(&fr, &ir, &br, type, 128, 70, big, 1000 + 40 * k + 30);
+        fast_vs_ref(&fr, &ir, &br, type, 17, 300, small, 1000 + 40 * k + 31);
+        for (int T = 1; T <= 3; T++) fast_vs_ref(&fr, &ir, &br, type, T, 37, rows_in, 1000 + 40 * k + 32 + T);
         QMatrix W = {type, 70, big, NULL}, W1 = {type, 37, rows_in, NULL};
         char name[256];
-        Result *rs[2] = {&fr, &br};
-        for (int d = 0; d < 2; d++) {
+        Result *rs[3] = {&fr, &br, &ir};
+        static const char *const products[3] = {"matmul", "matmul_backward_input", "matmul_inference"};
+        for (int d = 0; d < 3; d++) {
             Result *r = rs[d];
             snprintf(name, sizeof name,
                      "%s %s vs the definitions, T 1..128, %d sizes, routes %s (T 1) %s (T 128): worst error/bound %.2f, "
                      "a dropped last pair seen in %.0f%% of outputs",
-                     d ? "matmul_backward_input" : "matmul", type_info(type)->name, nt + 5,
-                     route_name(matmul_route(&W1, 1, d)), route_name(matmul_route(&W, 128, d)), r->worst,
+                     products[d], type_info(type)->name, nt + 5,
+                     route_name(matmul_route(&W1, 1, (Product)d)), route_name(matmul_route(&W, 128, (Product)d)), r->worst,
                      100.0 * (double)r->seen / (double)r->outputs);
             check(r->bad == 0, name, "%zu of %zu outside the bound; first: %s", r->bad, r->outputs, r->first);
-            snprintf(name, sizeof name, "%s %s: the same bits with 1 and 2 threads", d ? "matmul_backward_input" : "matmul",
-                     type_info(type)->name);
+            snprintf(name, sizeof name, "%s %s: the same bits with 1 and 2 threads", products[d], type_info(type)->name);
             check(!r->threads_differ, name, "results differ");
         }
     }
@@ -633,12 +664,14 @@ static void test_fast_nonfinite(void) {
                 x[(size_t)(T - 1) * IN + 40] = vals[v];
                 matmul(out, x, &W, NULL, T);
                 for (int o = 0; o < OUT; o++) finite += isfinite(out[(size_t)(T - 1) * OUT + o]) != 0;
+                matmul_inference(out, x, &W, NULL, T);
+                for (int o = 0; o < OUT; o++) finite += isfinite(out[(size_t)(T - 1) * OUT + o]) != 0;
                 free(x), free(out);
             }
         }
         free(data);
     }
-    check(finite == 0, "matmul: a NaN or inf activation gives non-finite outputs", "%d outputs finite", finite);
+    check(finite == 0, "matmul, matmul_inference: a NaN or inf activation gives non-finite outputs", "%d outputs finite", finite);
 }
 
 
