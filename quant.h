@@ -229,6 +229,7 @@ typedef enum {
     ROUTE_INT16_TILES,  // exact weights, activations in 14-bit integers per token and K-chunk
     ROUTE_INT16_ROWS,   // exact weights, activations in 16-bit integers per block of 32 (T < 5)
     ROUTE_INT8_TILES,   // exact weights, activations in 8-bit integers per block of 32 (inference)
+    ROUTE_INT8_ROWS,    // the same for T < 5 (inference: generation)
 } Route;
 typedef enum { PRODUCT_FORWARD, PRODUCT_BACKWARD, PRODUCT_INFERENCE } Product;
 Route matmul_route(const QMatrix *W, int T, Product product);

@@ -205,6 +205,7 @@ Route matmul_route(const QMatrix *W, int T, Product product) {
     if (backward) return T < BWD_TILE_MIN_T || !bf16 ? ROUTE_FP32 : amx ? ROUTE_AMX : ROUTE_BF16;
 #if HAVE_INT16_DOT
     if (product == PRODUCT_INFERENCE && T >= FWD_TILE_MIN_T && int8_tiles_type(W->type, W->cols)) return ROUTE_INT8_TILES;
+    if (product == PRODUCT_INFERENCE && T < FWD_TILE_MIN_T && int8_rows_type(W->type, W->cols)) return ROUTE_INT8_ROWS;
     if (T < FWD_TILE_MIN_T) return int16_rows_type(W->type, W->cols) ? ROUTE_INT16_ROWS : ROUTE_FP32;
     if (int16_tiles_type(W->type, W->cols)) return ROUTE_INT16_TILES;
 #endif
@@ -215,7 +216,7 @@ Route matmul_route(const QMatrix *W, int T, Product product) {
 
 // What sft train --trace prints after a product: its shapes and its route.
 static void trace_product(double t0, const char *name, const QMatrix *W, int T, Product product) {
-    static const char *const routes[] = {"fp32", "bf16", "amx", "int16-tiles", "int16-rows", "int8-tiles"};
+    static const char *const routes[] = {"fp32", "bf16", "amx", "int16-tiles", "int16-rows", "int8-tiles", "int8-rows"};
     Route r = matmul_route(W, T, product);
     if (product == PRODUCT_BACKWARD)
         trace_op(t0, name, "dinp[%d, %d] += <- dout[%d, %d], W %s [%d, %d], %s", T, W->cols, T, W->rows,
@@ -241,6 +242,9 @@ static void forward_product(float *out, const float *inp, const QMatrix *W, cons
     case ROUTE_INT16_ROWS: matmul_rows16(out, inp, W, bias, T); break;
     case ROUTE_INT16_TILES: matmul_int16(out, inp, W, bias, T); break;
     case ROUTE_INT8_TILES: matmul_int8(out, inp, W, bias, T); break;
+#if HAVE_INT8_ROWS
+    case ROUTE_INT8_ROWS: matmul_rows8(out, inp, W, bias, T); break;
+#endif
 #endif
 #if HAVE_AMX
     case ROUTE_AMX: matmul_amx(out, inp, W, bias, T); break;

@@ -39,6 +39,13 @@
 #else
 #define HAVE_INT16_DOT 0
 #endif
+// vpermt2b (AVX512-VBMI, with the above): generation's rows of Q4_0 on 8-bit activations pick the
+// nibbles of 4 blocks with one (avx512_vnni.c: matmul_rows8); without it, the 16-bit rows.
+#if defined(__AVX512VBMI__) && HAVE_INT16_DOT
+#define HAVE_INT8_ROWS 1
+#else
+#define HAVE_INT8_ROWS 0
+#endif
 // AMX tiles beside AVX512-BF16, on Linux (which grants the tile state), with a compiler that knows
 // the intrinsics; whether the CPU has them is decided at run time (amx_on).
 #if HAVE_BF16_DOT && defined(__x86_64__) && defined(__linux__) && (defined(__clang__) || __GNUC__ >= 11)
@@ -235,6 +242,10 @@ void matmul_int16(float *out, const float *inp, const QMatrix *W, const float *b
 void matmul_rows16(float *out, const float *inp, const QMatrix *W, const float *bias, int T);
 int int8_tiles_type(Type type, int IN);   // matmul_int8 takes W: 1, or 0
 void matmul_int8(float *out, const float *inp, const QMatrix *W, const float *bias, int T);
+int int8_rows_type(Type type, int IN);    // matmul_rows8 takes W: 1, or 0 (always 0 without HAVE_INT8_ROWS)
+#if HAVE_INT8_ROWS
+void matmul_rows8(float *out, const float *inp, const QMatrix *W, const float *bias, int T);
+#endif
 #endif
 #if HAVE_AMX  // amx.c
 int amx_on(void);            // the AMX route runs (decided once per process)

@@ -486,7 +486,7 @@ static void test_ref_vs_f64(void) {
 //     the whole row, which is larger): sum |w_k| * amax / 32766; NF4's codes in 13 bits add
 //     amax |w| * sum |x_k| / 8190;
 //   ROUTE_INT16_ROWS: the same with 16 bits: sum |w_k| * amax / 65534;
-//   ROUTE_INT8_TILES: x rounded to a multiple of dx = amax(x of the block of 32) / 127, an error
+//   ROUTE_INT8_TILES, ROUTE_INT8_ROWS: x rounded to a multiple of dx = amax(x of the block of 32) / 127, an error
 //     uniform in +-dx / 2 (variance dx^2 / 12), independent from one value to the next: 7.5
 //     standard deviations of the sum, 7.5 sqrt(sum_k w_k^2 dx_k^2 / 12) (the worst case, sum |w_k|
 //     dx_k / 2, would let a dropped pair through in most outputs).
@@ -500,7 +500,7 @@ static double route_bound(Route route, int type, const Terms *t) {
     if (route == ROUTE_BF16 || route == ROUTE_AMX) b += 0.025 * sqrt(t->sq);
     if (route == ROUTE_INT16_TILES) b += t->w * t->xmax / 32766 + (type == TYPE_NF4 ? t->wmax * t->x / 8190 : 0);
     if (route == ROUTE_INT16_ROWS) b += t->w * t->xmax / 65534;
-    if (route == ROUTE_INT8_TILES) b += 7.5 * sqrt(t->w8 / 12);
+    if (route == ROUTE_INT8_TILES || route == ROUTE_INT8_ROWS) b += 7.5 * sqrt(t->w8 / 12);
     return b;
 }
 
@@ -605,7 +605,7 @@ static void fast_vs_ref(Result *fr, Result *ir, Result *br, int type, int T, int
 }
 
 static const char *route_name(Route r) {
-    static const char *const names[] = {"fp32", "bf16", "amx", "int16-tiles", "int16-rows", "int8-tiles"};
+    static const char *const names[] = {"fp32", "bf16", "amx", "int16-tiles", "int16-rows", "int8-tiles", "int8-rows"};
     return names[r];
 }
 
