@@ -584,11 +584,11 @@ static inline __m512 q4_0_scales16(const BlockQ4_0 *w, int n) {
     return _mm512_maskz_cvtph_ps((__mmask16)((1u << n) - 1), h);
 }
 
-// The 288 bytes of 16 Q4_0 blocks 2 KB past w into the cache: the hardware's prefetcher alone
-// leaves one thread waiting on memory (measured: generation 10-20% faster with it). A prefetch
-// is a hint: one past the end of the matrix reads nothing.
-static inline void prefetch_ahead(const BlockQ4_0 *w) {
-    for (int c = 0; c < 16 * (int)sizeof(BlockQ4_0); c += 64) __builtin_prefetch((const char *)w + 2048 + c);
+// The `bytes` that lie 2 KB past p into the cache: the hardware's prefetcher alone leaves a row
+// kernel waiting on memory (measured: generation 10-20% faster with it). A prefetch is a hint:
+// one past the end of the matrix reads nothing.
+static inline void prefetch_ahead(const void *p, int bytes) {
+    for (int c = 0; c < bytes; c += 64) __builtin_prefetch((const char *)p + 2048 + c);
 }
 
 // sum_k q_k xq_k of two Q4_0 blocks w[0], w[1] against their xq (pair layout), as floats: lanes
@@ -609,7 +609,7 @@ static float dot16_q4_0(const BlockQ4_0 *w, const X16 *x, int nb) {
     for (int g = 0; g < nb; g += 16) {
         int n = nb - g < 16 ? nb - g : 16, i = 0;  // n is even
         __mmask16 m = (__mmask16)((1u << n) - 1);
-        prefetch_ahead(w + g);
+        prefetch_ahead(w + g, 16 * (int)sizeof(BlockQ4_0));
         __m512 dw = q4_0_scales16(w + g, n);
         __m512 s = _mm512_mul_ps(dw, _mm512_maskz_loadu_ps(m, x->d + g));
         off = _mm512_fmadd_ps(dw, _mm512_maskz_loadu_ps(m, x->s32 + g), off);
@@ -655,148 +655,6 @@ static float dot16_q6_K(const BlockQ6_K *w, const X16 *x, int nb) {
     }
     return _mm512_reduce_add_ps(acc) - 32.0f * _mm512_reduce_add_ps(off);
 }
-
-// matmul_inference's rows take W: Q4_0 in groups of 4 blocks.
-int int8_rows_type(Type type, int IN) { return HAVE_INT8_ROWS && type == TYPE_Q4_0 && IN % 128 == 0; }
-
-#if HAVE_INT8_ROWS
-
-// --- Generation at inference: 8-bit activations, Q4_0 rows -------------------------------------
-//
-// matmul_inference's rows (T < FWD_TILE_MIN_T: generation) for Q4_0: a token's activations in
-// 8-bit integers per block of 32 as the prompt's tiles take them, times Q4_0's nibbles with
-// vpdpbusd, four blocks a vector: half the instructions per weight of the 16-bit rows, which at
-// one thread could not keep up with memory.
-
-// A token's activations, per group of 4 blocks (128 values), as the kernel reads them:
-typedef struct {
-    int8_t q[128];   // xq: |values 0-15 of blocks 0..3|values 16-31 of blocks 0..3|
-    int32_t c[16];   // -8 (sum of the 8 xq that int32 lane k of the product takes): Q4_0's offset
-    float d[16];     // dx of block k / 4 in lane k
-} X8Group;
-
-// g[n / 128] <- x[n], n a multiple of 128: dx = absmax / 127 per block (NaN when it holds a NaN or
-// an infinity, so that the outputs are not finite either).
-static void x8_quantize(X8Group *g, const float *x, int n) {
-    for (int b = 0; b < n / 32; b++) {
-        X8Group *gr = &g[b / 4];
-        __m512 v0 = _mm512_loadu_ps(x + 32 * b), v1 = _mm512_loadu_ps(x + 32 * b + 16);
-        float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
-        int bad = _mm512_cmp_ps_mask(v0, v1, _CMP_UNORD_Q) || !(amax <= FLT_MAX);  // NaN, inf
-        __m512 id = _mm512_set1_ps(amax > 0 && !bad ? 127.0f / amax : 0.0f);
-        __m512i q0 = _mm512_cvtps_epi32(_mm512_mul_ps(v0, id)), q1 = _mm512_cvtps_epi32(_mm512_mul_ps(v1, id));
-        if (bad) q0 = q1 = _mm512_setzero_si512();
-        _mm_storeu_si128((__m128i *)(gr->q + 16 * (b % 4)), _mm512_cvtsepi32_epi8(q0));
-        _mm_storeu_si128((__m128i *)(gr->q + 64 + 16 * (b % 4)), _mm512_cvtsepi32_epi8(q1));
-        _mm_storeu_ps(gr->d + 4 * (b % 4), _mm_set1_ps(bad ? NAN : amax / 127.0f));
-        if (b % 4 == 3) {  // the group is whole: its offsets, through the product's own lanes
-            __m512i ones = _mm512_set1_epi8(1), xl = _mm512_loadu_si512(gr->q), xh = _mm512_loadu_si512(gr->q + 64);
-            __m512i sum = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), ones, xl), ones, xh);
-            _mm512_storeu_si512(gr->c, _mm512_mullo_epi32(sum, _mm512_set1_epi32(-8)));
-        }
-    }
-}
-
-// The nibbles of 4 Q4_0 blocks w[0..3], those of block L in bytes 16 L .. 16 L + 15 (byte j: values
-// j and j + 16 of the block), and their 4 scales, block L's in lanes 4 L .. 4 L + 3: the 72 bytes
-// of the blocks read as two overlapping 64-byte loads (bytes 0-63 and 8-71), which vpermt2b and
-// vpermw pick from (no read past the 4 blocks).
-static const uint8_t Q4_0_QS_BYTES[64] = {
-    2,  3,  4,  5,  6,  7,  8,  9,  10, 11, 12, 13, 14, 15, 16, 17,   // block 0: bytes 2-17 of the first load
-    20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31, 32, 33, 34, 35,   // block 1: 20-35
-    38, 39, 40, 41, 42, 43, 44, 45, 46, 47, 48, 49, 50, 51, 52, 53,   // block 2: 38-53
-    112, 113, 114, 115, 116, 117, 118, 119, 120, 121, 122, 123, 124, 125, 126, 127,  // block 3: 56-71 = 48-63 of the second
-};
-static inline __m512i q4_0_nibbles4(const BlockQ4_0 *w, __m512 *scales) {
-    const uint8_t *p = (const uint8_t *)w;
-    __m512i a = _mm512_loadu_si512(p), b = _mm512_loadu_si512(p + 8);
-    const __m512i halves = _mm512_set_epi16(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 27, 27, 27, 27, 18, 18, 18, 18,
-                                            9, 9, 9, 9, 0, 0, 0, 0);  // the fp16 scales: words 0, 9, 18, 27
-    *scales = _mm512_cvtph_ps(_mm512_castsi512_si256(_mm512_permutexvar_epi16(halves, a)));
-    return _mm512_permutex2var_epi8(a, _mm512_loadu_si512(Q4_0_QS_BYTES), b);
-}
-
-// The product of 4 blocks of a Q4_0 row with their group of x, added to acc: per block, dW dx
-// sum_k (q_k - 8) xq_k, in the 4 lanes of the block.
-static inline __m512 q4_0_group8(const BlockQ4_0 *w, const X8Group *x, __m512 acc) {
-    const __m512i m15 = _mm512_set1_epi8(15);
-    __m512 dw;
-    __m512i q = q4_0_nibbles4(w, &dw);
-    __m512i is = _mm512_dpbusd_epi32(_mm512_loadu_si512(x->c), _mm512_and_si512(q, m15), _mm512_loadu_si512(x->q));
-    is = _mm512_dpbusd_epi32(is, _mm512_and_si512(_mm512_srli_epi16(q, 4), m15), _mm512_loadu_si512(x->q + 64));
-    return _mm512_fmadd_ps(_mm512_cvtepi32_ps(is), _mm512_mul_ps(dw, _mm512_loadu_ps(x->d)), acc);
-}
-
-// The sums of the 16 lanes of a, b, c, d, as [a, b, c, d].
-static inline __m128 reduce4(__m512 a, __m512 b, __m512 c, __m512 d) {
-    __m512 ab = _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));  // per 128 bits: a b a b
-    __m512 cd = _mm512_add_ps(_mm512_unpacklo_ps(c, d), _mm512_unpackhi_ps(c, d));
-    __m512 abcd = _mm512_add_ps(_mm512_shuffle_ps(ab, cd, 0x44), _mm512_shuffle_ps(ab, cd, 0xee));  // a b c d
-    __m256 h = _mm256_add_ps(_mm512_castps512_ps256(abcd), _mm512_extractf32x8_ps(abcd, 1));
-    return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
-}
-
-// The 16 lane sums of row w (Q4_0, nb blocks, a multiple of 4) . x.
-static inline __m512 dot8_q4_0_lanes(const BlockQ4_0 *w, const X8Group *x, int nb) {
-    __m512 acc = _mm512_setzero_ps();
-    for (int i = 0; i < nb; i += 4, x++) {
-        if (i % 16 == 0) prefetch_ahead(w + i);
-        acc = q4_0_group8(w + i, x, acc);
-    }
-    return acc;
-}
-
-// out[0..3] = rows w, w + nb, w + 2 nb, w + 3 nb . x: one row after the other (as they lie in
-// memory: reading them side by side was 30% slower from memory), one reduction for the four.
-static void dot8_q4_0_rows4(float *out, const BlockQ4_0 *w, const X8Group *x, int nb) {
-    __m512 a0 = dot8_q4_0_lanes(w, x, nb), a1 = dot8_q4_0_lanes(w + nb, x, nb);
-    __m512 a2 = dot8_q4_0_lanes(w + 2 * (size_t)nb, x, nb), a3 = dot8_q4_0_lanes(w + 3 * (size_t)nb, x, nb);
-    _mm_storeu_ps(out, reduce4(a0, a1, a2, a3));
-}
-
-// The same for one row (the last rows of a matrix whose rows are not a multiple of 4).
-static float dot8_q4_0(const BlockQ4_0 *w, const X8Group *x, int nb) {
-    return _mm512_reduce_add_ps(dot8_q4_0_lanes(w, x, nb));
-}
-
-typedef struct {
-    float *out;          // (T, OUT)
-    const float *bias;   // (OUT) or NULL
-    const QMatrix *W;    // (OUT, IN)
-    int T;
-    const X8Group *x8;   // [T, IN / 128] inp in 8-bit integers
-} Rows8;
-
-// Rows [r0, r1) of out (r0 a multiple of 4), every token: four rows of W at a time, their dot
-// products with each token; the last rows of W one at a time.
-static void rows8_range(void *ctx, int r0, int r1) {
-    const Rows8 *r = ctx;
-    int OUT = r->W->rows, nb = r->W->cols / QK;
-    for (int o = r0; o < r1;) {
-        const BlockQ4_0 *w = (const BlockQ4_0 *)r->W->data + (size_t)o * nb;
-        int n = r1 - o >= 4 ? 4 : 1;
-        for (int t = 0; t < r->T; t++) {
-            float s[4];
-            const X8Group *x = r->x8 + (size_t)t * (nb / 4);
-            if (n == 4) dot8_q4_0_rows4(s, w, x, nb);
-            else s[0] = dot8_q4_0(w, x, nb);
-            for (int k = 0; k < n; k++) r->out[(size_t)t * OUT + o + k] = r->bias ? s[k] + r->bias[o + k] : s[k];
-        }
-        o += n;
-    }
-}
-
-// out[T, OUT] = inp[T, IN] W^T (+ bias) for T < FWD_TILE_MIN_T tokens and the types of
-// int8_rows_type: inference only.
-void matmul_rows8(float *out, const float *inp, const QMatrix *W, const float *bias, int T) {
-    int IN = W->cols;
-    X8Group *x8 = scratch_shared((size_t)T * (IN / 128) * sizeof(X8Group));
-    for (int t = 0; t < T; t++) x8_quantize(x8 + (size_t)t * (IN / 128), inp + (size_t)t * IN, IN);
-    Rows8 r = {out, bias, W, T, x8};
-    parallel_for(rows8_range, &r, W->rows, 4);
-}
-
-#endif  // HAVE_INT8_ROWS
 
 // *s = row . x for the types of x16_layout.
 static float row_dot16(Type type, const uint8_t *row, const X16 *x, int n) {
@@ -849,5 +707,202 @@ void matmul_rows16(float *out, const float *inp, const QMatrix *W, const float *
     Rows16 r = {out, bias, W, T, x16};
     parallel_for(rows16_range, &r, W->rows, 4);
 }
+
+// --- Generation at inference: 8-bit activations, Q4_0 and Q8_0 rows -----------------------------
+//
+// matmul_inference's rows (T < FWD_TILE_MIN_T: generation) for Q4_0 and Q8_0: a token's
+// activations in 8-bit integers per block of 32 as the prompt's tiles take them, times the
+// weights' own integers with vpdpbusd (64 multiply-adds an instruction), one vector of bytes per
+// 4 blocks of Q4_0 or 2 of Q8_0, each block's scales applied in its lanes: a third of the
+// instructions per weight of the 16-bit rows of Q4_0 and of the fp32 rows of Q8_0, which could not
+// keep up with memory at one thread. vpdpbusd multiplies unsigned by signed bytes: the weights
+// are made unsigned (Q4_0's q, 0..15, as they are; Q8_0's q + 128, one xor) and the offset that
+// this adds (8 or 128 times the sum of xq) starts the integer sum, from the activations' side.
+
+// matmul_inference's rows take W: Q4_0 and Q8_0 in groups of 4 blocks.
+int int8_rows_type(Type type, int IN) {
+    return HAVE_INT8_ROWS && (type == TYPE_Q4_0 || type == TYPE_Q8_0) && IN % 128 == 0;
+}
+
+#if HAVE_INT8_ROWS
+
+// A token's activations, per group of 4 blocks (128 values), as the kernels read them:
+typedef struct {
+    int8_t q[128];     // xq: Q4_0: |values 0-15 of blocks 0..3|values 16-31 of blocks 0..3|; Q8_0: in order
+    int32_t c[2][16];  // the offset of int32 lane k of the product of vector v: -8 (Q4_0: one vector,
+                       // both halves of q) or -128 (Q8_0: vector v = q[64 v ..]) times the sum of its xq
+    float d[2][16];    // dx of the block that lane k of vector v takes
+} X8Group;
+
+// g[n / 128] <- x[n] for W's type, n a multiple of 128: dx = absmax / 127 per block (NaN when it
+// holds a NaN or an infinity, so that the outputs are not finite either).
+static void x8_quantize(Type type, X8Group *g, const float *x, int n) {
+    const __m512i ones = _mm512_set1_epi8(1);
+    int q4 = type == TYPE_Q4_0;
+    for (int b = 0; b < n / 32; b++) {
+        X8Group *gr = &g[b / 4];
+        int k = b % 4;
+        __m512 v0 = _mm512_loadu_ps(x + 32 * b), v1 = _mm512_loadu_ps(x + 32 * b + 16);
+        float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
+        int bad = _mm512_cmp_ps_mask(v0, v1, _CMP_UNORD_Q) || !(amax <= FLT_MAX);  // NaN, inf
+        __m512 id = _mm512_set1_ps(amax > 0 && !bad ? 127.0f / amax : 0.0f);
+        __m512i q0 = _mm512_cvtps_epi32(_mm512_mul_ps(v0, id)), q1 = _mm512_cvtps_epi32(_mm512_mul_ps(v1, id));
+        if (bad) q0 = q1 = _mm512_setzero_si512();
+        float dx = bad ? NAN : amax / 127.0f;
+        _mm_storeu_si128((__m128i *)(gr->q + (q4 ? 16 * k : 32 * k)), _mm512_cvtsepi32_epi8(q0));
+        _mm_storeu_si128((__m128i *)(gr->q + (q4 ? 64 + 16 * k : 32 * k + 16)), _mm512_cvtsepi32_epi8(q1));
+        if (q4) _mm_storeu_ps(&gr->d[0][4 * k], _mm_set1_ps(dx));
+        else _mm256_storeu_ps(&gr->d[k / 2][8 * (k % 2)], _mm256_set1_ps(dx));
+        if (k < 3) continue;
+        // the group is whole: its offsets, summed by the lanes of the product itself
+        __m512i s0 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), ones, _mm512_loadu_si512(gr->q));
+        __m512i s1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), ones, _mm512_loadu_si512(gr->q + 64));
+        if (q4) {
+            _mm512_storeu_si512(gr->c[0], _mm512_mullo_epi32(_mm512_add_epi32(s0, s1), _mm512_set1_epi32(-8)));
+        } else {
+            _mm512_storeu_si512(gr->c[0], _mm512_mullo_epi32(s0, _mm512_set1_epi32(-128)));
+            _mm512_storeu_si512(gr->c[1], _mm512_mullo_epi32(s1, _mm512_set1_epi32(-128)));
+        }
+    }
+}
+
+// The nibbles of 4 Q4_0 blocks w[0..3], those of block L in bytes 16 L .. 16 L + 15 (byte j: values
+// j and j + 16 of the block), and their 4 scales, block L's in lanes 4 L .. 4 L + 3: the 72 bytes
+// of the blocks read as two overlapping 64-byte loads (bytes 0-63 and 8-71), which vpermt2b and
+// vpermw pick from (no read past the 4 blocks).
+static const uint8_t Q4_0_QS_BYTES[64] = {
+    2,  3,  4,  5,  6,  7,  8,  9,  10, 11, 12, 13, 14, 15, 16, 17,   // block 0: bytes 2-17 of the first load
+    20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31, 32, 33, 34, 35,   // block 1: 20-35
+    38, 39, 40, 41, 42, 43, 44, 45, 46, 47, 48, 49, 50, 51, 52, 53,   // block 2: 38-53
+    112, 113, 114, 115, 116, 117, 118, 119, 120, 121, 122, 123, 124, 125, 126, 127,  // block 3: 56-71 = 48-63 of the second
+};
+static inline __m512i q4_0_nibbles4(const BlockQ4_0 *w, __m512 *scales) {
+    const uint8_t *p = (const uint8_t *)w;
+    __m512i a = _mm512_loadu_si512(p), b = _mm512_loadu_si512(p + 8);
+    const __m512i halves = _mm512_set_epi16(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 27, 27, 27, 27, 18, 18, 18, 18,
+                                            9, 9, 9, 9, 0, 0, 0, 0);  // the fp16 scales: words 0, 9, 18, 27
+    *scales = _mm512_cvtph_ps(_mm512_castsi512_si256(_mm512_permutexvar_epi16(halves, a)));
+    return _mm512_permutex2var_epi8(a, _mm512_loadu_si512(Q4_0_QS_BYTES), b);
+}
+
+// The product of 4 blocks of a Q4_0 row with their group of x, added to acc: per block, dW dx
+// sum_k (q_k - 8) xq_k, in the 4 lanes of the block.
+static inline __m512 q4_0_group8(const BlockQ4_0 *w, const X8Group *x, __m512 acc) {
+    const __m512i m15 = _mm512_set1_epi8(15);
+    __m512 dw;
+    __m512i q = q4_0_nibbles4(w, &dw);
+    __m512i is = _mm512_dpbusd_epi32(_mm512_loadu_si512(x->c[0]), _mm512_and_si512(q, m15), _mm512_loadu_si512(x->q));
+    is = _mm512_dpbusd_epi32(is, _mm512_and_si512(_mm512_srli_epi16(q, 4), m15), _mm512_loadu_si512(x->q + 64));
+    return _mm512_fmadd_ps(_mm512_cvtepi32_ps(is), _mm512_mul_ps(dw, _mm512_loadu_ps(x->d[0])), acc);
+}
+
+// The weights of 2 Q8_0 blocks w[0..1] made unsigned (q + 128), block L's in bytes 32 L .. 32 L +
+// 31, and their scales, block L's in lanes 8 L .. 8 L + 7: the 68 bytes of the blocks as two
+// overlapping 64-byte loads (bytes 0-63 and 4-67), as q4_0_nibbles4.
+static const uint8_t Q8_0_QS_BYTES[64] = {
+    2,  3,  4,  5,  6,  7,  8,  9,  10, 11, 12, 13, 14, 15, 16, 17,   // block 0: bytes 2-33 of the first load
+    18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31, 32, 33,
+    36, 37, 38, 39, 40, 41, 42, 43, 44, 45, 46, 47, 48, 49, 50, 51,   // block 1: 36-67 (64-67: 60-63 of the second)
+    52, 53, 54, 55, 56, 57, 58, 59, 60, 61, 62, 63, 124, 125, 126, 127,
+};
+static inline __m512i q8_0_pair(const BlockQ8_0 *w, __m512 *scales) {
+    const uint8_t *p = (const uint8_t *)w;
+    __m512i a = _mm512_loadu_si512(p), b = _mm512_loadu_si512(p + 4);
+    const __m512i halves = _mm512_set_epi16(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 17, 17, 17, 17, 17, 17, 17, 17,
+                                            0, 0, 0, 0, 0, 0, 0, 0);  // the fp16 scales: words 0, 17
+    *scales = _mm512_cvtph_ps(_mm512_castsi512_si256(_mm512_permutexvar_epi16(halves, a)));
+    __m512i q = _mm512_permutex2var_epi8(a, _mm512_loadu_si512(Q8_0_QS_BYTES), b);
+    return _mm512_xor_si512(q, _mm512_set1_epi8((char)0x80));
+}
+
+// The product of 4 blocks of a Q8_0 row with their group of x, added to acc: per block, dW dx
+// sum_k ((q_k + 128) - 128) xq_k, in the 8 lanes of the block.
+static inline __m512 q8_0_group8(const BlockQ8_0 *w, const X8Group *x, __m512 acc) {
+    for (int v = 0; v < 2; v++) {
+        __m512 dw;
+        __m512i q = q8_0_pair(w + 2 * v, &dw);
+        __m512i is = _mm512_dpbusd_epi32(_mm512_loadu_si512(x->c[v]), q, _mm512_loadu_si512(x->q + 64 * v));
+        acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(is), _mm512_mul_ps(dw, _mm512_loadu_ps(x->d[v])), acc);
+    }
+    return acc;
+}
+
+// The 16 lane sums of row . x, the row's nb blocks (a multiple of 4) of W's type.
+static inline __m512 dot8_lanes(Type type, const uint8_t *row, const X8Group *x, int nb) {
+    __m512 acc = _mm512_setzero_ps();
+    if (type == TYPE_Q4_0) {
+        const BlockQ4_0 *w = (const BlockQ4_0 *)(const void *)row;
+        for (int i = 0; i < nb; i += 4, x++) {
+            if (i % 16 == 0) prefetch_ahead(w + i, 16 * (int)sizeof(BlockQ4_0));
+            acc = q4_0_group8(w + i, x, acc);
+        }
+    } else {
+        const BlockQ8_0 *w = (const BlockQ8_0 *)(const void *)row;
+        for (int i = 0; i < nb; i += 4, x++) {
+            if (i % 8 == 0) prefetch_ahead(w + i, 8 * (int)sizeof(BlockQ8_0));
+            acc = q8_0_group8(w + i, x, acc);
+        }
+    }
+    return acc;
+}
+
+// The sums of the 16 lanes of a, b, c, d, as [a, b, c, d].
+static inline __m128 reduce4(__m512 a, __m512 b, __m512 c, __m512 d) {
+    __m512 ab = _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));  // per 128 bits: a b a b
+    __m512 cd = _mm512_add_ps(_mm512_unpacklo_ps(c, d), _mm512_unpackhi_ps(c, d));
+    __m512 abcd = _mm512_add_ps(_mm512_shuffle_ps(ab, cd, 0x44), _mm512_shuffle_ps(ab, cd, 0xee));  // a b c d
+    __m256 h = _mm256_add_ps(_mm512_castps512_ps256(abcd), _mm512_extractf32x8_ps(abcd, 1));
+    return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+}
+
+typedef struct {
+    float *out;          // (T, OUT)
+    const float *bias;   // (OUT) or NULL
+    const QMatrix *W;    // (OUT, IN)
+    int T;
+    const X8Group *x8;   // [T, IN / 128] inp in 8-bit integers
+} Rows8;
+
+// Rows [r0, r1) of out (r0 a multiple of 4), every token: four rows of W at a time, one after the
+// other as they lie in memory (reading them side by side was 30% slower from memory), with one
+// reduction for the four; the last rows of W one at a time.
+static void rows8_range(void *ctx, int r0, int r1) {
+    const Rows8 *r = ctx;
+    Type type = r->W->type;
+    int OUT = r->W->rows, nb = r->W->cols / QK;
+    size_t rb = row_bytes(type, r->W->cols);
+    for (int o = r0; o < r1;) {
+        const uint8_t *w = (const uint8_t *)r->W->data + (size_t)o * rb;
+        int n = r1 - o >= 4 ? 4 : 1;
+        for (int t = 0; t < r->T; t++) {
+            float s[4];
+            const X8Group *x = r->x8 + (size_t)t * (nb / 4);
+            if (n == 4) {  // in the order of memory, one statement each (not the arguments of one call,
+                           // which gcc evaluates last first: backwards, 2x slower from memory)
+                __m512 a0 = dot8_lanes(type, w, x, nb);
+                __m512 a1 = dot8_lanes(type, w + rb, x, nb);
+                __m512 a2 = dot8_lanes(type, w + 2 * rb, x, nb);
+                __m512 a3 = dot8_lanes(type, w + 3 * rb, x, nb);
+                _mm_storeu_ps(s, reduce4(a0, a1, a2, a3));
+            } else {
+                s[0] = _mm512_reduce_add_ps(dot8_lanes(type, w, x, nb));
+            }
+            for (int k = 0; k < n; k++) r->out[(size_t)t * OUT + o + k] = r->bias ? s[k] + r->bias[o + k] : s[k];
+        }
+        o += n;
+    }
+}
+
+// out[T, OUT] = inp[T, IN] W^T (+ bias) for T < FWD_TILE_MIN_T tokens and the types of
+// int8_rows_type: inference only.
+void matmul_rows8(float *out, const float *inp, const QMatrix *W, const float *bias, int T) {
+    int IN = W->cols;
+    X8Group *x8 = scratch_shared((size_t)T * (IN / 128) * sizeof(X8Group));
+    for (int t = 0; t < T; t++) x8_quantize(W->type, x8 + (size_t)t * (IN / 128), inp + (size_t)t * IN, IN);
+    Rows8 r = {out, bias, W, T, x8};
+    parallel_for(rows8_range, &r, W->rows, 4);
+}
+
+#endif  // HAVE_INT8_ROWS
 
 #endif  // HAVE_INT16_DOT
