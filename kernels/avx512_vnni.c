@@ -708,29 +708,31 @@ void matmul_rows16(float *out, const float *inp, const QMatrix *W, const float *
     parallel_for(rows16_range, &r, W->rows, 4);
 }
 
-// --- Generation at inference: 8-bit activations, Q4_0 and Q8_0 rows -----------------------------
+// --- Generation at inference: 8-bit activations, Q4_0, Q8_0 and Q6_K rows ------------------------
 //
-// matmul_inference's rows (T < FWD_TILE_MIN_T: generation) for Q4_0 and Q8_0: a token's
+// matmul_inference's rows (T < FWD_TILE_MIN_T: generation) for Q4_0, Q8_0 and Q6_K: a token's
 // activations in 8-bit integers per block of 32 as the prompt's tiles take them, times the
 // weights' own integers with vpdpbusd (64 multiply-adds an instruction), one vector of bytes per
-// 4 blocks of Q4_0 or 2 of Q8_0, each block's scales applied in its lanes: a third of the
-// instructions per weight of the 16-bit rows of Q4_0 and of the fp32 rows of Q8_0, which could not
-// keep up with memory at one thread. vpdpbusd multiplies unsigned by signed bytes: the weights
-// are made unsigned (Q4_0's q, 0..15, as they are; Q8_0's q + 128, one xor) and the offset that
-// this adds (8 or 128 times the sum of xq) starts the integer sum, from the activations' side.
+// 4 blocks of Q4_0, 2 of Q8_0 or a quarter of Q6_K's, each block's (or group's) scales applied in
+// its lanes: a third of the instructions per weight of the 16-bit rows (Q4_0, Q6_K) and of the
+// fp32 rows (Q8_0), which could not keep up with memory at one thread. vpdpbusd multiplies
+// unsigned by signed bytes: the weights are made unsigned (Q4_0's q, 0..15, and Q6_K's, 0..63, as
+// they are; Q8_0's q + 128, one xor) and the offset that this adds (8, 32 or 128 times the sum of
+// xq) starts the integer sum, from the activations' side.
 
-// matmul_inference's rows take W: Q4_0 and Q8_0 in groups of 4 blocks.
+// matmul_inference's rows take W: Q4_0 and Q8_0 in groups of 4 blocks, Q6_K.
 int int8_rows_type(Type type, int IN) {
-    return HAVE_INT8_ROWS && (type == TYPE_Q4_0 || type == TYPE_Q8_0) && IN % 128 == 0;
+    return HAVE_INT8_ROWS && (((type == TYPE_Q4_0 || type == TYPE_Q8_0) && IN % 128 == 0) || (type == TYPE_Q6_K && IN % QK_K == 0));
 }
 
 #if HAVE_INT8_ROWS
 
 // A token's activations, per group of 4 blocks (128 values), as the kernels read them:
 typedef struct {
-    int8_t q[128];     // xq: Q4_0: |values 0-15 of blocks 0..3|values 16-31 of blocks 0..3|; Q8_0: in order
+    int8_t q[128];     // xq: Q4_0: |values 0-15 of blocks 0..3|values 16-31 of blocks 0..3|; others in order
     int32_t c[2][16];  // the offset of int32 lane k of the product of vector v: -8 (Q4_0: one vector,
-                       // both halves of q) or -128 (Q8_0: vector v = q[64 v ..]) times the sum of its xq
+                       // both halves of q), -128 (Q8_0) or -32 (Q6_K) (vector v = q[64 v ..]) times
+                       // the sum of its xq
     float d[2][16];    // dx of the block that lane k of vector v takes
 } X8Group;
 
@@ -760,8 +762,9 @@ static void x8_quantize(Type type, X8Group *g, const float *x, int n) {
         if (q4) {
             _mm512_storeu_si512(gr->c[0], _mm512_mullo_epi32(_mm512_add_epi32(s0, s1), _mm512_set1_epi32(-8)));
         } else {
-            _mm512_storeu_si512(gr->c[0], _mm512_mullo_epi32(s0, _mm512_set1_epi32(-128)));
-            _mm512_storeu_si512(gr->c[1], _mm512_mullo_epi32(s1, _mm512_set1_epi32(-128)));
+            __m512i offset = _mm512_set1_epi32(type == TYPE_Q8_0 ? -128 : -32);
+            _mm512_storeu_si512(gr->c[0], _mm512_mullo_epi32(s0, offset));
+            _mm512_storeu_si512(gr->c[1], _mm512_mullo_epi32(s1, offset));
         }
     }
 }
@@ -827,7 +830,34 @@ static inline __m512 q8_0_group8(const BlockQ8_0 *w, const X8Group *x, __m512 ac
     return acc;
 }
 
-// The 16 lane sums of row . x, the row's nb blocks (a multiple of 4) of W's type.
+// The product of a Q6_K block with its 2 groups of x, added to acc: per group G of 16 values,
+// d sc_G dx sum_k (q_k - 32) xq_k, in the 4 lanes of the group. Half h of the block (values
+// 128 h ..) takes 64 bytes of ql (low nibbles: values 0-63, high: 64-127) and 32 of qh (bits 2j,
+// 2j + 1 of byte l: the top bits of value l + 32 j).
+static inline __m512 q6_k_block8(const BlockQ6_K *w, const X8Group *x, __m512 acc) {
+    const __m512i m15 = _mm512_set1_epi8(15), m3 = _mm512_set1_epi8(3);
+    const __m512i by4 = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);  // lane k: group k / 4
+    __m512 sc = _mm512_mul_ps(_mm512_set1_ps(half_scalar(w->d)),
+                              _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)w->scales))));
+    for (int h = 0; h < 2; h++, x++) {
+        __m512i ql = _mm512_loadu_si512(w->ql + 64 * h);
+        __m256i qh = _mm256_loadu_si256((const __m256i *)(w->qh + 32 * h));
+        __m512i top = _mm512_inserti64x4(_mm512_castsi256_si512(qh), _mm256_srli_epi16(qh, 2), 1);  // bits 0-1: values 0-63
+        __m512i q[2] = {
+            _mm512_or_si512(_mm512_and_si512(ql, m15), _mm512_slli_epi16(_mm512_and_si512(top, m3), 4)),
+            _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(ql, 4), m15),
+                            _mm512_slli_epi16(_mm512_and_si512(_mm512_srli_epi16(top, 4), m3), 4)),
+        };
+        for (int v = 0; v < 2; v++) {  // values 128 h + 64 v ..: groups 8 h + 4 v ..
+            __m512i is = _mm512_dpbusd_epi32(_mm512_loadu_si512(x->c[v]), q[v], _mm512_loadu_si512(x->q + 64 * v));
+            __m512 s = _mm512_permutexvar_ps(_mm512_add_epi32(by4, _mm512_set1_epi32(8 * h + 4 * v)), sc);
+            acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(is), _mm512_mul_ps(s, _mm512_loadu_ps(x->d[v])), acc);
+        }
+    }
+    return acc;
+}
+
+// The 16 lane sums of row . x, the row's nb blocks of 32 (a multiple of 4; of 8 for Q6_K) of W's type.
 static inline __m512 dot8_lanes(Type type, const uint8_t *row, const X8Group *x, int nb) {
     __m512 acc = _mm512_setzero_ps();
     if (type == TYPE_Q4_0) {
@@ -836,11 +866,17 @@ static inline __m512 dot8_lanes(Type type, const uint8_t *row, const X8Group *x,
             if (i % 16 == 0) prefetch_ahead(w + i, 16 * (int)sizeof(BlockQ4_0));
             acc = q4_0_group8(w + i, x, acc);
         }
-    } else {
+    } else if (type == TYPE_Q8_0) {
         const BlockQ8_0 *w = (const BlockQ8_0 *)(const void *)row;
         for (int i = 0; i < nb; i += 4, x++) {
             if (i % 8 == 0) prefetch_ahead(w + i, 8 * (int)sizeof(BlockQ8_0));
             acc = q8_0_group8(w + i, x, acc);
+        }
+    } else {
+        const BlockQ6_K *w = (const BlockQ6_K *)(const void *)row;
+        for (int i = 0; i < nb / 8; i++, x += 2) {
+            prefetch_ahead(w + i, (int)sizeof(BlockQ6_K));
+            acc = q6_k_block8(w + i, x, acc);
         }
     }
     return acc;

@@ -685,6 +685,19 @@ static Tolerance tolerance(int quant) {
     return table[test_level()][quant != TYPE_F32];
 }
 
+// The route of generation's products (T = 1, matmul_inference) on AVX-512 for a matrix of `type`
+// with `cols` columns: 8-bit activations for Q4_0, Q8_0 (in groups of 4 blocks) and Q6_K where
+// the build has AVX512-VBMI (kernels.h: HAVE_INT8_ROWS), else 16-bit ones for Q4_0 (pairs of
+// blocks) and Q6_K, else fp32.
+static Route generation_route(int type, int cols) {
+#if defined(__AVX512VBMI__)
+    if (((type == TYPE_Q4_0 || type == TYPE_Q8_0) && cols % 128 == 0) || (type == TYPE_Q6_K && cols % 256 == 0))
+        return ROUTE_INT8_ROWS;
+#endif
+    if (type == TYPE_Q6_K || (type == TYPE_Q4_0 && cols % 64 == 0)) return ROUTE_INT16_ROWS;
+    return ROUTE_FP32;
+}
+
 // Every matrix of the model holds `type` (no fallback to another type at load).
 static int all_matrices(const Model *m, Type type) {
     const Weights *w = &m->w;
@@ -715,17 +728,9 @@ static void reference_case(const char *name, int quant) {
     Route gen = matmul_route(wq, 1, PRODUCT_INFERENCE), prompt = matmul_route(wq, 16, PRODUCT_INFERENCE);
     Level lv = test_level();
     int q = quant != TYPE_F32, avx512 = lv == LEVEL_AVX512_BF16 || lv == LEVEL_AMX;
-#if defined(__AVX512VBMI__)
-    int vbmi = 1;  // generation's 8-bit rows of Q4_0 and Q8_0 (kernels.h: HAVE_INT8_ROWS)
-#else
-    int vbmi = 0;
-#endif
-    int rows16 = quant == TYPE_Q6_K || (quant == TYPE_Q4_0 && wq->cols % 64 == 0);
     int ok_routes = fwd == (q && avx512 ? ROUTE_INT16_TILES : ROUTE_FP32) &&
                     bwd == (q && lv == LEVEL_AMX ? ROUTE_AMX : q && avx512 ? ROUTE_BF16 : ROUTE_FP32) &&
-                    gen == ((quant == TYPE_Q4_0 || quant == TYPE_Q8_0) && avx512 && vbmi && wq->cols % 128 == 0 ? ROUTE_INT8_ROWS
-                            : q && avx512 && rows16                          ? ROUTE_INT16_ROWS
-                                                                             : ROUTE_FP32) &&
+                    gen == (avx512 ? generation_route(quant, wq->cols) : ROUTE_FP32) &&
                     prompt == (quant == TYPE_Q4_0 && avx512 ? ROUTE_INT8_TILES : fwd);
     // a prompt's logits come from the last position's output layer, a product of one token: 8-bit
     // when generation's are
