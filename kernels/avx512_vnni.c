@@ -1,8 +1,10 @@
-// kernels/avx512_vnni.c: the products on 16-bit integers (AVX512-VNNI, vpdpwssd): the forward
-// tiles of training and prompts (matmul_int16), and generation's rows for Q4_0 and Q6_K
-// (matmul_rows16). Both multiply the weights' own small integers, exactly, by activations rounded
-// to 14- or 16-bit integers, so their error is far below bf16's (bounds: test/test_quant.c,
-// ROUTE_INT16_TILES, ROUTE_INT16_ROWS). dispatch.c (matmul_route) sends a product here.
+// kernels/avx512_vnni.c: the products on integers (AVX512-VNNI). On 16 bits (vpdpwssd): the forward
+// tiles of training (matmul_int16) and the rows of few tokens for Q4_0 and Q6_K (matmul_rows16).
+// Both multiply the weights' own small integers, exactly, by activations rounded to 14- or 16-bit
+// integers, so their error is far below bf16's (bounds: test/test_quant.c, ROUTE_INT16_TILES,
+// ROUTE_INT16_ROWS). On 8 bits (vpdpbusd), for inference only: the tiles of Q4_0 prompts
+// (matmul_int8) and generation's rows of Q4_0, Q8_0 and Q6_K (matmul_rows8), with llama.cpp's
+// error (ROUTE_INT8_TILES, ROUTE_INT8_ROWS). dispatch.c (matmul_route) sends a product here.
 #include <float.h>
 #include <math.h>
 

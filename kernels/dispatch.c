@@ -1,6 +1,6 @@
 // kernels/dispatch.c: the one place that chooses how a product runs. At run time, per product:
-// matmul_route picks the arithmetic from W's type, the token count and the CPU, and matmul and
-// matmul_backward_input call the kernel of that route. At compile time, per piece: which
+// matmul_route picks the arithmetic from W's type, the token count, the product and the CPU, and
+// matmul, matmul_inference and matmul_backward_input call the kernel of that route. At compile time, per piece: which
 // instruction set's version of each tile, decoder and dot product this build uses (the HAVE_
 // macros of kernels.h), the plain C one of tiles.c where it has none. make debug and make
 // test-ref (-DSFT_REF) call quant.c's definitions instead.
@@ -26,11 +26,14 @@
 //   autocast's. Why not llama.cpp's 8-bit activations (vpdpbusd) here: their error per value is
 //   absmax / 254 of its block, 2-3x that of bf16 rounding, which would make the loss less exact
 //   than the peer's.
-// - Prompts at inference (matmul_inference: generate and chat's prefill, never a loss or a
-//   gradient), Q4_0 on AVX512-VNNI: those 8-bit activations, per block of 32, times Q4_0's nibbles
-//   (avx512_vnni.c: matmul_int8, ROUTE_INT8_TILES): twice the multiply-adds an instruction. The
-//   logits' error, measured on the fixtures, is 0.8-1.2x PyTorch bf16 autocast's (test_model.c
-//   allows 1.5x). Other products of inference take the routes above.
+// - Inference (matmul_inference: the prompts and tokens of generate and chat, never a loss or a
+//   gradient) on AVX512-VNNI: those 8-bit activations, per block of 32, times the weights' own
+//   integers with vpdpbusd, twice the multiply-adds of an instruction of the routes above. Prompts
+//   of Q4_0: tiles of 2 x 16 tokens x 6 rows (avx512_vnni.c: matmul_int8, ROUTE_INT8_TILES).
+//   Generation's rows of Q4_0, Q8_0 and Q6_K, with AVX512-VBMI (matmul_rows8, ROUTE_INT8_ROWS): a
+//   third of the instructions per weight, so that they keep up with memory. The logits' error,
+//   measured on the fixtures, is 0.6-1.2x PyTorch bf16 autocast's (test_model.c allows 1.5x, as
+//   issue 9 does for inference). Other products of inference take the routes above.
 // - Other CPUs, all ROUTE_FP32: the same rows and tiles in fp32 words, with AVX2 + FMA (avx2.c),
 //   NEON (neon.c) or plain C (tiles.c, which compilers vectorize as they can).
 #include <stdio.h>
@@ -168,7 +171,10 @@ const char *kernel_path(void) {
     return "reference (the scalar definitions, -DSFT_REF)";
 #elif HAVE_BF16_DOT
     static char text[300];  // the same text on every call
-    const char *fwd = HAVE_INT16_DOT ? "exact weights x int16 activations (vpdpwssd); Q4_0 prompts at inference x int8 (vpdpbusd)"
+    const char *fwd = HAVE_INT16_DOT ? (HAVE_INT8_ROWS ? "exact weights x int16 activations (vpdpwssd); inference: Q4_0 prompts, "
+                                                         "Q4_0/Q8_0/Q6_K generation x int8 (vpdpbusd)"
+                                                       : "exact weights x int16 activations (vpdpwssd); inference: Q4_0 prompts x "
+                                                         "int8 (vpdpbusd)")
                                      : "bf16 (vdpbf16ps)";
 #if HAVE_AMX
     const char *bwd = amx_on() ? amx_why() : "vdpbf16ps", *note = amx_on() ? "" : amx_why();
