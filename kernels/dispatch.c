@@ -32,7 +32,7 @@
 //   of Q4_0: tiles of 2 x 16 tokens x 6 rows (avx512_vnni.c: matmul_int8, ROUTE_INT8_TILES).
 //   Generation's rows of Q4_0, Q8_0 and Q6_K, with AVX512-VBMI (matmul_rows8, ROUTE_INT8_ROWS): a
 //   third of the instructions per weight, so that they keep up with memory. The logits' error,
-//   measured on the fixtures, is 0.6-1.2x PyTorch bf16 autocast's (test_model.c allows 1.5x, as
+//   measured on the fixtures, is 0.8-1.1x PyTorch bf16 autocast's (test_model.c allows 1.5x, as
 //   issue 9 does for inference). Other products of inference take the routes above.
 // - Other CPUs, all ROUTE_FP32: the same rows and tiles in fp32 words, with AVX2 + FMA (avx2.c),
 //   NEON (neon.c) or plain C (tiles.c, which compilers vectorize as they can).

@@ -41,7 +41,7 @@ field() {  # field NAME JSON: a number field of a one-line JSON object
 ratio() {  # ratio FIGURE SFT PEER PEER_NAME HIGHER_IS_BETTER(1|0)
     local r
     if [ "$5" = 1 ]; then r=$(awk "BEGIN { printf \"%.2f\", $2 / $3 }"); else r=$(awk "BEGIN { printf \"%.2f\", $3 / $2 }"); fi
-    rows+=("| $1 | $2 | $4 $3 | ${r}x |")
+    rows+=("| $1 | $2 | $4 $(awk "BEGIN { printf \"%.1f\", $3 }") | ${r}x |")
     emit "ratio_$(tr ' /' '__' <<<"$1")" "{\"sft\": $2, \"peer\": $3, \"peer_name\": \"$4\", \"sft_advantage\": $r}"
 }
 
