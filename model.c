@@ -806,6 +806,7 @@ double model_forward_backward_batch(Model *m, struct Lora *lora, Activations *a,
 struct KVCache {
     int max_T;         // capacity in tokens
     int n;             // tokens in the cache
+    int exact;         // kvcache_exact: matmul, not matmul_inference
     float *k, *v;      // [L, max_T, NKV*HS] keys after RoPE, values
     float *cos, *sin;  // [max_T, HS/2]
     float *att_work;   // [NKV*HS, padded(max_T)] the keys transposed for the attention kernel
@@ -853,6 +854,7 @@ void kvcache_free(KVCache *kv) {
 }
 
 void kvcache_reset(KVCache *kv) { kv->n = 0; }
+void kvcache_exact(KVCache *kv, int exact) { kv->exact = exact; }
 int kvcache_len(const KVCache *kv) { return kv->n; }
 
 // Runs tokens[n] (n <= INFER_CHUNK) at positions kv->n ...; logits[V] of the last one when not NULL.
@@ -860,7 +862,7 @@ static void infer_chunk(Model *m, const Lora *lora, KVCache *kv, const int *toke
     const Config *c = &m->config;
     size_t KD = (size_t)c->NKV * c->HS;
     int seg[2] = {0, n};
-    Pass ps = {c, &m->w, lora, 0, 0, NULL, NULL, NULL, kv->lora_bt, kv->att_work, kv->cos, kv->sin, seg, 1, 1};
+    Pass ps = {c, &m->w, lora, 0, 0, NULL, NULL, NULL, kv->lora_bt, kv->att_work, kv->cos, kv->sin, seg, 1, !kv->exact};
     embed_forward(kv->x, tokens, &m->w.embed, n);
     for (int l = 0; l < c->L; l++) {
         LayerBufs b = {
@@ -875,7 +877,8 @@ static void infer_chunk(Model *m, const Lora *lora, KVCache *kv, const int *toke
     if (!logits) return;
     float rstd;
     rmsnorm_forward(kv->ln, &rstd, kv->x + (size_t)(n - 1) * c->C, m->w.out_norm, 1, c->C, c->rms_eps);
-    matmul_inference(logits, kv->ln, &m->w.lm_head, NULL, 1);
+    if (kv->exact) matmul(logits, kv->ln, &m->w.lm_head, NULL, 1);
+    else matmul_inference(logits, kv->ln, &m->w.lm_head, NULL, 1);
 }
 
 int model_infer(Model *m, const struct Lora *lora, KVCache *kv, const int *tokens, int n, float *logits) {

@@ -134,6 +134,10 @@ KVCache *kvcache_new(const Config *c, int max_T);
 void kvcache_free(KVCache *kv);
 void kvcache_reset(KVCache *kv);   // forget every token
 int kvcache_len(const KVCache *kv);
+// exact = 1: the passes through this cache take training's products (exact weights, 14/16-bit
+// activations), not inference's 8-bit activations (quant.h: matmul_inference), for logits that
+// are checked against a reference (sft eval --logits). Off by a new cache.
+void kvcache_exact(KVCache *kv, int exact);
 
 // Runs tokens[n] at the positions after those already in the cache (a prompt when n > 1, one new
 // token when n = 1), appends their keys and values, and writes the last token's logits[V]

@@ -97,6 +97,7 @@ int write_logits(Model *m, const Lora *lora, const Dataset *ds, const char *data
     int V = m->config.V, max_T = 1, r = 0;
     for (int i = 0; i < ds->n; i++) max_T = ds->ex[i].T > max_T ? ds->ex[i].T : max_T;
     KVCache *kv = kvcache_new(&m->config, max_T);
+    kvcache_exact(kv, 1);  // logits to check against a reference: training's products, not 8-bit ones
     StTensor *t = xcalloc((size_t)ds->n * 2, sizeof *t);
     char *names = xmalloc((size_t)ds->n * 64);  // "logits.I" and "tokens.I", 32 bytes each
     for (int i = 0; i < ds->n && r == 0; i++) {

@@ -610,14 +610,16 @@ static double max_abs_diff(const float *a, const float *b, size_t n) {
 
 // The largest absolute errors of the logits of example 0 at the reference's positions through the
 // KV cache: after a prefill of the whole prefix (matmul with T > 1), and when the same tokens go
-// one at a time (T = 1, generation's products). Returns -1 when model_infer fails.
-static int logits_errors(Fixture *fx, double *prompt, double *step_err) {
+// one at a time (T = 1, generation's products); with exact, through a cache that takes training's
+// products (kvcache_exact: sft eval --logits). Returns -1 when model_infer fails.
+static int logits_errors(Fixture *fx, int exact, double *prompt, double *step_err) {
     size_t np, nl;
     float *pos = load_tensor(&fx->want, "logits_pos", &np), *want = load_tensor(&fx->want, "logits", &nl);
     int V = fx->m.config.V, T = fx->ds.ex[0].T;
     const int *tokens = fx->ds.ex[0].tokens;
     float *got = xmalloc(nl * sizeof(float)), *step = xmalloc(nl * sizeof(float)), *tmp = xmalloc((size_t)V * sizeof(float));
     KVCache *kv = kvcache_new(&fx->m.config, T);
+    kvcache_exact(kv, exact);
     int ok = pos && want && nl == np * (size_t)V;
     for (size_t i = 0; ok && i < np; i++) {
         kvcache_reset(kv);
@@ -746,7 +748,7 @@ static void reference_case(const char *name, int quant) {
     double err_loss = fabs(loss - want) / want, err_grads = grads_error(&fx), err_prompt = -1, err_step = -1;
     double base = mean_loss(&fx.m, NULL, &fx.ds, a, 0, 0), want_base = load_scalar(&fx.want, "loss_base");
     double err_base = fabs(base - want_base) / want_base;
-    int logits_ok = logits_errors(&fx, &err_prompt, &err_step) == 0;
+    int logits_ok = logits_errors(&fx, 0, &err_prompt, &err_step) == 0;
     snprintf(text, sizeof text, "loss (rel err %.2g), without the adapter (%.2g)", err_loss, err_base);
     label(label_, sizeof label_, &fx, text);
     check(err_loss <= tol.loss && err_base <= tol.loss, label_, "tolerance %.1g at level %s", tol.loss,
@@ -759,6 +761,15 @@ static void reference_case(const char *name, int quant) {
     label(label_, sizeof label_, &fx, text);
     check(logits_ok && err_prompt <= prompt_tol && err_step <= step_tol, label_, "tolerances %.1g, %.1g at level %s",
           prompt_tol, step_tol, LEVEL_NAMES[test_level()]);
+    if (int8) {  // sft eval --logits: the same logits without the 8-bit products
+        double exact_prompt = -1, exact_step = -1;
+        int exact_ok = logits_errors(&fx, 1, &exact_prompt, &exact_step) == 0;
+        snprintf(text, sizeof text, "logits through an exact cache (max err %.2g, one token at a time %.2g)", exact_prompt,
+                 exact_step);
+        label(label_, sizeof label_, &fx, text);
+        check(exact_ok && exact_prompt <= tol.prompt && exact_step <= tol.step, label_, "tolerances %.1g, %.1g at level %s",
+              tol.prompt, tol.step, LEVEL_NAMES[test_level()]);
+    }
     double peer_loss = load_scalar(&fx.want, "peer_bf16.loss_err"), peer_grads = load_scalar(&fx.want, "peer_bf16.grads_err");
     double peer_logits = load_scalar(&fx.want, "peer_bf16.logits_err");
     snprintf(text, sizeof text,
