@@ -331,7 +331,9 @@ void matmul_int16(float *out, const float *inp, const QMatrix *W, const float *b
 // with the weights' scale dW: dW (dx sum q xq - 8 dx sum xq), the second term packed with the
 // activations. The logits' error that this adds is measured on the fixtures against PyTorch bf16
 // autocast's (test_model.c): the issue allows inference 1.5x the peer's.
-// Tile: up to 4 vectors of 16 tokens x FWD_N rows, as the 16-bit tiles, 8 words a block (not 16).
+// Tile: up to 2 vectors of 16 tokens x FWD_N rows, 8 words a block (not 16), the float sums in
+// registers beside the 12 integer ones (4 vectors, with the float sums in L1 as the 16-bit tiles
+// keep them, ran at 254 GFLOP/s against 316 on one core).
 
 typedef struct {
     Fwd f;                 // out, bias, W, T, TP, KC as for the other tiles (f.x unused)
@@ -340,7 +342,7 @@ typedef struct {
     const float *off;      // [IN / 32, TP] 8 dx (sum of the block's xq): Q4_0's offset, applied per block
 } Fwd8;
 
-// One tile: tokens 16 * tv0 ... (M <= 4 vectors of 16) x the FWD_N rows whose nibbles (one byte
+// One tile: tokens 16 * tv0 ... (M <= 2 vectors of 16) x the FWD_N rows whose nibbles (one byte
 // each, in order) are w + n * nw and scales s + n * ns (nrows real rows, the others repeat the
 // last), over blocks b0 .. b0 + nb - 1 of the row; the sums are added into (first chunk: written
 // to) dst + n * TP + token.
