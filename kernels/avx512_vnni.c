@@ -303,15 +303,20 @@ int int16_tiles_type(Type type, int IN) {
                             type == TYPE_Q5_K || type == TYPE_Q6_K || type == TYPE_NF4);
 }
 
+// The elements of IN per K-chunk for TP tokens whose activations take `bytes` each: the packed
+// activations of a chunk within ~320 KB, in chunks of about the same size (a short last chunk
+// would pay a tile's set-up for a few blocks).
+static int k_chunk(int IN, int TP, size_t bytes) {
+    size_t budget = 320 * 1024 / bytes / (size_t)TP, parts = ((size_t)IN + budget - 1) / budget;
+    int KC = (int)round_up(((size_t)IN + parts - 1) / parts, CHUNK_ALIGN);
+    return KC >= IN ? IN : KC;
+}
+
 // out[T, OUT] = inp[T, IN] W^T (+ bias) on 16-bit integers, for the types of int16_tiles_type (IN a
 // multiple of 32).
 void matmul_int16(float *out, const float *inp, const QMatrix *W, const float *bias, int T) {
     int IN = W->cols, TP = (int)round_up((size_t)T, 16);
-    // K-chunks keep the packed activations of a chunk (TP x KC int16) within ~320 KB, in chunks of
-    // about the same size (a short last chunk would pay a tile's set-up for a few blocks)
-    size_t budget = 320 * 1024 / 2 / (size_t)TP, parts = ((size_t)IN + budget - 1) / budget;
-    int KC = (int)round_up(((size_t)IN + parts - 1) / parts, CHUNK_ALIGN);
-    if (KC >= IN) KC = IN;
+    int KC = k_chunk(IN, TP, sizeof(int16_t));
     int chunks = (IN + KC - 1) / KC;
     size_t xw = (size_t)IN / 2 * TP * 4, dxb = (size_t)chunks * TP * 4, xsb = (size_t)IN / 32 * TP * 4;
     uint8_t *mem = scratch_shared(xw + dxb + xsb);
@@ -453,26 +458,34 @@ typedef struct {
     int words;   // words of a token's row: IN / 4 rounded up to 16 (transpose_words16 takes 16 at a time)
 } PackX8;
 
-// Token t of inp in 8-bit integers, one scale per block of 32 (dx = absmax / 127; NaN when the block
-// holds a NaN or an infinity, so that the outputs are not finite either), as quads into q[IN / 4],
-// with dx and the offsets 8 dx (sum xq) into f. Padding tokens (t >= T) are zeros.
+// One block of 32 values x[0..31] (zeros when x is NULL) in 8-bit integers, x ~ dx * xq: *lo the
+// xq of values 0-15, *hi of 16-31, *sum their sum. Returns dx = absmax / 127; NaN, with zero xq,
+// when the block holds a NaN or an infinity, so that the outputs are not finite either.
+static inline float quantize_block8(const float *x, __m128i *lo, __m128i *hi, int *sum) {
+    __m512 v0 = x ? _mm512_loadu_ps(x) : _mm512_setzero_ps(), v1 = x ? _mm512_loadu_ps(x + 16) : _mm512_setzero_ps();
+    float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
+    int bad = _mm512_cmp_ps_mask(v0, v1, _CMP_UNORD_Q) || !(amax <= FLT_MAX);  // NaN, inf
+    __m512 id = _mm512_set1_ps(amax > 0 && !bad ? 127.0f / amax : 0.0f);
+    __m512i q0 = _mm512_cvtps_epi32(_mm512_mul_ps(v0, id)), q1 = _mm512_cvtps_epi32(_mm512_mul_ps(v1, id));
+    if (bad) q0 = q1 = _mm512_setzero_si512();
+    *lo = _mm512_cvtsepi32_epi8(q0), *hi = _mm512_cvtsepi32_epi8(q1);
+    *sum = _mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1));
+    return bad ? NAN : amax / 127.0f;
+}
+
+// Token t of inp in 8-bit integers, one scale per block of 32 (quantize_block8), as quads into
+// q[IN / 4], with dx and the offsets 8 dx (sum xq) into f. Padding tokens (t >= T) are zeros.
 static void pack_token8(const Fwd8 *f, const float *inp, int t, uint32_t *q) {
     int IN = f->f.W->cols, TP = f->f.TP;
     const float *x = inp + (size_t)t * IN;
     for (int b = 0; b < IN / 32; b++) {
-        int pad = t >= f->f.T;
-        __m512 v0 = pad ? _mm512_setzero_ps() : _mm512_loadu_ps(x + 32 * b);
-        __m512 v1 = pad ? _mm512_setzero_ps() : _mm512_loadu_ps(x + 32 * b + 16);
-        float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
-        int bad = _mm512_cmp_ps_mask(v0, v1, _CMP_UNORD_Q) || !(amax <= FLT_MAX);  // NaN, inf
-        __m512 id = _mm512_set1_ps(amax > 0 && !bad ? 127.0f / amax : 0.0f);
-        __m512i q0 = _mm512_cvtps_epi32(_mm512_mul_ps(v0, id)), q1 = _mm512_cvtps_epi32(_mm512_mul_ps(v1, id));
-        if (bad) q0 = q1 = _mm512_setzero_si512();
-        float dx = bad ? NAN : amax / 127.0f;
-        _mm_storeu_si128((__m128i *)(q + 8 * b), _mm512_cvtsepi32_epi8(q0));
-        _mm_storeu_si128((__m128i *)(q + 8 * b + 4), _mm512_cvtsepi32_epi8(q1));
+        __m128i lo, hi;
+        int sum;
+        float dx = quantize_block8(t < f->f.T ? x + 32 * b : NULL, &lo, &hi, &sum);
+        _mm_storeu_si128((__m128i *)(q + 8 * b), lo);
+        _mm_storeu_si128((__m128i *)(q + 8 * b + 4), hi);
         ((float *)f->dx)[(size_t)b * TP + t] = dx;
-        ((float *)f->off)[(size_t)b * TP + t] = 8.0f * dx * (float)_mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1));
+        ((float *)f->off)[(size_t)b * TP + t] = 8.0f * dx * (float)sum;
     }
 }
 
@@ -495,10 +508,7 @@ int int8_tiles_type(Type type, int IN) { return type == TYPE_Q4_0 && IN % 32 == 
 // inference only.
 void matmul_int8(float *out, const float *inp, const QMatrix *W, const float *bias, int T) {
     int IN = W->cols, TP = (int)round_up((size_t)T, 16), words = (int)round_up((size_t)IN / 4, 16);
-    // K-chunks keep the packed activations of a chunk (TP x KC bytes) within ~320 KB, as matmul_int16's
-    size_t budget = 320 * 1024 / (size_t)TP, parts = ((size_t)IN + budget - 1) / budget;
-    int KC = (int)round_up(((size_t)IN + parts - 1) / parts, CHUNK_ALIGN);
-    if (KC >= IN) KC = IN;
+    int KC = k_chunk(IN, TP, 1);
     size_t xw = (size_t)words * TP * 4, sb = (size_t)IN / 32 * TP * 4;
     uint8_t *mem = scratch_shared(xw + 2 * sb);
     Fwd8 f = {{out, bias, W, T, TP, 0, NULL, KC}, (uint32_t *)mem, (float *)(mem + xw), (float *)(mem + xw + sb)};
@@ -740,23 +750,18 @@ typedef struct {
     float d[2][16];    // dx of the block that lane k of vector v takes
 } X8Group;
 
-// g[n / 128] <- x[n] for W's type, n a multiple of 128: dx = absmax / 127 per block (NaN when it
-// holds a NaN or an infinity, so that the outputs are not finite either).
+// g[n / 128] <- x[n] for W's type, n a multiple of 128, one scale per block of 32 (quantize_block8).
 static void x8_quantize(Type type, X8Group *g, const float *x, int n) {
     const __m512i ones = _mm512_set1_epi8(1);
     int q4 = type == TYPE_Q4_0;
     for (int b = 0; b < n / 32; b++) {
         X8Group *gr = &g[b / 4];
         int k = b % 4;
-        __m512 v0 = _mm512_loadu_ps(x + 32 * b), v1 = _mm512_loadu_ps(x + 32 * b + 16);
-        float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
-        int bad = _mm512_cmp_ps_mask(v0, v1, _CMP_UNORD_Q) || !(amax <= FLT_MAX);  // NaN, inf
-        __m512 id = _mm512_set1_ps(amax > 0 && !bad ? 127.0f / amax : 0.0f);
-        __m512i q0 = _mm512_cvtps_epi32(_mm512_mul_ps(v0, id)), q1 = _mm512_cvtps_epi32(_mm512_mul_ps(v1, id));
-        if (bad) q0 = q1 = _mm512_setzero_si512();
-        float dx = bad ? NAN : amax / 127.0f;
-        _mm_storeu_si128((__m128i *)(gr->q + (q4 ? 16 * k : 32 * k)), _mm512_cvtsepi32_epi8(q0));
-        _mm_storeu_si128((__m128i *)(gr->q + (q4 ? 64 + 16 * k : 32 * k + 16)), _mm512_cvtsepi32_epi8(q1));
+        __m128i lo, hi;
+        int sum;
+        float dx = quantize_block8(x + 32 * b, &lo, &hi, &sum);
+        _mm_storeu_si128((__m128i *)(gr->q + (q4 ? 16 * k : 32 * k)), lo);
+        _mm_storeu_si128((__m128i *)(gr->q + (q4 ? 64 + 16 * k : 32 * k + 16)), hi);
         if (q4) _mm_storeu_ps(&gr->d[0][4 * k], _mm_set1_ps(dx));
         else _mm256_storeu_ps(&gr->d[k / 2][8 * (k % 2)], _mm256_set1_ps(dx));
         if (k < 3) continue;

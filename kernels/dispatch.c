@@ -171,11 +171,10 @@ const char *kernel_path(void) {
     return "reference (the scalar definitions, -DSFT_REF)";
 #elif HAVE_BF16_DOT
     static char text[300];  // the same text on every call
-    const char *fwd = HAVE_INT16_DOT ? (HAVE_INT8_ROWS ? "exact weights x int16 activations (vpdpwssd); inference: Q4_0 prompts, "
-                                                         "Q4_0/Q8_0/Q6_K generation x int8 (vpdpbusd)"
-                                                       : "exact weights x int16 activations (vpdpwssd); inference: Q4_0 prompts x "
-                                                         "int8 (vpdpbusd)")
-                                     : "bf16 (vdpbf16ps)";
+    const char *fwd = !HAVE_INT16_DOT ? "bf16 (vdpbf16ps)"
+                      : HAVE_INT8_ROWS ? "exact weights x int16 activations (vpdpwssd); inference: Q4_0 prompts, "
+                                         "Q4_0/Q8_0/Q6_K generation x int8 (vpdpbusd)"
+                                       : "exact weights x int16 activations (vpdpwssd); inference: Q4_0 prompts x int8 (vpdpbusd)";
 #if HAVE_AMX
     const char *bwd = amx_on() ? amx_why() : "vdpbf16ps", *note = amx_on() ? "" : amx_why();
 #else
