@@ -522,7 +522,7 @@ static const char *train_help =
     "  --eval-data FILE     held-out JSONL data whose loss is logged\n"
     "  --eval-every N       0 (0: at the end of each epoch)\n"
     "saving\n"
-    "  --save-every N       0 (0: a checkpoint only at the end and on Ctrl-C, SIGTERM, SIGHUP)\n"
+    "  --save-every N       0 (a checkpoint every N steps and at the end; 0: only on Ctrl-C, SIGTERM, SIGHUP)\n"
     "  --resume DIR         continue from DIR = OUT/checkpoint-STEP exactly as if never stopped\n"
     "  --overwrite          write into a non-empty --out\n"
     "  --threads N          0 (0: all cores); the results do not depend on it\n"

@@ -859,10 +859,12 @@ static int eval_pending(const Trainer *tr) {
     return tr->step > 0 && eval_due(tr) && (c->n == 0 || c->x[c->n - 1] != (double)tr->step);
 }
 
-// After step tr->step: loss.svg (every 2 s) and a checkpoint every --save-every steps, at the end
-// and when stop is set.
+// After step tr->step: loss.svg (every 2 s); a checkpoint when stop is set and, with --save-every,
+// every --save-every steps and at the end. Without it a finished run writes no checkpoint: its
+// adapter is the result, and a resume of a finished run has nothing left to do.
 static int save_due(Trainer *tr, int stop, Err *e) {
-    int save = (tr->o.save_every > 0 && tr->step % tr->o.save_every == 0) || stop || tr->step == tr->total_steps;
+    long every = tr->o.save_every;
+    int save = stop || (every > 0 && (tr->step % every == 0 || tr->step == tr->total_steps));
     if (save || now_seconds() - tr->last_svg > 2) {
         if (write_loss_svg(tr, e) != 0) return -1;
         tr->last_svg = now_seconds();

@@ -415,7 +415,7 @@ static void test_killed_mid_write(void) {
                             "checkpoint-complete", "checkpoint-rename-2", "lora-save-written", "lora-save-removed",
                             "lora-save-config"};
     const char *in_place[] = {"checkpoint-complete", "checkpoint-rename-1", "checkpoint-rename-2"};
-    const char *resume2 = "--max-steps 4 --resume " DIR "/kill_b/checkpoint-2";
+    const char *resume2 = "--max-steps 4 --save-every 2 --resume " DIR "/kill_b/checkpoint-2";
     int ok = train_run("", "kill_ref", "--max-steps 4 --save-every 2", NULL) == 0;
     char why[512] = "";
     // a fresh run, killed while it saves checkpoint-4 (the second save)
