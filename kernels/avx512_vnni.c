@@ -3,7 +3,7 @@
 // Both multiply the weights' own small integers, exactly, by activations rounded to 14- or 16-bit
 // integers, so their error is far below bf16's (bounds: test/test_quant.c, ROUTE_INT16_TILES,
 // ROUTE_INT16_ROWS). On 8 bits (vpdpbusd), for inference only: the tiles of Q4_0 prompts
-// (matmul_int8) and generation's rows of Q4_0, Q8_0 and Q6_K (matmul_rows8), with llama.cpp's
+// (matmul_int8) and generation's rows of Q4_0, Q8_0, Q4_K and Q6_K (matmul_rows8), with llama.cpp's
 // error (ROUTE_INT8_TILES, ROUTE_INT8_ROWS). dispatch.c (matmul_route) sends a product here.
 #include <float.h>
 #include <math.h>
@@ -722,32 +722,36 @@ void matmul_rows16(float *out, const float *inp, const QMatrix *W, const float *
     parallel_for(rows16_range, &r, W->rows, 4);
 }
 
-// --- Generation at inference: 8-bit activations, Q4_0, Q8_0 and Q6_K rows ------------------------
+// --- Generation at inference: 8-bit activations, Q4_0, Q8_0, Q4_K and Q6_K rows -----------------
 //
-// matmul_inference's rows (T < FWD_TILE_MIN_T: generation) for Q4_0, Q8_0 and Q6_K: a token's
+// matmul_inference's rows (T < FWD_TILE_MIN_T: generation) for Q4_0, Q8_0, Q4_K and Q6_K: a token's
 // activations in 8-bit integers per block of 32 as the prompt's tiles take them, times the
 // weights' own integers with vpdpbusd (64 multiply-adds an instruction), one vector of bytes per
-// 4 blocks of Q4_0, 2 of Q8_0 or a quarter of Q6_K's, each block's (or group's) scales applied in
-// its lanes: a third of the instructions per weight of the 16-bit rows (Q4_0, Q6_K) and of the
-// fp32 rows (Q8_0), which could not keep up with memory at one thread. vpdpbusd multiplies
-// unsigned by signed bytes: the weights are made unsigned (Q4_0's q, 0..15, and Q6_K's, 0..63, as
-// they are; Q8_0's q + 128, one xor) and the offset that this adds (8, 32 or 128 times the sum of
-// xq) starts the integer sum, from the activations' side.
+// 4 blocks of Q4_0, 2 of Q8_0 or a quarter of Q4_K's or Q6_K's, each block's (or group's) scales
+// applied in its lanes: a third of the instructions per weight of the 16-bit rows (Q4_0, Q6_K) and
+// of the fp32 rows (Q8_0, Q4_K), which could not keep up with memory at one thread. vpdpbusd
+// multiplies unsigned by signed bytes: the weights are made unsigned (Q4_0's q, 0..15, Q4_K's,
+// 0..15, and Q6_K's, 0..63, as they are; Q8_0's q + 128, one xor) and the offset that this adds
+// (8, 32 or 128 times the sum of xq) starts the integer sum, from the activations' side. Q4_K's
+// mins take the sums of xq as they are: dmin m_g dx (sum of xq of group g), once per group.
 
-// matmul_inference's rows take W: Q4_0 and Q8_0 in groups of 4 blocks, Q6_K.
+// matmul_inference's rows take W: Q4_0 and Q8_0 in groups of 4 blocks, Q4_K, Q6_K.
 int int8_rows_type(Type type, int IN) {
-    return HAVE_INT8_ROWS && (((type == TYPE_Q4_0 || type == TYPE_Q8_0) && IN % 128 == 0) || (type == TYPE_Q6_K && IN % QK_K == 0));
+    return HAVE_INT8_ROWS && (((type == TYPE_Q4_0 || type == TYPE_Q8_0) && IN % 128 == 0) ||
+                              ((type == TYPE_Q4_K || type == TYPE_Q6_K) && IN % QK_K == 0));
 }
 
 #if HAVE_INT8_ROWS
 
 // A token's activations, per group of 4 blocks (128 values), as the kernels read them:
 typedef struct {
-    int8_t q[128];     // xq: Q4_0: |values 0-15 of blocks 0..3|values 16-31 of blocks 0..3|; others in order
+    int8_t q[128];     // xq: Q4_0: |values 0-15 of blocks 0..3|values 16-31 of blocks 0..3|; Q4_K:
+                       // blocks 0, 2, 1, 3 (as the low and high nibbles of 64 bytes); others in order
     int32_t c[2][16];  // the offset of int32 lane k of the product of vector v: -8 (Q4_0: one vector,
                        // both halves of q), -128 (Q8_0) or -32 (Q6_K) (vector v = q[64 v ..]) times
-                       // the sum of its xq
+                       // the sum of its xq; Q4_K: none
     float d[2][16];    // dx of the block that lane k of vector v takes
+    float dsum[4];     // Q4_K: dx times the sum of xq of block k (for the mins)
 } X8Group;
 
 // g[n / 128] <- x[n] for W's type, n a multiple of 128, one scale per block of 32 (quantize_block8).
@@ -756,15 +760,16 @@ static void x8_quantize(Type type, X8Group *g, const float *x, int n) {
     int q4 = type == TYPE_Q4_0;
     for (int b = 0; b < n / 32; b++) {
         X8Group *gr = &g[b / 4];
-        int k = b % 4;
+        int k = b % 4, at = type == TYPE_Q4_K && (k == 1 || k == 2) ? 3 - k : k;  // Q4_K: 0, 2, 1, 3
         __m128i lo, hi;
         int sum;
         float dx = quantize_block8(x + 32 * b, &lo, &hi, &sum);
-        _mm_storeu_si128((__m128i *)(gr->q + (q4 ? 16 * k : 32 * k)), lo);
-        _mm_storeu_si128((__m128i *)(gr->q + (q4 ? 64 + 16 * k : 32 * k + 16)), hi);
+        _mm_storeu_si128((__m128i *)(gr->q + (q4 ? 16 * k : 32 * at)), lo);
+        _mm_storeu_si128((__m128i *)(gr->q + (q4 ? 64 + 16 * k : 32 * at + 16)), hi);
         if (q4) _mm_storeu_ps(&gr->d[0][4 * k], _mm_set1_ps(dx));
-        else _mm256_storeu_ps(&gr->d[k / 2][8 * (k % 2)], _mm256_set1_ps(dx));
-        if (k < 3) continue;
+        else _mm256_storeu_ps(&gr->d[at / 2][8 * (at % 2)], _mm256_set1_ps(dx));
+        gr->dsum[k] = dx * (float)sum;
+        if (k < 3 || type == TYPE_Q4_K) continue;
         // the group is whole: its offsets, summed by the lanes of the product itself
         __m512i s0 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), ones, _mm512_loadu_si512(gr->q));
         __m512i s1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), ones, _mm512_loadu_si512(gr->q + 64));
@@ -839,6 +844,43 @@ static inline __m512 q8_0_group8(const BlockQ8_0 *w, const X8Group *x, __m512 ac
     return acc;
 }
 
+// The 8 scales and 8 mins of a Q4_K block, as bytes sc_0 .. sc_7, m_0 .. m_7 (scale_min_k4 for
+// all 8 groups at once). As 32-bit words u0, u1, u2 of `scales`: sc_0-3 = u0 & 63, m_0-3 = u1 & 63,
+// sc_4-7 = the low nibbles of u2 and the top 2 bits of u0, m_4-7 = the high nibbles of u2 and the
+// top 2 bits of u1. (The 16-byte load reads 4 bytes of qs beyond the 12.)
+static inline __m128i k4_scales_mins(const uint8_t *scales) {
+    __m128i u = _mm_loadu_si128((const __m128i *)scales);
+    __m128i a = _mm_shuffle_epi32(u, _MM_SHUFFLE(2, 1, 2, 0));  // u0, u2, u1, u2
+    __m128i b = _mm_shuffle_epi32(u, _MM_SHUFFLE(1, 1, 0, 0));  // u0, u0, u1, u1
+    __m128i low = _mm_and_si128(_mm_srlv_epi32(a, _mm_set_epi32(4, 0, 0, 0)),
+                                _mm_set_epi32(0x0f0f0f0f, 0x3f3f3f3f, 0x0f0f0f0f, 0x3f3f3f3f));
+    __m128i top = _mm_and_si128(_mm_srli_epi32(b, 2), _mm_set_epi32(0x30303030, 0, 0x30303030, 0));
+    return _mm_or_si128(low, top);
+}
+
+// The product of a Q4_K block with its 2 groups of x, added to acc: per group g of 32 values,
+// d sc_g dx sum_k q_k xq_k in the 8 lanes of the group, less dmin m_g dx (sum of the group's xq).
+// Half h of the block (values 128 h ..) is 64 bytes of qs: groups 4h and 4h + 2 in the low
+// nibbles of its two halves, 4h + 1 and 4h + 3 in the high ones.
+static inline __m512 q4_k_block8(const BlockQ4_K *w, const X8Group *x, __m512 acc) {
+    const __m512i m15 = _mm512_set1_epi8(15);
+    __m512 dm = _mm512_insertf32x8(_mm512_set1_ps(half_scalar(w->d)), _mm256_set1_ps(half_scalar(w->dmin)), 1);
+    __m512 scales = _mm512_mul_ps(dm, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(k4_scales_mins(w->scales))));
+    __m256 dsum = _mm256_insertf128_ps(_mm256_castps128_ps256(_mm_loadu_ps(x[0].dsum)), _mm_loadu_ps(x[1].dsum), 1);
+    acc = _mm512_fnmadd_ps(scales, _mm512_insertf32x8(_mm512_setzero_ps(), dsum, 1), acc);  // lanes 8-15: the mins
+    for (int h = 0; h < 2; h++, x++) {
+        __m512i qs = _mm512_loadu_si512(w->qs + 64 * h);
+        __m512i q[2] = {_mm512_and_si512(qs, m15), _mm512_and_si512(_mm512_srli_epi16(qs, 4), m15)};
+        for (int v = 0; v < 2; v++) {  // vector v: groups 4h + v (lanes 0-7) and 4h + v + 2 (8-15)
+            __m512i is = _mm512_dpbusd_epi32(_mm512_setzero_si512(), q[v], _mm512_loadu_si512(x->q + 64 * v));
+            __m512i g = _mm512_inserti64x4(_mm512_set1_epi32(4 * h + v), _mm256_set1_epi32(4 * h + v + 2), 1);
+            __m512 s = _mm512_permutexvar_ps(g, scales);
+            acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(is), _mm512_mul_ps(s, _mm512_loadu_ps(x->d[v])), acc);
+        }
+    }
+    return acc;
+}
+
 // The product of a Q6_K block with its 2 groups of x, added to acc: per group G of 16 values,
 // d sc_G dx sum_k (q_k - 32) xq_k, in the 4 lanes of the group. Half h of the block (values
 // 128 h ..) takes 64 bytes of ql (low nibbles: values 0-63, high: 64-127) and 32 of qh (bits 2j,
@@ -866,7 +908,7 @@ static inline __m512 q6_k_block8(const BlockQ6_K *w, const X8Group *x, __m512 ac
     return acc;
 }
 
-// The 16 lane sums of row . x, the row's nb blocks of 32 (a multiple of 4; of 8 for Q6_K) of W's type.
+// The 16 lane sums of row . x, the row's nb blocks of 32 (a multiple of 4; of 8 for Q4_K, Q6_K) of W's type.
 static inline __m512 dot8_lanes(Type type, const uint8_t *row, const X8Group *x, int nb) {
     __m512 acc = _mm512_setzero_ps();
     if (type == TYPE_Q4_0) {
@@ -880,6 +922,12 @@ static inline __m512 dot8_lanes(Type type, const uint8_t *row, const X8Group *x,
         for (int i = 0; i < nb; i += 4, x++) {
             if (i % 8 == 0) prefetch_ahead(w + i, 8 * (int)sizeof(BlockQ8_0));
             acc = q8_0_group8(w + i, x, acc);
+        }
+    } else if (type == TYPE_Q4_K) {
+        const BlockQ4_K *w = (const BlockQ4_K *)(const void *)row;
+        for (int i = 0; i < nb / 8; i++, x += 2) {
+            prefetch_ahead(w + i, (int)sizeof(BlockQ4_K));
+            acc = q4_k_block8(w + i, x, acc);
         }
     } else {
         const BlockQ6_K *w = (const BlockQ6_K *)(const void *)row;
