@@ -314,6 +314,31 @@ static void quantize_q4_0(BlockQ4_0 *y, const float *x) {
     }
 }
 
+// Q5_0 as ggml's quantize_row_q5_0_ref: d = max / -16, q = min(31, (int)(x / d + 16.5)), the low
+// 4 bits in qs as Q4_0's, the fifth of value j in bit j of qh.
+static void quantize_q5_0(BlockQ5_0 *y, const float *x) {
+    float amax = 0.0f, max = 0.0f;  // the value of largest magnitude, with its sign
+    for (int j = 0; j < QK; j++) {
+        if (amax < fabsf(x[j])) {
+            amax = fabsf(x[j]);
+            max = x[j];
+        }
+    }
+    float d = max / -16;
+    float id = d != 0.0f ? 1.0f / d : 0.0f;
+    y->d = fp32_to_fp16(d);
+    uint32_t qh = 0;
+    for (int j = 0; j < QK / 2; j++) {
+        float x0 = x[j] * id, x1 = x[j + QK / 2] * id;  // rounded before the add, as in ggml
+        int q0 = (int8_t)(x0 + 16.5f), q1 = (int8_t)(x1 + 16.5f);
+        q0 = q0 < 31 ? q0 : 31;
+        q1 = q1 < 31 ? q1 : 31;
+        y->qs[j] = (uint8_t)((q0 & 0x0f) | (q1 & 0x0f) << 4);
+        qh |= (uint32_t)(q0 >> 4) << j | (uint32_t)(q1 >> 4) << (j + QK / 2);
+    }
+    for (int k = 0; k < 4; k++) y->qh[k] = (uint8_t)(qh >> (8 * k));
+}
+
 static void quantize_q4_1(BlockQ4_1 *y, const float *x) {
     float min = FLT_MAX, max = -FLT_MAX;
     for (int j = 0; j < QK; j++) {
@@ -493,6 +518,7 @@ int quantize_row(int type, void *out, const float *in, int64_t n) {
         return 0;
     case TYPE_Q4_0: for (int64_t b = 0; b < nb; b++) quantize_q4_0((BlockQ4_0 *)out + b, in + b * QK); return 0;
     case TYPE_Q4_1: for (int64_t b = 0; b < nb; b++) quantize_q4_1((BlockQ4_1 *)out + b, in + b * QK); return 0;
+    case TYPE_Q5_0: for (int64_t b = 0; b < nb; b++) quantize_q5_0((BlockQ5_0 *)out + b, in + b * QK); return 0;
     case TYPE_Q8_0: for (int64_t b = 0; b < nb; b++) quantize_q8_0((BlockQ8_0 *)out + b, in + b * QK); return 0;
     case TYPE_NF4: for (int64_t b = 0; b < nb; b++) quantize_nf4((BlockNF4 *)out + b, in + b * QK_NF4); return 0;
     case TYPE_Q4_K: for (int64_t b = 0; b < nb; b++) quantize_q4_K((BlockQ4_K *)out + b, in + b * QK_K); return 0;

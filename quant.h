@@ -169,9 +169,9 @@ uint16_t fp32_to_bf16(float f);  // round to nearest even, as PyTorch does
 // Bit-exact with ggml's dequantize_row_* for every type in Type.
 void dequantize_row(int type, float *out, const void *in, int64_t n);
 
-// out[row_bytes(type, n)] = in[n] quantized. Supported: F32, F16, BF16, Q4_0, Q4_1, Q8_0, NF4
-// (Q4_0/Q4_1/Q8_0 match ggml's quantize_row_*_ref), and Q4_K, Q5_K, Q6_K with simpler rules than
-// ggml's (same format, different bytes). Returns -1 for other types (Q5_0, Q5_1).
+// out[row_bytes(type, n)] = in[n] quantized. Supported: F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q8_0,
+// NF4 (Q4_0/Q4_1/Q5_0/Q8_0 match ggml's quantize_row_*_ref), and Q4_K, Q5_K, Q6_K with simpler
+// rules than ggml's (same format, different bytes). Returns -1 for other types (Q5_1).
 int quantize_row(int type, void *out, const float *in, int64_t n);
 
 // A frozen weight matrix W[rows, cols] stored row after row in its own type:

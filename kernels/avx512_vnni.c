@@ -3,7 +3,7 @@
 // Both multiply the weights' own small integers, exactly, by activations rounded to 14- or 16-bit
 // integers, so their error is far below bf16's (bounds: test/test_quant.c, ROUTE_INT16_TILES,
 // ROUTE_INT16_ROWS). On 8 bits (vpdpbusd), for inference only: the tiles of Q4_0 prompts
-// (matmul_int8) and generation's rows of Q4_0, Q8_0, Q4_K and Q6_K (matmul_rows8), with llama.cpp's
+// (matmul_int8) and generation's rows of Q4_0, Q5_0, Q8_0, Q4_K and Q6_K (matmul_rows8), with llama.cpp's
 // error (ROUTE_INT8_TILES, ROUTE_INT8_ROWS). dispatch.c (matmul_route) sends a product here.
 #include <float.h>
 #include <math.h>
@@ -722,22 +722,23 @@ void matmul_rows16(float *out, const float *inp, const QMatrix *W, const float *
     parallel_for(rows16_range, &r, W->rows, 4);
 }
 
-// --- Generation at inference: 8-bit activations, Q4_0, Q8_0, Q4_K and Q6_K rows -----------------
+// --- Generation at inference: 8-bit activations, Q4_0, Q5_0, Q8_0, Q4_K and Q6_K rows -----------
 //
-// matmul_inference's rows (T < FWD_TILE_MIN_T: generation) for Q4_0, Q8_0, Q4_K and Q6_K: a token's
-// activations in 8-bit integers per block of 32 as the prompt's tiles take them, times the
-// weights' own integers with vpdpbusd (64 multiply-adds an instruction), one vector of bytes per
-// 4 blocks of Q4_0, 2 of Q8_0 or a quarter of Q4_K's or Q6_K's, each block's (or group's) scales
-// applied in its lanes: a third of the instructions per weight of the 16-bit rows (Q4_0, Q6_K) and
-// of the fp32 rows (Q8_0, Q4_K), which could not keep up with memory at one thread. vpdpbusd
-// multiplies unsigned by signed bytes: the weights are made unsigned (Q4_0's q, 0..15, Q4_K's,
-// 0..15, and Q6_K's, 0..63, as they are; Q8_0's q + 128, one xor) and the offset that this adds
-// (8, 32 or 128 times the sum of xq) starts the integer sum, from the activations' side. Q4_K's
-// mins take the sums of xq as they are: dmin m_g dx (sum of xq of group g), once per group.
+// matmul_inference's rows (T < FWD_TILE_MIN_T: generation) for Q4_0, Q5_0, Q8_0, Q4_K and Q6_K:
+// a token's activations in 8-bit integers per block of 32 as the prompt's tiles take them, times
+// the weights' own integers with vpdpbusd (64 multiply-adds an instruction), one vector of bytes
+// per 4 blocks of Q4_0 or Q5_0, 2 of Q8_0 or a quarter of Q4_K's or Q6_K's, each block's (or
+// group's) scales applied in its lanes: a third of the instructions per weight of the 16-bit rows
+// (Q4_0, Q6_K) and of the fp32 rows (Q5_0, Q8_0, Q4_K), which could not keep up with memory at
+// one thread. vpdpbusd multiplies unsigned by signed bytes: the weights are made unsigned (Q4_0's
+// q, 0..15, Q5_0's, 0..31, Q4_K's, 0..15, and Q6_K's, 0..63, as they are; Q8_0's q + 128, one
+// xor) and the offset that this adds (8, 16, 32 or 128 times the sum of xq) starts the integer
+// sum, from the activations' side. Q4_K's mins take the sums of xq as they are: dmin m_g dx (sum
+// of xq of group g), once per group.
 
-// matmul_inference's rows take W: Q4_0 and Q8_0 in groups of 4 blocks, Q4_K, Q6_K.
+// matmul_inference's rows take W: Q4_0, Q5_0 and Q8_0 in groups of 4 blocks, Q4_K, Q6_K.
 int int8_rows_type(Type type, int IN) {
-    return HAVE_INT8_ROWS && (((type == TYPE_Q4_0 || type == TYPE_Q8_0) && IN % 128 == 0) ||
+    return HAVE_INT8_ROWS && (((type == TYPE_Q4_0 || type == TYPE_Q5_0 || type == TYPE_Q8_0) && IN % 128 == 0) ||
                               ((type == TYPE_Q4_K || type == TYPE_Q6_K) && IN % QK_K == 0));
 }
 
@@ -745,12 +746,12 @@ int int8_rows_type(Type type, int IN) {
 
 // A token's activations, per group of 4 blocks (128 values), as the kernels read them:
 typedef struct {
-    int8_t q[128];     // xq: Q4_0: |values 0-15 of blocks 0..3|values 16-31 of blocks 0..3|; Q4_K:
+    int8_t q[128];     // xq: Q4_0, Q5_0: |values 0-15 of blocks 0..3|values 16-31 of blocks 0..3|; Q4_K:
                        // blocks 0, 2, 1, 3 (as the low and high nibbles of 64 bytes); others in order
     union {
-        int32_t c[2][16];  // the offset of int32 lane k of the product of vector v: -8 (Q4_0: one
-                           // vector, both halves of q), -128 (Q8_0) or -32 (Q6_K) (vector v = q[64 v
-                           // ..]) times the sum of its xq
+        int32_t c[2][16];  // the offset of int32 lane k of the product of vector v: -8 or -16 (Q4_0,
+                           // Q5_0: one vector, both halves of q), -128 (Q8_0) or -32 (Q6_K) (vector
+                           // v = q[64 v ..]) times the sum of its xq
         float dsum[4];     // Q4_K, which has no offsets: dx times the sum of xq of block k (its mins)
     };
     float d[2][16];        // dx of the block that lane k of vector v takes
@@ -759,7 +760,7 @@ typedef struct {
 // g[n / 128] <- x[n] for W's type, n a multiple of 128, one scale per block of 32 (quantize_block8).
 static void x8_quantize(Type type, X8Group *g, const float *x, int n) {
     const __m512i ones = _mm512_set1_epi8(1);
-    int q4 = type == TYPE_Q4_0;
+    int q4 = type == TYPE_Q4_0 || type == TYPE_Q5_0;
     for (int b = 0; b < n / 32; b++) {
         X8Group *gr = &g[b / 4];
         int k = b % 4, at = type == TYPE_Q4_K && (k == 1 || k == 2) ? 3 - k : k;  // Q4_K: 0, 2, 1, 3
@@ -776,7 +777,7 @@ static void x8_quantize(Type type, X8Group *g, const float *x, int n) {
         __m512i s0 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), ones, _mm512_loadu_si512(gr->q));
         __m512i s1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), ones, _mm512_loadu_si512(gr->q + 64));
         if (q4) {
-            _mm512_storeu_si512(gr->c[0], _mm512_mullo_epi32(_mm512_add_epi32(s0, s1), _mm512_set1_epi32(-8)));
+            _mm512_storeu_si512(gr->c[0], _mm512_mullo_epi32(_mm512_add_epi32(s0, s1), _mm512_set1_epi32(type == TYPE_Q4_0 ? -8 : -16)));
         } else {
             __m512i offset = _mm512_set1_epi32(type == TYPE_Q8_0 ? -128 : -32);
             _mm512_storeu_si512(gr->c[0], _mm512_mullo_epi32(s0, offset));
@@ -812,6 +813,47 @@ static inline __m512 q4_0_group8(const BlockQ4_0 *w, const X8Group *x, __m512 ac
     __m512i q = q4_0_nibbles4(w, &dw);
     __m512i is = _mm512_dpbusd_epi32(_mm512_loadu_si512(x->c[0]), _mm512_and_si512(q, m15), _mm512_loadu_si512(x->q));
     is = _mm512_dpbusd_epi32(is, _mm512_and_si512(_mm512_srli_epi16(q, 4), m15), _mm512_loadu_si512(x->q + 64));
+    return _mm512_fmadd_ps(_mm512_cvtepi32_ps(is), _mm512_mul_ps(dw, _mm512_loadu_ps(x->d[0])), acc);
+}
+
+// The 5-bit weights of 4 Q5_0 blocks w[0..3] as Q4_0's nibbles (q4_0_nibbles4), the low ones
+// (values 0-15 of each block) in *lo and the high ones in *hi, each with its fifth bit (bit 4), and
+// their scales: the 88 bytes of the blocks as two overlapping 64-byte loads (bytes 0-63 and 24-87),
+// from which one vpermt2w takes the scales (words 0-15) and the 4 words of qh (32-bit qh_L: the
+// fifth bit of value j of block L in bit j) as two 64-bit masks, bit 16 L + j of the low one bit j
+// of qh_L and of the high one bit j + 16.
+static const uint8_t Q5_0_QS_BYTES[64] = {
+    6,  7,  8,  9,  10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21,        // block 0: bytes 6-21 of the first load
+    28, 29, 30, 31, 32, 33, 34, 35, 36, 37, 38, 39, 40, 41, 42, 43,        // block 1: 28-43
+    90, 91, 92, 93, 94, 95, 96, 97, 98, 99, 100, 101, 102, 103, 104, 105,  // block 2: 50-65 = 26-41 of the second
+    112, 113, 114, 115, 116, 117, 118, 119, 120, 121, 122, 123, 124, 125, 126, 127,  // block 3: 72-87 = 48-63
+};
+static inline void q5_0_values4(const BlockQ5_0 *w, __m512i *lo, __m512i *hi, __m512 *scales) {
+    const uint8_t *p = (const uint8_t *)w;
+    __m512i a = _mm512_loadu_si512(p), b = _mm512_loadu_si512(p + 24);
+    // words 0-15: d of block L (bytes 0, 22, 44 of the first load, 42 of the second) in 4 L .. 4 L + 3;
+    // words 16-19 and 20-23: the low and the high halves of qh_0 .. qh_3 (bytes 2, 24, 46; 44)
+    const __m512i words = _mm512_set_epi16(0, 0, 0, 0, 0, 0, 0, 0, 55, 24, 13, 2, 54, 23, 12, 1,
+                                           53, 53, 53, 53, 22, 22, 22, 22, 11, 11, 11, 11, 0, 0, 0, 0);
+    __m512i picked = _mm512_permutex2var_epi16(a, words, b);
+    *scales = _mm512_cvtph_ps(_mm512_castsi512_si256(picked));
+    __m128i qh = _mm512_extracti32x4_epi32(picked, 2);
+    __mmask64 low = (__mmask64)_mm_cvtsi128_si64(qh), high = (__mmask64)_mm_extract_epi64(qh, 1);
+    const __m512i m15 = _mm512_set1_epi8(15), bit4 = _mm512_set1_epi8(16);
+    __m512i q = _mm512_permutex2var_epi8(a, _mm512_loadu_si512(Q5_0_QS_BYTES), b);
+    *lo = _mm512_mask_blend_epi8(low, _mm512_and_si512(q, m15), _mm512_or_si512(_mm512_and_si512(q, m15), bit4));
+    __m512i h = _mm512_and_si512(_mm512_srli_epi16(q, 4), m15);
+    *hi = _mm512_mask_blend_epi8(high, h, _mm512_or_si512(h, bit4));
+}
+
+// The product of 4 blocks of a Q5_0 row with their group of x, added to acc: per block, dW dx
+// sum_k (q_k - 16) xq_k, in the 4 lanes of the block.
+static inline __m512 q5_0_group8(const BlockQ5_0 *w, const X8Group *x, __m512 acc) {
+    __m512 dw;
+    __m512i lo, hi;
+    q5_0_values4(w, &lo, &hi, &dw);
+    __m512i is = _mm512_dpbusd_epi32(_mm512_loadu_si512(x->c[0]), lo, _mm512_loadu_si512(x->q));
+    is = _mm512_dpbusd_epi32(is, hi, _mm512_loadu_si512(x->q + 64));
     return _mm512_fmadd_ps(_mm512_cvtepi32_ps(is), _mm512_mul_ps(dw, _mm512_loadu_ps(x->d[0])), acc);
 }
 
@@ -919,6 +961,12 @@ static inline __attribute__((always_inline)) __m512 dot8_lanes(Type type, const 
             if (i % 16 == 0) prefetch_ahead(w + i, 16 * (int)sizeof(BlockQ4_0));
             acc = q4_0_group8(w + i, x, acc);
         }
+    } else if (type == TYPE_Q5_0) {
+        const BlockQ5_0 *w = (const BlockQ5_0 *)(const void *)row;
+        for (int i = 0; i < nb; i += 4, x++) {
+            if (i % 16 == 0) prefetch_ahead(w + i, 16 * (int)sizeof(BlockQ5_0));
+            acc = q5_0_group8(w + i, x, acc);
+        }
     } else if (type == TYPE_Q8_0) {
         const BlockQ8_0 *w = (const BlockQ8_0 *)(const void *)row;
         for (int i = 0; i < nb; i += 4, x++) {
@@ -991,6 +1039,7 @@ static void rows8_range(void *ctx, int r0, int r1) {
     const Rows8 *r = ctx;
     switch (r->W->type) {
     case TYPE_Q4_0: rows8_typed(r, r0, r1, TYPE_Q4_0); break;
+    case TYPE_Q5_0: rows8_typed(r, r0, r1, TYPE_Q5_0); break;
     case TYPE_Q8_0: rows8_typed(r, r0, r1, TYPE_Q8_0); break;
     case TYPE_Q4_K: rows8_typed(r, r0, r1, TYPE_Q4_K); break;
     default: rows8_typed(r, r0, r1, TYPE_Q6_K); break;
