@@ -736,23 +736,26 @@ void matmul_rows16(float *out, const float *inp, const QMatrix *W, const float *
 // sum, from the activations' side. Q4_K's mins take the sums of xq as they are: dmin m_g dx (sum
 // of xq of group g), once per group.
 
-// matmul_inference's rows take W: Q4_0, Q5_0 and Q8_0 in groups of 4 blocks, Q4_K, Q6_K.
+// matmul_inference's rows take W: Q4_0, Q5_0, Q5_1 and Q8_0 in groups of 4 blocks, Q4_K, Q5_K, Q6_K.
 int int8_rows_type(Type type, int IN) {
-    return HAVE_INT8_ROWS && (((type == TYPE_Q4_0 || type == TYPE_Q5_0 || type == TYPE_Q8_0) && IN % 128 == 0) ||
-                              ((type == TYPE_Q4_K || type == TYPE_Q6_K) && IN % QK_K == 0));
+    int by4 = type == TYPE_Q4_0 || type == TYPE_Q5_0 || type == TYPE_Q5_1 || type == TYPE_Q8_0;
+    int k = type == TYPE_Q4_K || type == TYPE_Q5_K || type == TYPE_Q6_K;
+    return HAVE_INT8_ROWS && ((by4 && IN % 128 == 0) || (k && IN % QK_K == 0));
 }
 
 #if HAVE_INT8_ROWS
 
 // A token's activations, per group of 4 blocks (128 values), as the kernels read them:
 typedef struct {
-    int8_t q[128];     // xq: Q4_0, Q5_0: |values 0-15 of blocks 0..3|values 16-31 of blocks 0..3|; Q4_K:
-                       // blocks 0, 2, 1, 3 (as the low and high nibbles of 64 bytes); others in order
+    int8_t q[128];     // xq: Q4_0, Q5_0, Q5_1: |values 0-15 of blocks 0..3|values 16-31 of blocks 0..3|;
+                       // Q4_K, Q5_K: blocks 0, 2, 1, 3 (as the low and high nibbles of 64 bytes);
+                       // Q8_0, Q6_K in order
     union {
         int32_t c[2][16];  // the offset of int32 lane k of the product of vector v: -8 or -16 (Q4_0,
                            // Q5_0: one vector, both halves of q), -128 (Q8_0) or -32 (Q6_K) (vector
                            // v = q[64 v ..]) times the sum of its xq
-        float dsum[4];     // Q4_K, which has no offsets: dx times the sum of xq of block k (its mins)
+        float dsum[4];     // Q5_1, Q4_K, Q5_K, which have mins and no offsets: dx times the sum of
+                           // xq of block k
     };
     float d[2][16];        // dx of the block that lane k of vector v takes
 } X8Group;                 // 384 bytes: every vector on a line of its own (a 400-byte group was 8% slower)
@@ -760,10 +763,11 @@ typedef struct {
 // g[n / 128] <- x[n] for W's type, n a multiple of 128, one scale per block of 32 (quantize_block8).
 static void x8_quantize(Type type, X8Group *g, const float *x, int n) {
     const __m512i ones = _mm512_set1_epi8(1);
-    int q4 = type == TYPE_Q4_0 || type == TYPE_Q5_0;
+    int q4 = type == TYPE_Q4_0 || type == TYPE_Q5_0 || type == TYPE_Q5_1;
+    int k_quant = type == TYPE_Q4_K || type == TYPE_Q5_K, mins = k_quant || type == TYPE_Q5_1;
     for (int b = 0; b < n / 32; b++) {
         X8Group *gr = &g[b / 4];
-        int k = b % 4, at = type == TYPE_Q4_K && (k == 1 || k == 2) ? 3 - k : k;  // Q4_K: 0, 2, 1, 3
+        int k = b % 4, at = k_quant && (k == 1 || k == 2) ? 3 - k : k;  // Q4_K, Q5_K: 0, 2, 1, 3
         __m128i lo, hi;
         int sum;
         float dx = quantize_block8(x + 32 * b, &lo, &hi, &sum);
@@ -771,8 +775,8 @@ static void x8_quantize(Type type, X8Group *g, const float *x, int n) {
         _mm_storeu_si128((__m128i *)(gr->q + (q4 ? 64 + 16 * k : 32 * at + 16)), hi);
         if (q4) _mm_storeu_ps(&gr->d[0][4 * k], _mm_set1_ps(dx));
         else _mm256_storeu_ps(&gr->d[at / 2][8 * (at % 2)], _mm256_set1_ps(dx));
-        if (type == TYPE_Q4_K) gr->dsum[k] = dx * (float)sum;
-        if (k < 3 || type == TYPE_Q4_K) continue;
+        if (mins) gr->dsum[k] = dx * (float)sum;
+        if (k < 3 || mins) continue;
         // the group is whole: its offsets, summed by the lanes of the product itself
         __m512i s0 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), ones, _mm512_loadu_si512(gr->q));
         __m512i s1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), ones, _mm512_loadu_si512(gr->q + 64));
@@ -857,6 +861,39 @@ static inline __m512 q5_0_group8(const BlockQ5_0 *w, const X8Group *x, __m512 ac
     return _mm512_fmadd_ps(_mm512_cvtepi32_ps(is), _mm512_mul_ps(dw, _mm512_loadu_ps(x->d[0])), acc);
 }
 
+// The product of 4 blocks of a Q5_1 row with their group of x, added to acc: per block, d dx sum_k
+// q_k xq_k in the 4 lanes of the block, plus m dx (sum of the block's xq) in lanes 0-3. As
+// q5_0_values4, on 96 bytes (loads of bytes 0-63 and 32-95): d, m and qh of block L at bytes 24 L,
+// 24 L + 2, 24 L + 4, qs at 24 L + 8.
+static const uint8_t Q5_1_QS_BYTES[64] = {
+    8,  9,  10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23,        // block 0: bytes 8-23 of the first load
+    32, 33, 34, 35, 36, 37, 38, 39, 40, 41, 42, 43, 44, 45, 46, 47,        // block 1: 32-47
+    88, 89, 90, 91, 92, 93, 94, 95, 96, 97, 98, 99, 100, 101, 102, 103,    // block 2: 56-71 = 24-39 of the second
+    112, 113, 114, 115, 116, 117, 118, 119, 120, 121, 122, 123, 124, 125, 126, 127,  // block 3: 80-95 = 48-63
+};
+static inline __m512 q5_1_group8(const BlockQ5_1 *w, const X8Group *x, __m512 acc) {
+    const uint8_t *p = (const uint8_t *)w;
+    __m512i a = _mm512_loadu_si512(p), b = _mm512_loadu_si512(p + 32);
+    // words 0-15: d of block L in 4 L .. 4 L + 3; 16-19: m of blocks 0-3; 24-27 and 28-31: the low
+    // and the high halves of qh_0 .. qh_3 (word 16 k of the second load is byte 32 + 2 k)
+    const __m512i words = _mm512_set_epi16(55, 27, 15, 3, 54, 26, 14, 2, 0, 0, 0, 0, 53, 25, 13, 1,
+                                           52, 52, 52, 52, 24, 24, 24, 24, 12, 12, 12, 12, 0, 0, 0, 0);
+    __m512i picked = _mm512_permutex2var_epi16(a, words, b);
+    __m512 dw = _mm512_cvtph_ps(_mm512_castsi512_si256(picked));
+    __m512 m = _mm512_maskz_cvtph_ps(0x000f, _mm512_extracti64x4_epi64(picked, 1));
+    __m128i qh = _mm512_extracti32x4_epi32(picked, 3);
+    __mmask64 low = (__mmask64)_mm_cvtsi128_si64(qh), high = (__mmask64)_mm_extract_epi64(qh, 1);
+    const __m512i m15 = _mm512_set1_epi8(15), bit4 = _mm512_set1_epi8(16);
+    __m512i q = _mm512_permutex2var_epi8(a, _mm512_loadu_si512(Q5_1_QS_BYTES), b);
+    __m512i lo = _mm512_and_si512(q, m15), hi = _mm512_and_si512(_mm512_srli_epi16(q, 4), m15);
+    lo = _mm512_mask_blend_epi8(low, lo, _mm512_or_si512(lo, bit4));
+    hi = _mm512_mask_blend_epi8(high, hi, _mm512_or_si512(hi, bit4));
+    __m512i is = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_loadu_si512(x->q));
+    is = _mm512_dpbusd_epi32(is, hi, _mm512_loadu_si512(x->q + 64));
+    acc = _mm512_fmadd_ps(m, _mm512_maskz_loadu_ps(0x000f, x->dsum), acc);
+    return _mm512_fmadd_ps(_mm512_cvtepi32_ps(is), _mm512_mul_ps(dw, _mm512_loadu_ps(x->d[0])), acc);
+}
+
 // The weights of 2 Q8_0 blocks w[0..1] made unsigned (q + 128), block L's in bytes 32 L .. 32 L +
 // 31, and their scales, block L's in lanes 8 L .. 8 L + 7: the 68 bytes of the blocks as two
 // overlapping 64-byte loads (bytes 0-63 and 4-67), as q4_0_nibbles4.
@@ -902,19 +939,29 @@ static inline __m128i k4_scales_mins(const uint8_t *scales) {
     return _mm_or_si128(low, top);
 }
 
-// The product of a Q4_K block with its 2 groups of x, added to acc: per group g of 32 values,
-// d sc_g dx sum_k q_k xq_k in the 8 lanes of the group, less dmin m_g dx (sum of the group's xq).
-// Half h of the block (values 128 h ..) is 64 bytes of qs: groups 4h and 4h + 2 in the low
-// nibbles of its two halves, 4h + 1 and 4h + 3 in the high ones.
-static inline __m512 q4_k_block8(const BlockQ4_K *w, const X8Group *x, __m512 acc) {
-    const __m512i m15 = _mm512_set1_epi8(15);
+// The product of a Q4_K block (q5 = 0) or a Q5_K block (q5 = 1) with its 2 groups of x, added to
+// acc: per group g of 32 values, d sc_g dx sum_k q_k xq_k in the 8 lanes of the group, less dmin
+// m_g dx (sum of the group's xq). Half h of the block (values 128 h ..) is 64 bytes of qs: groups
+// 4h and 4h + 2 in the low nibbles of its two halves, 4h + 1 and 4h + 3 in the high ones; Q5_K's
+// fifth bit of value l of group g is bit g of qh[l].
+static inline __m512 k_block8(const uint8_t *blk, const X8Group *x, __m512 acc, const int q5) {
+    const BlockQ4_K *w = (const BlockQ4_K *)(const void *)blk;  // d, dmin, scales: the same places in Q5_K
+    const uint8_t *qs = q5 ? ((const BlockQ5_K *)(const void *)blk)->qs : w->qs;
+    const __m512i m15 = _mm512_set1_epi8(15), bit4 = _mm512_set1_epi8(16);
+    __m512i qh = q5 ? _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)((const BlockQ5_K *)(const void *)blk)->qh))
+                    : _mm512_setzero_si512();  // both halves: qh[0..31]
     __m512 dm = _mm512_insertf32x8(_mm512_set1_ps(half_scalar(w->d)), _mm256_set1_ps(half_scalar(w->dmin)), 1);
     __m512 scales = _mm512_mul_ps(dm, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(k4_scales_mins(w->scales))));
     __m256 dsum = _mm256_insertf128_ps(_mm256_castps128_ps256(_mm_loadu_ps(x[0].dsum)), _mm_loadu_ps(x[1].dsum), 1);
     acc = _mm512_fnmadd_ps(scales, _mm512_insertf32x8(_mm512_setzero_ps(), dsum, 1), acc);  // lanes 8-15: the mins
     for (int h = 0; h < 2; h++, x++) {
-        __m512i qs = _mm512_loadu_si512(w->qs + 64 * h);
-        __m512i q[2] = {_mm512_and_si512(qs, m15), _mm512_and_si512(_mm512_srli_epi16(qs, 4), m15)};
+        __m512i bits = _mm512_loadu_si512(qs + 64 * h);
+        __m512i q[2] = {_mm512_and_si512(bits, m15), _mm512_and_si512(_mm512_srli_epi16(bits, 4), m15)};
+        for (int v = 0; q5 && v < 2; v++) {  // bit 4h + v of qh for bytes 0-31, 4h + v + 2 for 32-63
+            __m512i select = _mm512_inserti64x4(_mm512_set1_epi8((char)(1 << (4 * h + v))),
+                                                _mm256_set1_epi8((char)(1 << (4 * h + v + 2))), 1);
+            q[v] = _mm512_mask_blend_epi8(_mm512_test_epi8_mask(qh, select), q[v], _mm512_or_si512(q[v], bit4));
+        }
         for (int v = 0; v < 2; v++) {  // vector v: groups 4h + v (lanes 0-7) and 4h + v + 2 (8-15)
             __m512i is = _mm512_dpbusd_epi32(_mm512_setzero_si512(), q[v], _mm512_loadu_si512(x->q + 64 * v));
             __m512i g = _mm512_inserti64x4(_mm512_set1_epi32(4 * h + v), _mm256_set1_epi32(4 * h + v + 2), 1);
@@ -952,7 +999,8 @@ static inline __m512 q6_k_block8(const BlockQ6_K *w, const X8Group *x, __m512 ac
     return acc;
 }
 
-// The 16 lane sums of row . x, the row's nb blocks of 32 (a multiple of 4; of 8 for Q4_K, Q6_K) of W's type.
+// The 16 lane sums of row . x, the row's nb blocks of 32 (a multiple of 4; of 8 for Q4_K, Q5_K, Q6_K) of
+// W's type.
 static inline __attribute__((always_inline)) __m512 dot8_lanes(Type type, const uint8_t *row, const X8Group *x, int nb) {
     __m512 acc = _mm512_setzero_ps();
     if (type == TYPE_Q4_0) {
@@ -973,11 +1021,18 @@ static inline __attribute__((always_inline)) __m512 dot8_lanes(Type type, const 
             if (i % 8 == 0) prefetch_ahead(w + i, 8 * (int)sizeof(BlockQ8_0));
             acc = q8_0_group8(w + i, x, acc);
         }
-    } else if (type == TYPE_Q4_K) {
-        const BlockQ4_K *w = (const BlockQ4_K *)(const void *)row;
+    } else if (type == TYPE_Q5_1) {
+        const BlockQ5_1 *w = (const BlockQ5_1 *)(const void *)row;
+        for (int i = 0; i < nb; i += 4, x++) {
+            if (i % 16 == 0) prefetch_ahead(w + i, 16 * (int)sizeof(BlockQ5_1));
+            acc = q5_1_group8(w + i, x, acc);
+        }
+    } else if (type == TYPE_Q4_K || type == TYPE_Q5_K) {
+        int q5 = type == TYPE_Q5_K;
+        size_t bytes = q5 ? sizeof(BlockQ5_K) : sizeof(BlockQ4_K);
         for (int i = 0; i < nb / 8; i++, x += 2) {
-            prefetch_ahead(w + i, (int)sizeof(BlockQ4_K));
-            acc = q4_k_block8(w + i, x, acc);
+            prefetch_ahead(row + i * bytes, (int)bytes);
+            acc = k_block8(row + i * bytes, x, acc, q5);
         }
     } else {
         const BlockQ6_K *w = (const BlockQ6_K *)(const void *)row;
@@ -1041,7 +1096,9 @@ static void rows8_range(void *ctx, int r0, int r1) {
     case TYPE_Q4_0: rows8_typed(r, r0, r1, TYPE_Q4_0); break;
     case TYPE_Q5_0: rows8_typed(r, r0, r1, TYPE_Q5_0); break;
     case TYPE_Q8_0: rows8_typed(r, r0, r1, TYPE_Q8_0); break;
+    case TYPE_Q5_1: rows8_typed(r, r0, r1, TYPE_Q5_1); break;
     case TYPE_Q4_K: rows8_typed(r, r0, r1, TYPE_Q4_K); break;
+    case TYPE_Q5_K: rows8_typed(r, r0, r1, TYPE_Q5_K); break;
     default: rows8_typed(r, r0, r1, TYPE_Q6_K); break;
     }
 }

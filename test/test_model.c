@@ -688,13 +688,14 @@ static Tolerance tolerance(int quant) {
 }
 
 // The route of generation's products (T = 1, matmul_inference) on AVX-512 for a matrix of `type`
-// with `cols` columns: 8-bit activations for Q4_0, Q5_0, Q8_0 (in groups of 4 blocks), Q4_K and Q6_K
+// with `cols` columns: 8-bit activations for Q4_0, Q5_0, Q5_1, Q8_0 (in groups of 4 blocks), Q4_K,
+// Q5_K and Q6_K
 // where the build has AVX512-VBMI (kernels.h: HAVE_INT8_ROWS), else 16-bit ones for Q4_0 (pairs
 // of blocks) and Q6_K, else fp32.
 static Route generation_route(int type, int cols) {
 #if defined(__AVX512VBMI__)
-    if (((type == TYPE_Q4_0 || type == TYPE_Q5_0 || type == TYPE_Q8_0) && cols % 128 == 0) ||
-        ((type == TYPE_Q4_K || type == TYPE_Q6_K) && cols % 256 == 0))
+    if (((type == TYPE_Q4_0 || type == TYPE_Q5_0 || type == TYPE_Q5_1 || type == TYPE_Q8_0) && cols % 128 == 0) ||
+        ((type == TYPE_Q4_K || type == TYPE_Q5_K || type == TYPE_Q6_K) && cols % 256 == 0))
         return ROUTE_INT8_ROWS;
 #endif
     if (type == TYPE_Q6_K || (type == TYPE_Q4_0 && cols % 64 == 0)) return ROUTE_INT16_ROWS;

@@ -589,6 +589,8 @@ static void fast_vs_ref(Result *fr, Result *ir, Result *br, int type, int T, int
     double *w = dequantized(&W);
     float *x = random_floats((size_t)T * IN, seed + 1, 1.0f), *bias = random_floats(OUT, seed + 2, 1.0f);
     float *dy = random_floats((size_t)T * OUT, seed + 3, 1.0f), *dx0 = random_floats((size_t)T * IN, seed + 4, 1.0f);
+    for (size_t i = 0; i < (size_t)T * IN; i++) x[i] += 0.5f;  // a mean, as activations have: else a
+                                                               // block's min (Q5_1, K-quants) adds ~0
     size_t nmax = (size_t)T * (IN > OUT ? IN : OUT);
     float *got = xmalloc(nmax * 4), *want = xmalloc(nmax * 4), *got2 = xmalloc(nmax * 4);
     Route bwd = matmul_route(&W, T, PRODUCT_BACKWARD);
