@@ -3,8 +3,9 @@
 // Both multiply the weights' own small integers, exactly, by activations rounded to 14- or 16-bit
 // integers, so their error is far below bf16's (bounds: test/test_quant.c, ROUTE_INT16_TILES,
 // ROUTE_INT16_ROWS). On 8 bits (vpdpbusd), for inference only: the tiles of Q4_0 prompts
-// (matmul_int8) and generation's rows of Q4_0, Q5_0, Q8_0, Q4_K and Q6_K (matmul_rows8), with llama.cpp's
-// error (ROUTE_INT8_TILES, ROUTE_INT8_ROWS). dispatch.c (matmul_route) sends a product here.
+// (matmul_int8) and generation's rows of Q4_0, Q5_0, Q5_1, Q8_0 and the K-quants (matmul_rows8),
+// with llama.cpp's error (ROUTE_INT8_TILES, ROUTE_INT8_ROWS). dispatch.c (matmul_route) sends a
+// product here.
 #include <float.h>
 #include <math.h>
 
@@ -722,19 +723,19 @@ void matmul_rows16(float *out, const float *inp, const QMatrix *W, const float *
     parallel_for(rows16_range, &r, W->rows, 4);
 }
 
-// --- Generation at inference: 8-bit activations, Q4_0, Q5_0, Q8_0, Q4_K and Q6_K rows -----------
+// --- Generation at inference: 8-bit activations, Q4_0, Q5_0, Q5_1, Q8_0 and K-quant rows ---------
 //
-// matmul_inference's rows (T < FWD_TILE_MIN_T: generation) for Q4_0, Q5_0, Q8_0, Q4_K and Q6_K:
-// a token's activations in 8-bit integers per block of 32 as the prompt's tiles take them, times
-// the weights' own integers with vpdpbusd (64 multiply-adds an instruction), one vector of bytes
-// per 4 blocks of Q4_0 or Q5_0, 2 of Q8_0 or a quarter of Q4_K's or Q6_K's, each block's (or
-// group's) scales applied in its lanes: a third of the instructions per weight of the 16-bit rows
-// (Q4_0, Q6_K) and of the fp32 rows (Q5_0, Q8_0, Q4_K), which could not keep up with memory at
-// one thread. vpdpbusd multiplies unsigned by signed bytes: the weights are made unsigned (Q4_0's
-// q, 0..15, Q5_0's, 0..31, Q4_K's, 0..15, and Q6_K's, 0..63, as they are; Q8_0's q + 128, one
-// xor) and the offset that this adds (8, 16, 32 or 128 times the sum of xq) starts the integer
-// sum, from the activations' side. Q4_K's mins take the sums of xq as they are: dmin m_g dx (sum
-// of xq of group g), once per group.
+// matmul_inference's rows (T < FWD_TILE_MIN_T: generation) for Q4_0, Q5_0, Q5_1, Q8_0 and the
+// K-quants: a token's activations in 8-bit integers per block of 32 as the prompt's tiles take
+// them, times the weights' own integers with vpdpbusd (64 multiply-adds an instruction), one
+// vector of bytes per 4 blocks of Q4_0, Q5_0 or Q5_1, 2 of Q8_0 or a quarter of a K-quant's,
+// each block's (or group's) scales applied in its lanes: a third of the instructions per weight
+// of the 16-bit rows (Q4_0, Q6_K) and of the fp32 rows (the others), which could not keep up with
+// memory at one thread. vpdpbusd multiplies unsigned by signed bytes: the weights are made
+// unsigned (Q4_0's q, 0..15, Q5_0's and Q5_1's, 0..31, Q4_K's, Q5_K's and Q6_K's as they are;
+// Q8_0's q + 128, one xor) and the offset that this adds (8, 16, 32 or 128 times the sum of xq)
+// starts the integer sum, from the activations' side. The mins of Q5_1, Q4_K and Q5_K take the
+// sums of xq as they are: dmin m_g dx (sum of xq of group g), once per group.
 
 // matmul_inference's rows take W: Q4_0, Q5_0, Q5_1 and Q8_0 in groups of 4 blocks, Q4_K, Q5_K, Q6_K.
 int int8_rows_type(Type type, int IN) {
@@ -999,8 +1000,8 @@ static inline __m512 q6_k_block8(const BlockQ6_K *w, const X8Group *x, __m512 ac
     return acc;
 }
 
-// The 16 lane sums of row . x, the row's nb blocks of 32 (a multiple of 4; of 8 for Q4_K, Q5_K, Q6_K) of
-// W's type.
+// The 16 lane sums of row . x, the row's nb blocks of 32 (a multiple of 4; of 8 for the K-quants)
+// of W's type.
 static inline __attribute__((always_inline)) __m512 dot8_lanes(Type type, const uint8_t *row, const X8Group *x, int nb) {
     __m512 acc = _mm512_setzero_ps();
     if (type == TYPE_Q4_0) {

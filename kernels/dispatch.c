@@ -30,7 +30,7 @@
 //   gradient) on AVX512-VNNI: those 8-bit activations, per block of 32, times the weights' own
 //   integers with vpdpbusd, twice the multiply-adds of an instruction of the routes above. Prompts
 //   of Q4_0: tiles of 2 x 16 tokens x 6 rows (avx512_vnni.c: matmul_int8, ROUTE_INT8_TILES).
-//   Generation's rows of Q4_0, Q5_0, Q8_0, Q4_K and Q6_K, with AVX512-VBMI (matmul_rows8,
+//   Generation's rows of Q4_0, Q5_0, Q5_1, Q8_0 and the K-quants, with AVX512-VBMI (matmul_rows8,
 //   ROUTE_INT8_ROWS): a third of the instructions per weight, so that they keep up with memory.
 //   The logits' error, measured on the fixtures, is 0.8-1.1x PyTorch bf16 autocast's (test_model.c
 //   allows 1.5x, as issue 9 does for inference). Other products of inference take the routes above.
@@ -173,7 +173,7 @@ const char *kernel_path(void) {
     static char text[300];  // the same text on every call
     const char *fwd = !HAVE_INT16_DOT ? "bf16 (vdpbf16ps)"
                       : HAVE_INT8_ROWS ? "exact weights x int16 activations (vpdpwssd); inference: Q4_0 prompts, "
-                                         "Q4_0/Q5_0/Q8_0/Q4_K/Q6_K generation x int8 (vpdpbusd)"
+                                         "Q4_0/Q5_0/Q5_1/Q8_0/Q4_K/Q5_K/Q6_K generation x int8 (vpdpbusd)"
                                        : "exact weights x int16 activations (vpdpwssd); inference: Q4_0 prompts x int8 (vpdpbusd)";
 #if HAVE_AMX
     const char *bwd = amx_on() ? amx_why() : "vdpbf16ps", *note = amx_on() ? "" : amx_why();
