@@ -294,15 +294,20 @@ void dequantize_row(int type, float *out, const void *in, int64_t n) {
 // Quantization of one block (Q4_0, Q4_1, Q8_0: ggml's quantize_row_*_ref, expression by
 // expression; NF4: bitsandbytes' nearest-code rule).
 
-static void quantize_q4_0(BlockQ4_0 *y, const float *x) {
-    float amax = 0.0f, max = 0.0f;  // the value of largest magnitude, with its sign
+// The value of x[0..31] of largest magnitude, with its sign (the first of equal magnitudes).
+static float signed_max(const float *x) {
+    float amax = 0.0f, max = 0.0f;
     for (int j = 0; j < QK; j++) {
         if (amax < fabsf(x[j])) {
             amax = fabsf(x[j]);
             max = x[j];
         }
     }
-    float d = max / -8;
+    return max;
+}
+
+static void quantize_q4_0(BlockQ4_0 *y, const float *x) {
+    float d = signed_max(x) / -8;
     float id = d != 0.0f ? 1.0f / d : 0.0f;
     y->d = fp32_to_fp16(d);
     for (int j = 0; j < QK / 2; j++) {
@@ -317,14 +322,7 @@ static void quantize_q4_0(BlockQ4_0 *y, const float *x) {
 // Q5_0 as ggml's quantize_row_q5_0_ref: d = max / -16, q = min(31, (int)(x / d + 16.5)), the low
 // 4 bits in qs as Q4_0's, the fifth of value j in bit j of qh.
 static void quantize_q5_0(BlockQ5_0 *y, const float *x) {
-    float amax = 0.0f, max = 0.0f;  // the value of largest magnitude, with its sign
-    for (int j = 0; j < QK; j++) {
-        if (amax < fabsf(x[j])) {
-            amax = fabsf(x[j]);
-            max = x[j];
-        }
-    }
-    float d = max / -16;
+    float d = signed_max(x) / -16;
     float id = d != 0.0f ? 1.0f / d : 0.0f;
     y->d = fp32_to_fp16(d);
     uint32_t qh = 0;

@@ -821,74 +821,69 @@ static inline __m512 q4_0_group8(const BlockQ4_0 *w, const X8Group *x, __m512 ac
     return _mm512_fmadd_ps(_mm512_cvtepi32_ps(is), _mm512_mul_ps(dw, _mm512_loadu_ps(x->d[0])), acc);
 }
 
-// The 5-bit weights of 4 Q5_0 blocks w[0..3] as Q4_0's nibbles (q4_0_nibbles4), the low ones
-// (values 0-15 of each block) in *lo and the high ones in *hi, each with its fifth bit (bit 4), and
-// their scales: the 88 bytes of the blocks as two overlapping 64-byte loads (bytes 0-63 and 24-87),
-// from which one vpermt2w takes the scales (words 0-15) and the 4 words of qh (32-bit qh_L: the
-// fifth bit of value j of block L in bit j) as two 64-bit masks, bit 16 L + j of the low one bit j
-// of qh_L and of the high one bit j + 16.
+// The 5-bit weights of 4 Q5_0 or Q5_1 blocks at p, laid out as Q4_0's nibbles (q4_0_nibbles4):
+// the low ones (values 0-15 of each block) in *lo and the high ones in *hi, each with its fifth
+// bit (bit 4). The blocks are read as two overlapping 64-byte loads, at p and p + second (88 or 96
+// bytes in all); qs_bytes picks the 16 bytes of qs of each block out of them (vpermt2b), and
+// `words` 16-bit words (vpermt2w) that it returns: its words 24-27 and 28-31 must be the low and
+// the high halves of the blocks' 32-bit qh (the fifth bit of value j in bit j), which become two
+// 64-bit masks: bit 16 L + j of the low one is bit j of block L's qh, of the high one bit j + 16.
+static inline __m512i q5_values4(const uint8_t *p, int second, __m512i words, const uint8_t *qs_bytes, __m512i *lo,
+                                 __m512i *hi) {
+    __m512i a = _mm512_loadu_si512(p), b = _mm512_loadu_si512(p + second);
+    __m512i picked = _mm512_permutex2var_epi16(a, words, b);
+    __m128i qh = _mm512_extracti32x4_epi32(picked, 3);
+    __mmask64 low = (__mmask64)_mm_cvtsi128_si64(qh), high = (__mmask64)_mm_extract_epi64(qh, 1);
+    const __m512i m15 = _mm512_set1_epi8(15), bit4 = _mm512_set1_epi8(16);
+    __m512i q = _mm512_permutex2var_epi8(a, _mm512_loadu_si512(qs_bytes), b);
+    __m512i l = _mm512_and_si512(q, m15), h = _mm512_and_si512(_mm512_srli_epi16(q, 4), m15);
+    *lo = _mm512_mask_blend_epi8(low, l, _mm512_or_si512(l, bit4));
+    *hi = _mm512_mask_blend_epi8(high, h, _mm512_or_si512(h, bit4));
+    return picked;
+}
+
+// Q5_0: |d|qh|qs| = 22 bytes a block, 88 for 4, read at bytes 0 and 24. qs of block L at 22 L + 6.
 static const uint8_t Q5_0_QS_BYTES[64] = {
     6,  7,  8,  9,  10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21,        // block 0: bytes 6-21 of the first load
     28, 29, 30, 31, 32, 33, 34, 35, 36, 37, 38, 39, 40, 41, 42, 43,        // block 1: 28-43
     90, 91, 92, 93, 94, 95, 96, 97, 98, 99, 100, 101, 102, 103, 104, 105,  // block 2: 50-65 = 26-41 of the second
     112, 113, 114, 115, 116, 117, 118, 119, 120, 121, 122, 123, 124, 125, 126, 127,  // block 3: 72-87 = 48-63
 };
-static inline void q5_0_values4(const BlockQ5_0 *w, __m512i *lo, __m512i *hi, __m512 *scales) {
-    const uint8_t *p = (const uint8_t *)w;
-    __m512i a = _mm512_loadu_si512(p), b = _mm512_loadu_si512(p + 24);
-    // words 0-15: d of block L (bytes 0, 22, 44 of the first load, 42 of the second) in 4 L .. 4 L + 3;
-    // words 16-19 and 20-23: the low and the high halves of qh_0 .. qh_3 (bytes 2, 24, 46; 44)
-    const __m512i words = _mm512_set_epi16(0, 0, 0, 0, 0, 0, 0, 0, 55, 24, 13, 2, 54, 23, 12, 1,
-                                           53, 53, 53, 53, 22, 22, 22, 22, 11, 11, 11, 11, 0, 0, 0, 0);
-    __m512i picked = _mm512_permutex2var_epi16(a, words, b);
-    *scales = _mm512_cvtph_ps(_mm512_castsi512_si256(picked));
-    __m128i qh = _mm512_extracti32x4_epi32(picked, 2);
-    __mmask64 low = (__mmask64)_mm_cvtsi128_si64(qh), high = (__mmask64)_mm_extract_epi64(qh, 1);
-    const __m512i m15 = _mm512_set1_epi8(15), bit4 = _mm512_set1_epi8(16);
-    __m512i q = _mm512_permutex2var_epi8(a, _mm512_loadu_si512(Q5_0_QS_BYTES), b);
-    *lo = _mm512_mask_blend_epi8(low, _mm512_and_si512(q, m15), _mm512_or_si512(_mm512_and_si512(q, m15), bit4));
-    __m512i h = _mm512_and_si512(_mm512_srli_epi16(q, 4), m15);
-    *hi = _mm512_mask_blend_epi8(high, h, _mm512_or_si512(h, bit4));
-}
 
 // The product of 4 blocks of a Q5_0 row with their group of x, added to acc: per block, dW dx
 // sum_k (q_k - 16) xq_k, in the 4 lanes of the block.
 static inline __m512 q5_0_group8(const BlockQ5_0 *w, const X8Group *x, __m512 acc) {
-    __m512 dw;
+    // words 0-15: d of block L (bytes 0, 22, 44 of the first load, 42 of the second: word 32 + k is
+    // byte 24 + 2 k) in 4 L .. 4 L + 3; 24-31: the halves of the qh (bytes 2, 24, 46; 44)
+    const __m512i words = _mm512_set_epi16(55, 24, 13, 2, 54, 23, 12, 1, 0, 0, 0, 0, 0, 0, 0, 0,
+                                           53, 53, 53, 53, 22, 22, 22, 22, 11, 11, 11, 11, 0, 0, 0, 0);
     __m512i lo, hi;
-    q5_0_values4(w, &lo, &hi, &dw);
+    __m512i picked = q5_values4((const uint8_t *)w, 24, words, Q5_0_QS_BYTES, &lo, &hi);
+    __m512 dw = _mm512_cvtph_ps(_mm512_castsi512_si256(picked));
     __m512i is = _mm512_dpbusd_epi32(_mm512_loadu_si512(x->c[0]), lo, _mm512_loadu_si512(x->q));
     is = _mm512_dpbusd_epi32(is, hi, _mm512_loadu_si512(x->q + 64));
     return _mm512_fmadd_ps(_mm512_cvtepi32_ps(is), _mm512_mul_ps(dw, _mm512_loadu_ps(x->d[0])), acc);
 }
 
-// The product of 4 blocks of a Q5_1 row with their group of x, added to acc: per block, d dx sum_k
-// q_k xq_k in the 4 lanes of the block, plus m dx (sum of the block's xq) in lanes 0-3. As
-// q5_0_values4, on 96 bytes (loads of bytes 0-63 and 32-95): d, m and qh of block L at bytes 24 L,
-// 24 L + 2, 24 L + 4, qs at 24 L + 8.
+// Q5_1: |d|m|qh|qs| = 24 bytes a block, 96 for 4, read at bytes 0 and 32. qs of block L at 24 L + 8.
 static const uint8_t Q5_1_QS_BYTES[64] = {
     8,  9,  10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23,        // block 0: bytes 8-23 of the first load
     32, 33, 34, 35, 36, 37, 38, 39, 40, 41, 42, 43, 44, 45, 46, 47,        // block 1: 32-47
     88, 89, 90, 91, 92, 93, 94, 95, 96, 97, 98, 99, 100, 101, 102, 103,    // block 2: 56-71 = 24-39 of the second
     112, 113, 114, 115, 116, 117, 118, 119, 120, 121, 122, 123, 124, 125, 126, 127,  // block 3: 80-95 = 48-63
 };
+
+// The product of 4 blocks of a Q5_1 row with their group of x, added to acc: per block, d dx sum_k
+// q_k xq_k in the 4 lanes of the block, plus m dx (sum of the block's xq) in lanes 0-3.
 static inline __m512 q5_1_group8(const BlockQ5_1 *w, const X8Group *x, __m512 acc) {
-    const uint8_t *p = (const uint8_t *)w;
-    __m512i a = _mm512_loadu_si512(p), b = _mm512_loadu_si512(p + 32);
-    // words 0-15: d of block L in 4 L .. 4 L + 3; 16-19: m of blocks 0-3; 24-27 and 28-31: the low
-    // and the high halves of qh_0 .. qh_3 (word 16 k of the second load is byte 32 + 2 k)
+    // words 0-15: d of block L (word 12 L; 52 = byte 40 of the second load) in 4 L .. 4 L + 3;
+    // 16-19: m of blocks 0-3; 24-31: the halves of the qh
     const __m512i words = _mm512_set_epi16(55, 27, 15, 3, 54, 26, 14, 2, 0, 0, 0, 0, 53, 25, 13, 1,
                                            52, 52, 52, 52, 24, 24, 24, 24, 12, 12, 12, 12, 0, 0, 0, 0);
-    __m512i picked = _mm512_permutex2var_epi16(a, words, b);
+    __m512i lo, hi;
+    __m512i picked = q5_values4((const uint8_t *)w, 32, words, Q5_1_QS_BYTES, &lo, &hi);
     __m512 dw = _mm512_cvtph_ps(_mm512_castsi512_si256(picked));
     __m512 m = _mm512_maskz_cvtph_ps(0x000f, _mm512_extracti64x4_epi64(picked, 1));
-    __m128i qh = _mm512_extracti32x4_epi32(picked, 3);
-    __mmask64 low = (__mmask64)_mm_cvtsi128_si64(qh), high = (__mmask64)_mm_extract_epi64(qh, 1);
-    const __m512i m15 = _mm512_set1_epi8(15), bit4 = _mm512_set1_epi8(16);
-    __m512i q = _mm512_permutex2var_epi8(a, _mm512_loadu_si512(Q5_1_QS_BYTES), b);
-    __m512i lo = _mm512_and_si512(q, m15), hi = _mm512_and_si512(_mm512_srli_epi16(q, 4), m15);
-    lo = _mm512_mask_blend_epi8(low, lo, _mm512_or_si512(lo, bit4));
-    hi = _mm512_mask_blend_epi8(high, hi, _mm512_or_si512(hi, bit4));
     __m512i is = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_loadu_si512(x->q));
     is = _mm512_dpbusd_epi32(is, hi, _mm512_loadu_si512(x->q + 64));
     acc = _mm512_fmadd_ps(m, _mm512_maskz_loadu_ps(0x000f, x->dsum), acc);
