@@ -83,6 +83,12 @@ static int setup(void) {
     return r1 == 0 && r2 == 0;
 }
 
+static int exists(const char *path) {
+    FILE *f = fopen(path, "rb");
+    if (f) fclose(f);
+    return f != NULL;
+}
+
 // Trains on one two-turn conversation until the loss is small; then greedy generation and chat
 // give its answers. lr 5e-3 and 240 steps: at lr 1e-2 the loss curve was chaotic and its end
 // depended on the rounding of the kernels; with these settings the last loss was 0.0015-0.0037
@@ -98,6 +104,8 @@ static void test_memorize(void) {
           "stdout starts '%.40s'", out);
     check(strstr(err, "trainable parameters") && strstr(err, "240 optimizer steps"), "cli: train prints the plan",
           "stderr: %s", err);
+    check(r == 0 && !exists(DIR "/mem/checkpoint-240/checksums.sha256") && exists(DIR "/mem/adapter_model.safetensors"),
+          "cli: a finished run without --save-every writes its adapter and no checkpoint", "exit %d", r);
     free(out), free(err);
     size_t n;
     char *log = slurp(DIR "/mem/train_log.jsonl", &n);
@@ -227,11 +235,6 @@ static int resume_same(const char *dir, long step, const char *out, int steps, c
     return r == 0 && same_bytes(a, b);
 }
 
-static int exists(const char *path) {
-    FILE *f = fopen(path, "rb");
-    if (f) fclose(f);
-    return f != NULL;
-}
 
 // The step N of "checkpoint saved in PREFIX/checkpoint-N" in err, or -1.
 static long saved_step(const char *err, const char *prefix) {
