@@ -810,15 +810,23 @@ static inline __m512i q4_0_nibbles4(const BlockQ4_0 *w, __m512 *scales) {
     return _mm512_permutex2var_epi8(a, _mm512_loadu_si512(Q4_0_QS_BYTES), b);
 }
 
+// acc + dW dx (start + sum_k q_k xq_k) per lane, for 4 blocks laid out as Q4_0's nibbles: the
+// unsigned weights of values 0-15 of each block in lo, of 16-31 in hi, their scales dW in lanes
+// 4 L .. 4 L + 3; start: the offsets (x->c[0]) or zero.
+static inline __m512 group8_sum(__m512i start, __m512i lo, __m512i hi, __m512 dw, const X8Group *x, __m512 acc) {
+    __m512i is = _mm512_dpbusd_epi32(start, lo, _mm512_loadu_si512(x->q));
+    is = _mm512_dpbusd_epi32(is, hi, _mm512_loadu_si512(x->q + 64));
+    return _mm512_fmadd_ps(_mm512_cvtepi32_ps(is), _mm512_mul_ps(dw, _mm512_loadu_ps(x->d[0])), acc);
+}
+
 // The product of 4 blocks of a Q4_0 row with their group of x, added to acc: per block, dW dx
 // sum_k (q_k - 8) xq_k, in the 4 lanes of the block.
 static inline __m512 q4_0_group8(const BlockQ4_0 *w, const X8Group *x, __m512 acc) {
     const __m512i m15 = _mm512_set1_epi8(15);
     __m512 dw;
     __m512i q = q4_0_nibbles4(w, &dw);
-    __m512i is = _mm512_dpbusd_epi32(_mm512_loadu_si512(x->c[0]), _mm512_and_si512(q, m15), _mm512_loadu_si512(x->q));
-    is = _mm512_dpbusd_epi32(is, _mm512_and_si512(_mm512_srli_epi16(q, 4), m15), _mm512_loadu_si512(x->q + 64));
-    return _mm512_fmadd_ps(_mm512_cvtepi32_ps(is), _mm512_mul_ps(dw, _mm512_loadu_ps(x->d[0])), acc);
+    return group8_sum(_mm512_loadu_si512(x->c[0]), _mm512_and_si512(q, m15),
+                      _mm512_and_si512(_mm512_srli_epi16(q, 4), m15), dw, x, acc);
 }
 
 // The 5-bit weights of 4 Q5_0 or Q5_1 blocks at p, laid out as Q4_0's nibbles (q4_0_nibbles4):
@@ -860,9 +868,7 @@ static inline __m512 q5_0_group8(const BlockQ5_0 *w, const X8Group *x, __m512 ac
     __m512i lo, hi;
     __m512i picked = q5_values4((const uint8_t *)w, 24, words, Q5_0_QS_BYTES, &lo, &hi);
     __m512 dw = _mm512_cvtph_ps(_mm512_castsi512_si256(picked));
-    __m512i is = _mm512_dpbusd_epi32(_mm512_loadu_si512(x->c[0]), lo, _mm512_loadu_si512(x->q));
-    is = _mm512_dpbusd_epi32(is, hi, _mm512_loadu_si512(x->q + 64));
-    return _mm512_fmadd_ps(_mm512_cvtepi32_ps(is), _mm512_mul_ps(dw, _mm512_loadu_ps(x->d[0])), acc);
+    return group8_sum(_mm512_loadu_si512(x->c[0]), lo, hi, dw, x, acc);
 }
 
 // Q5_1: |d|m|qh|qs| = 24 bytes a block, 96 for 4, read at bytes 0 and 32. qs of block L at 24 L + 8.
@@ -884,10 +890,8 @@ static inline __m512 q5_1_group8(const BlockQ5_1 *w, const X8Group *x, __m512 ac
     __m512i picked = q5_values4((const uint8_t *)w, 32, words, Q5_1_QS_BYTES, &lo, &hi);
     __m512 dw = _mm512_cvtph_ps(_mm512_castsi512_si256(picked));
     __m512 m = _mm512_maskz_cvtph_ps(0x000f, _mm512_extracti64x4_epi64(picked, 1));
-    __m512i is = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_loadu_si512(x->q));
-    is = _mm512_dpbusd_epi32(is, hi, _mm512_loadu_si512(x->q + 64));
     acc = _mm512_fmadd_ps(m, _mm512_maskz_loadu_ps(0x000f, x->dsum), acc);
-    return _mm512_fmadd_ps(_mm512_cvtepi32_ps(is), _mm512_mul_ps(dw, _mm512_loadu_ps(x->d[0])), acc);
+    return group8_sum(_mm512_setzero_si512(), lo, hi, dw, x, acc);
 }
 
 // The weights of 2 Q8_0 blocks w[0..1] made unsigned (q + 128), block L's in bytes 32 L .. 32 L +
