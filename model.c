@@ -231,6 +231,48 @@ void swiglu_backward(float *dgate, float *dup, const float *dh, const float *gat
     trace_op(t0, "swiglu_backward", "dgate[%d], dup[%d] += <- dh[%d]", n, n, n);
 }
 
+// gate and up kept in bf16 (halving the largest activations of training, as PyTorch's autocast
+// keeps them) and restored to floats for the backward pass.
+typedef struct {
+    float *gate, *up;
+    uint16_t *gate16, *up16;
+} Bf16Args;
+
+static inline void bf16_lanes(uint16_t *restrict out, const float *restrict x) {
+    for (int k = 0; k < LANES; k++) out[k] = fp32_to_bf16(x[k]);
+}
+
+static inline void fp32_lanes(float *restrict out, const uint16_t *restrict x) {
+    for (int k = 0; k < LANES; k++) out[k] = bf16_to_fp32(x[k]);
+}
+
+// gate16[i], up16[i] = for i in [start, end), LANES at a time (vectorized) but for a short end
+static void bf16_keep_range(void *ctx, int start, int end) {
+    const Bf16Args *a = ctx;
+    int i = start;
+    for (; i + LANES <= end; i += LANES) bf16_lanes(a->gate16 + i, a->gate + i), bf16_lanes(a->up16 + i, a->up + i);
+    for (; i < end; i++) a->gate16[i] = fp32_to_bf16(a->gate[i]), a->up16[i] = fp32_to_bf16(a->up[i]);
+}
+
+static void bf16_restore_range(void *ctx, int start, int end) {
+    const Bf16Args *a = ctx;
+    int i = start;
+    for (; i + LANES <= end; i += LANES) fp32_lanes(a->gate + i, a->gate16 + i), fp32_lanes(a->up + i, a->up16 + i);
+    for (; i < end; i++) a->gate[i] = bf16_to_fp32(a->gate16[i]), a->up[i] = bf16_to_fp32(a->up16[i]);
+}
+
+// gate16[n], up16[n] = gate, up rounded to bf16 (nearest even)
+static void bf16_keep(uint16_t *gate16, uint16_t *up16, const float *gate, const float *up, int n) {
+    Bf16Args a = {(float *)gate, (float *)up, gate16, up16};
+    parallel_for(bf16_keep_range, &a, n, LANES);
+}
+
+// gate[n], up[n] = gate16, up16
+static void bf16_restore(float *gate, float *up, const uint16_t *gate16, const uint16_t *up16, int n) {
+    Bf16Args a = {gate, up, (uint16_t *)gate16, (uint16_t *)up16};
+    parallel_for(bf16_restore_range, &a, n, LANES);
+}
+
 // out[n] += inp[n]
 static void residual_add(float *out, const float *inp, size_t n) {
     double t0 = trace_start();
@@ -269,6 +311,7 @@ typedef struct {
     float *rstd2;    // [T]
     float *gate;     // [T, FF] gate_proj output, before SiLU
     float *up;       // [T, FF]
+    uint16_t *gate16, *up16;  // [T, FF] gate and up kept in bf16 for the backward pass (NULL: kept as they are)
     float *xout;     // [T, C] block output (may be x itself in generation)
     float *lora_u;   // [LORA_NTARGETS, T, R]
     float *ln;       // [T, C] scratch: an RMSNorm output
@@ -382,6 +425,7 @@ static void block_forward(const Pass *ps, int l, const LayerBufs *b, int T, int 
     rmsnorm_forward(b->ln, b->rstd2, b->xmid, lw->ffn_norm, T, C, c->rms_eps);
     mlp_gate_up(ps, l, b, T);
     swiglu_forward(b->h, b->gate, b->up, T * c->FF);
+    if (b->gate16) bf16_keep(b->gate16, b->up16, b->gate, b->up, T * c->FF);
     linear_forward(ps->infer, b->xout, b->h, &lw->wdown, NULL, &sd, T);
     residual_add(b->xout, b->xmid, (size_t)T * C);
 }
@@ -423,6 +467,7 @@ static void attention_backward_seqs(const Pass *ps, const GradBufs *g, const Lay
 }
 
 // recompute_ff: gate and up were not saved; run gate_proj and up_proj again (same dropout masks).
+// With b->gate16, the backward pass takes gate and up rounded to bf16 (kept so, or recomputed).
 static void block_backward(const Pass *ps, int l, const LayerBufs *b, const GradBufs *g, int T, int recompute_ff) {
     trace_frame("block_backward", "layer %d, %d tokens", l, T);
     const Config *c = ps->c;
@@ -438,6 +483,10 @@ static void block_backward(const Pass *ps, int l, const LayerBufs *b, const Grad
     // MLP: xout = xmid + down(silu(gate(ln)) * up(ln)), ln = rmsnorm(xmid)
     rmsnorm_apply(b->ln, b->xmid, b->rstd2, lw->ffn_norm, T, C);
     if (recompute_ff) mlp_gate_up(ps, l, b, T);
+    if (b->gate16) {  // the backward pass sees gate and up as kept, recomputed or not
+        if (recompute_ff) bf16_keep(b->gate16, b->up16, b->gate, b->up, T * FF);
+        bf16_restore(b->gate, b->up, b->gate16, b->up16, T * FF);
+    }
     if (sd.pair) swiglu_forward(b->h, b->gate, b->up, T * FF);  // down_proj's input, for its adapter
     linear_backward(g->dh, g->dres, b->h, &lw->wdown, &sd, T);
     swiglu_backward(g->dgate, g->dup, g->dh, b->gate, b->up, T * FF);
@@ -464,6 +513,9 @@ struct Activations {
     int max_T;
     int R;            // LoRA rank the arrays were sized for (0: no adapter)
     int L_ff;         // layers 0..L_ff-1 save gate/up; the others recompute them in the backward pass
+    int ff_bf16;      // 1: gate/up are saved in bf16 (gate16, up16), as those of every layer in floats would
+                      // not fit the budget
+    size_t bytes;     // of the arrays below
     // saved by the forward pass
     float *x;         // [L+1, max_T, C] residual stream entering each layer (x[L]: leaving the last)
     float *rstd1;     // [L, max_T] attention RMSNorm
@@ -474,20 +526,23 @@ struct Activations {
     float *att;       // [L, max_T, NH*HS] attention output
     float *xmid;      // [L, max_T, C] residual stream after attention
     float *rstd2;     // [L, max_T] MLP RMSNorm
-    float *gate;      // [L_ff, max_T, FF] gate_proj output
+    float *gate;      // [L_ff, max_T, FF] gate_proj output (NULL with ff_bf16)
     float *up;        // [L_ff, max_T, FF] up_proj output
+    uint16_t *gate16; // [L_ff + 1, max_T, FF] with ff_bf16: gate, up in bf16; the last slot for a layer that
+    uint16_t *up16;   // recomputes them
     float *lora_u;    // [L, LORA_NTARGETS, max_T, R] A dropout(x) of each adapted projection (R = 0: none)
     uint32_t *keep;   // [L, LORA_NTARGETS, max_T, in / 32] dropout masks, bit set = kept (only with dropout)
-    // scratch
+    float *dres;      // [max_T, C] d loss / d the residual stream: from the loss, then through each layer
+    // scratch of one layer, forward or backward (the loss's scratch below shares its memory)
     float *ln;        // [max_T, C]
     float *h;         // [max_T, FF]
-    float *ff_gate;   // [max_T, FF] gate of a layer that recomputes it (L_ff < L)
+    float *ff_gate;   // [max_T, FF] gate of a layer that recomputes it (L_ff < L) or keeps it in bf16
     float *ff_up;     // [max_T, FF]
     float *xdrop;     // [max_T, max(C, FF, NH*HS)] dropout(x) (only when the adapter has dropout)
     float *lora_du;   // [max_T, R]
     float *lora_bt;   // [R, max(C, FF, NH*HS)]
     float *att_work;  // [4 * padded(max_T) * NKV*HS] attention scratch
-    float *dres, *dh, *dgate, *dup, *dln2, *datt, *dq, *dk, *dv, *dsum, *dln1;  // GradBufs, for max_T
+    float *dh, *dgate, *dup, *dln2, *datt, *dq, *dk, *dv, *dsum, *dln1;  // GradBufs, for max_T
     // the loss at target positions, LOSS_CHUNK at a time
     int *tokens;      // [max_T] the tokens of the sequences of a pass, one after the other
     int *seg;         // [max_T + 1] where each sequence starts in them (and where the last ends)
@@ -499,8 +554,8 @@ struct Activations {
     float *logits;    // [LOSS_CHUNK, V] logits, then their gradient
     double *row_loss; // [LOSS_CHUNK]
     float *cos, *sin; // [max_T, HS/2] RoPE tables
-    float *mem;       // the one allocation behind every float array above (keep, the int arrays, row_loss:
-                      // their own)
+    float *mem;       // the one allocation behind every float array above (gate16, up16, keep, the int
+                      // arrays, row_loss: their own)
     const volatile sig_atomic_t *stop;  // set by a signal handler: the pass returns at the next layer
 };
 
@@ -514,47 +569,85 @@ static float *take(float **p, size_t n) {
     return r;
 }
 
-// Floats in Activations when L_ff layers keep their gate/up; also points the fields into a->mem
-// when it is allocated.
+// Carves fields[i] of sizes[i] floats, one after the other, from p (when not NULL); returns the
+// floats in all.
+static size_t carve(float *p, float **fields[], const size_t sizes[], size_t n) {
+    size_t total = 0;
+    for (size_t i = 0; i < n; i++) {
+        if (p) *fields[i] = sizes[i] ? take(&p, sizes[i]) : NULL;
+        total += sizes[i];
+    }
+    return total;
+}
+
+// Floats in Activations when L_ff layers keep their gate/up (in bf16 with a->ff_bf16, those not
+// counted); also points the fields into a->mem when it is allocated. The layers' scratch and the
+// loss's are never in use at one time: they share memory.
 static size_t activation_floats(const Config *c, int R, int dropout, int max_T, int L_ff, Activations *a) {
     size_t T = (size_t)max_T, C = c->C, L = c->L, FF = c->FF, QD = (size_t)c->NH * c->HS, KD = (size_t)c->NKV * c->HS;
     size_t recompute = L_ff < c->L ? 1 : 0, MX = C > FF ? C : FF, MO = MX > QD ? MX : QD;
-    size_t sizes[] = {
+    size_t kept = a->ff_bf16 ? 0 : (size_t)L_ff, scratch = recompute || a->ff_bf16 ? 1 : 0;
+    size_t saved_sizes[] = {
         (L + 1) * T * C, L * T, L * T * QD, L * T * KD, L * T * KD, L * c->NH * T, L * T * QD, L * T * C, L * T,
-        L_ff * T * FF, L_ff * T * FF, L * LORA_NTARGETS * T * R,
-        T * C, T * FF, recompute * T * FF, recompute * T * FF, dropout ? T * MO : 0, T * R, MO * R, 4 * (size_t)padded(max_T) * KD,
-        T * C, T * FF, T * FF, T * FF, T * C, T * QD, T * QD, T * KD, T * KD, c->NH * T, T * C,
-        LOSS_CHUNK * C, LOSS_CHUNK, LOSS_CHUNK * C, LOSS_CHUNK * C, LOSS_CHUNK * (size_t)c->V,
-        T * (c->HS / 2), T * (c->HS / 2),
+        kept * T * FF, kept * T * FF, L * LORA_NTARGETS * T * R, T * C, T * (c->HS / 2), T * (c->HS / 2),
     };
-    float **fields[] = {
-        &a->x, &a->rstd1, &a->q, &a->k, &a->v, &a->lse, &a->att, &a->xmid, &a->rstd2, &a->gate, &a->up, &a->lora_u,
+    float **saved[] = {
+        &a->x, &a->rstd1, &a->q, &a->k, &a->v, &a->lse, &a->att, &a->xmid, &a->rstd2,
+        &a->gate, &a->up, &a->lora_u, &a->dres, &a->cos, &a->sin,
+    };
+    size_t layer_sizes[] = {
+        T * C, T * FF, scratch * T * FF, scratch * T * FF, dropout ? T * MO : 0, T * R, MO * R, 4 * (size_t)padded(max_T) * KD,
+        T * FF, T * FF, T * FF, T * C, T * QD, T * QD, T * KD, T * KD, c->NH * T, T * C,
+    };
+    float **layer[] = {
         &a->ln, &a->h, &a->ff_gate, &a->ff_up, &a->xdrop, &a->lora_du, &a->lora_bt, &a->att_work,
-        &a->dres, &a->dh, &a->dgate, &a->dup, &a->dln2, &a->datt, &a->dq, &a->dk, &a->dv, &a->dsum, &a->dln1,
-        &a->head_x, &a->head_rstd, &a->head_ln, &a->dhead, &a->logits, &a->cos, &a->sin,
+        &a->dh, &a->dgate, &a->dup, &a->dln2, &a->datt, &a->dq, &a->dk, &a->dv, &a->dsum, &a->dln1,
     };
-    size_t total = 0;
-    float *p = a->mem;
-    for (size_t i = 0; i < sizeof sizes / sizeof sizes[0]; i++) {
-        total += sizes[i];
-        if (p) *fields[i] = sizes[i] ? take(&p, sizes[i]) : NULL;
-    }
-    return total;
+    size_t head_sizes[] = {LOSS_CHUNK * C, LOSS_CHUNK, LOSS_CHUNK * C, LOSS_CHUNK * C, LOSS_CHUNK * (size_t)c->V};
+    float **head[] = {&a->head_x, &a->head_rstd, &a->head_ln, &a->dhead, &a->logits};
+    size_t n_saved = carve(a->mem, saved, saved_sizes, sizeof saved / sizeof saved[0]);
+    float *shared = a->mem ? a->mem + n_saved : NULL;
+    size_t n_layer = carve(shared, layer, layer_sizes, sizeof layer / sizeof layer[0]);
+    size_t n_head = carve(shared, head, head_sizes, sizeof head / sizeof head[0]);
+    return n_saved + (n_layer > n_head ? n_layer : n_head);
 }
 
 Activations *activations_new(const Config *c, const struct Lora *lora, int max_T) {
     return activations_new_budget(c, lora, max_T, ACT_BUDGET);
 }
 
+// Bytes of Activations when ff_layers layers keep their gate/up (in bf16 with ff_bf16).
+static size_t bytes_needed(const Config *c, int R, int dropout, int max_T, int ff_layers, int ff_bf16) {
+    Activations probe = {.ff_bf16 = ff_bf16};  // no memory: activation_floats only counts
+    size_t slots = (size_t)ff_layers + (ff_layers < c->L ? 1 : 0);
+    size_t halves = ff_bf16 ? 2 * slots * max_T * c->FF : 0;
+    return activation_floats(c, R, dropout, max_T, ff_layers, &probe) * sizeof(float) + halves * sizeof(uint16_t);
+}
+
 Activations *activations_new_budget(const Config *c, const struct Lora *lora, int max_T, size_t budget) {
+    int R = lora ? lora->R : 0, dropout = lora && lora->dropout > 0, ff_layers = c->L;
+    // Every layer keeps its gate/up in floats when they fit the budget, else in bf16 (half the bytes);
+    // then as many layers as fit keep them, and the others recompute them.
+    int ff_bf16 = bytes_needed(c, R, dropout, max_T, c->L, 0) > budget;
+    while (ff_layers > 0 && bytes_needed(c, R, dropout, max_T, ff_layers, ff_bf16) > budget) ff_layers--;
+    return activations_new_layout(c, lora, max_T, ff_layers, ff_bf16);
+}
+
+Activations *activations_new_layout(const Config *c, const struct Lora *lora, int max_T, int ff_layers, int ff_bf16) {
     Activations *a = xcalloc(1, sizeof *a);
     int R = lora ? lora->R : 0, dropout = lora && lora->dropout > 0;
     a->max_T = max_T;
     a->R = R;
-    a->L_ff = c->L;  // keep the gate/up of as many layers as the budget allows
-    while (a->L_ff > 0 && activation_floats(c, R, dropout, max_T, a->L_ff, a) * sizeof(float) > budget) a->L_ff--;
+    a->L_ff = ff_layers < 0 ? 0 : ff_layers > c->L ? c->L : ff_layers;
+    a->ff_bf16 = ff_bf16 != 0;
+    a->bytes = bytes_needed(c, R, dropout, max_T, a->L_ff, a->ff_bf16);
     a->mem = xmalloc(activation_floats(c, R, dropout, max_T, a->L_ff, a) * sizeof(float));
     activation_floats(c, R, dropout, max_T, a->L_ff, a);
+    if (a->ff_bf16) {
+        size_t n = (size_t)(a->L_ff + (a->L_ff < c->L ? 1 : 0)) * max_T * c->FF;
+        a->gate16 = xmalloc(n * sizeof(uint16_t));
+        a->up16 = xmalloc(n * sizeof(uint16_t));
+    }
     if (dropout) a->keep = xmalloc(keep_offset(c, c->L, 0, max_T) * sizeof(uint32_t));
     a->pos = xmalloc((size_t)max_T * sizeof(int));
     a->tokens = xmalloc((size_t)max_T * sizeof(int));
@@ -566,11 +659,18 @@ Activations *activations_new_budget(const Config *c, const struct Lora *lora, in
 
 int activations_max_T(const Activations *a) { return a->max_T; }
 
+ActivationsMemory activations_memory(const Activations *a) {
+    ActivationsMemory m = {a->bytes, a->L_ff, a->ff_bf16};
+    return m;
+}
+
 void activations_watch(Activations *a, const volatile sig_atomic_t *stop) { a->stop = stop; }
 
 void activations_free(Activations *a) {
     if (!a) return;
     free(a->mem);
+    free(a->gate16);
+    free(a->up16);
     free(a->keep);
     free(a->pos);
     free(a->tokens);
@@ -583,11 +683,13 @@ void activations_free(Activations *a) {
 static LayerBufs layer_bufs(const Activations *a, const Config *c, const Lora *lora, int l) {
     size_t T = (size_t)a->max_T, C = c->C, QD = (size_t)c->NH * c->HS, KD = (size_t)c->NKV * c->HS;
     int R = lora ? lora->R : 0, keep = l < a->L_ff;
+    size_t slot = (size_t)(keep ? l : a->L_ff) * T * c->FF;  // of gate16, up16
     LayerBufs b = {
         .x = a->x + l * T * C, .rstd1 = a->rstd1 + l * T, .q = a->q + l * T * QD, .k = a->k + l * T * KD,
         .v = a->v + l * T * KD, .lse = a->lse + l * c->NH * T, .att = a->att + l * T * QD, .xmid = a->xmid + l * T * C,
-        .rstd2 = a->rstd2 + l * T, .gate = keep ? a->gate + l * T * c->FF : a->ff_gate,
-        .up = keep ? a->up + l * T * c->FF : a->ff_up, .xout = a->x + (l + 1) * T * C,
+        .rstd2 = a->rstd2 + l * T, .gate = keep && !a->ff_bf16 ? a->gate + l * T * c->FF : a->ff_gate,
+        .up = keep && !a->ff_bf16 ? a->up + l * T * c->FF : a->ff_up, .xout = a->x + (l + 1) * T * C,
+        .gate16 = a->ff_bf16 ? a->gate16 + slot : NULL, .up16 = a->ff_bf16 ? a->up16 + slot : NULL,
         .lora_u = R ? a->lora_u + (size_t)l * LORA_NTARGETS * T * R : NULL, .ln = a->ln, .h = a->h,
     };
     return b;
@@ -781,7 +883,7 @@ double model_forward_backward_batch(Model *m, struct Lora *lora, Activations *a,
         // Without a backward pass nothing needs keeping: every layer runs in layer 0's arrays (the
         // others stay untouched and cost no memory), the residual stream alternating x[0], x[1].
         LayerBufs b = layer_bufs(a, c, lora, backward ? l : 0);
-        if (!backward) b.x = xL, b.xout = a->x + (size_t)((l + 1) % 2) * a->max_T * c->C;
+        if (!backward) b.x = xL, b.xout = a->x + (size_t)((l + 1) % 2) * a->max_T * c->C, b.gate16 = b.up16 = NULL;
         block_forward(&ps, l, &b, T, 0);
         xL = b.xout;
     }

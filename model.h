@@ -94,9 +94,20 @@ typedef struct Activations Activations;
 Activations *activations_new(const Config *c, const struct Lora *lora, int max_T);
 void activations_free(Activations *a);
 int activations_max_T(const Activations *a);  // the tokens a pass may have
-// The same with a memory budget in bytes: layers whose MLP activations do not fit recompute
-// gate_proj and up_proj in the backward pass instead of keeping them (activations_new: 512 MiB).
+// The same with a memory budget in bytes (activations_new: 512 MiB). The MLP's gate and up of every
+// layer are kept in floats when they fit it, else in bf16 (half the bytes; the backward pass then
+// takes them rounded, the loss is unchanged); layers whose gate/up do not fit even so recompute
+// gate_proj and up_proj in the backward pass.
 Activations *activations_new_budget(const Config *c, const struct Lora *lora, int max_T, size_t budget);
+// The same with the layout given: layers 0..ff_layers-1 keep their gate/up (in bf16 with ff_bf16),
+// the others recompute them (activations_new_budget picks it; the tests name each).
+Activations *activations_new_layout(const Config *c, const struct Lora *lora, int max_T, int ff_layers, int ff_bf16);
+typedef struct {
+    size_t bytes;   // of the arrays
+    int ff_layers;  // layers that keep their gate/up; the others recompute them
+    int ff_bf16;    // 1: kept in bf16
+} ActivationsMemory;
+ActivationsMemory activations_memory(const Activations *a);
 // Passes on a then read *stop before each layer (forward and backward) and each chunk of the loss,
 // and return NAN at once when it is set: a signal stops a step within a fraction of a second. The
 // gradients of such a pass are partial; the caller drops them. stop NULL: never stop (the default).

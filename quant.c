@@ -72,14 +72,6 @@ uint16_t fp32_to_fp16(float f) {
     return sign | (uint16_t)q;
 }
 
-float bf16_to_fp32(uint16_t h) { return f32_from_bits((uint32_t)h << 16); }
-
-uint16_t fp32_to_bf16(float f) {
-    uint32_t x = f32_bits(f);
-    if ((x & 0x7fffffff) > 0x7f800000) return (uint16_t)((x >> 16) | 0x40);  // quiet NaN
-    return (uint16_t)((x + 0x7fff + ((x >> 16) & 1)) >> 16);
-}
-
 // The 16 NormalFloat-4 values of bitsandbytes (functional.py, get_4bit_type("nf4")).
 const float NF4_CODE[16] = {
     -1.0f, -0.6961928009986877f, -0.5250730514526367f, -0.39491748809814453f,

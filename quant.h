@@ -17,6 +17,7 @@
 #include <assert.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <string.h>
 
 // ggml's type ids (ggml.h, enum ggml_type). These numbers are what GGUF files store.
 typedef enum {
@@ -162,8 +163,20 @@ size_t row_bytes(int type, int64_t n);
 // Conversions of single halves.
 float fp16_to_fp32(uint16_t h);
 uint16_t fp32_to_fp16(float f);
-float bf16_to_fp32(uint16_t h);
-uint16_t fp32_to_bf16(float f);  // round to nearest even, as PyTorch does
+// bf16 is the top half of a float; inline, so that loops over arrays vectorize.
+static inline float bf16_to_fp32(uint16_t h) {
+    uint32_t x = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &x, sizeof f);
+    return f;
+}
+
+static inline uint16_t fp32_to_bf16(float f) {  // round to nearest even, as PyTorch does
+    uint32_t x;
+    memcpy(&x, &f, sizeof x);
+    uint32_t nan = (x & 0x7fffffff) > 0x7f800000;  // quiet NaN, else rounded
+    return (uint16_t)(nan ? (x >> 16) | 0x40 : (x + 0x7fff + ((x >> 16) & 1)) >> 16);
+}
 
 // out[n] = the values of one row in[row_bytes(type, n)], n a multiple of the block size.
 // Bit-exact with ggml's dequantize_row_* for every type in Type.

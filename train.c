@@ -1034,6 +1034,11 @@ void print_plan(const Trainer *tr) {
     fprintf(stderr, "plan      %ld optimizer steps (%ld per epoch) of %d x %d examples, lr %g %s, warmup %ld, "
             "AdamW weight decay %g, clip %g\n", tr->total_steps, tr->steps_per_epoch, tr->o.batch, tr->o.grad_accum,
             tr->o.lr, schedule_name(tr->o.schedule), tr->warmup, tr->o.weight_decay, tr->o.max_grad_norm);
+    ActivationsMemory am = activations_memory(tr->acts);
+    fprintf(stderr, "memory    activations %.0f MB for passes of up to %d tokens, the MLP's gate/up kept %s",
+            (double)am.bytes / 1e6, activations_max_T(tr->acts), am.ff_bf16 ? "in bf16" : "in floats");
+    if (am.ff_layers < c->L) fprintf(stderr, " by %d of %d layers (the others recompute them)", am.ff_layers, c->L);
+    fprintf(stderr, "\n");
     if (tr->o.lr == 0)
         fprintf(stderr, "warning: --lr 0: the adapter will not change (training only measures the loss)\n");
     if (tr->train.n_truncated)
