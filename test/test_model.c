@@ -645,6 +645,7 @@ typedef struct {
     double prompt;  // absolute error of logits after a prompt (matmul with T > 1)
     double step;    // absolute error of logits when tokens go one at a time (T = 1)
     double int8;    // prompt or step, where their products take 8-bit activations (inference)
+    double grads16; // gradients with gate/up kept in bf16 (activations_new_layout)
 } Tolerance;
 
 // The kernel level this suite was built for, as CI builds it (each its own build): the arithmetic
@@ -675,14 +676,15 @@ static Level test_level(void) {
 // the backward rounds both factors to bf16 (~1e-2 of the gradients), as PyTorch's bf16 autocast
 // does everywhere (see reference_case). Inference of Q4_0 on AVX512-VNNI takes 8-bit activations
 // (ROUTE_INT8_TILES, ROUTE_INT8_ROWS): ~1e-1 of the logits, that of PyTorch bf16 autocast.
+// Gate/up kept in bf16 move the gradients by their rounding (~4e-3 on every level), on top of that.
 static Tolerance tolerance(int quant) {
     static const Tolerance table[LEVELS][2] = {  // measured 2026-12-07 on every level, times 1.5
-        [LEVEL_REF] = {{1.1e-07, 4.7e-06, 7.5e-06, 7.5e-06}, {1.1e-07, 5.8e-06, 8.2e-06, 8.2e-06}},
-        [LEVEL_PORTABLE] = {{1.1e-07, 2.4e-06, 9.1e-06, 5e-06}, {1.1e-07, 7.2e-06, 8.2e-06, 7.1e-06}},
-        [LEVEL_AVX2] = {{1.2e-07, 3.1e-06, 8.7e-06, 5e-06}, {1.1e-07, 5.6e-06, 8.5e-06, 6.4e-06}},
-        [LEVEL_NEON] = {{1.2e-07, 3.1e-06, 8.7e-06, 5e-06}, {1.1e-07, 5.6e-06, 8.9e-06, 5e-06}},
-        [LEVEL_AVX512_BF16] = {{1.2e-07, 3.1e-06, 8.7e-06, 6.3e-06}, {5e-05, 0.025, 0.003, 0.00068, 0.15}},
-        [LEVEL_AMX] = {{1.2e-07, 3.1e-06, 8.7e-06, 6.3e-06}, {5e-05, 0.025, 0.003, 0.00068, 0.15}},
+        [LEVEL_REF] = {{1.1e-07, 4.7e-06, 7.5e-06, 7.5e-06, 0, 0.0055}, {1.1e-07, 5.8e-06, 8.2e-06, 8.2e-06, 0, 0.01}},
+        [LEVEL_PORTABLE] = {{1.1e-07, 2.4e-06, 9.1e-06, 5e-06, 0, 0.0055}, {1.1e-07, 7.2e-06, 8.2e-06, 7.1e-06, 0, 0.01}},
+        [LEVEL_AVX2] = {{1.2e-07, 3.1e-06, 8.7e-06, 5e-06, 0, 0.0055}, {1.1e-07, 5.6e-06, 8.5e-06, 6.4e-06, 0, 0.01}},
+        [LEVEL_NEON] = {{1.2e-07, 3.1e-06, 8.7e-06, 5e-06, 0, 0.0055}, {1.1e-07, 5.6e-06, 8.9e-06, 5e-06, 0, 0.01}},
+        [LEVEL_AVX512_BF16] = {{1.2e-07, 3.1e-06, 8.7e-06, 6.3e-06, 0, 0.0055}, {5e-05, 0.025, 0.003, 0.00068, 0.15, 0.033}},
+        [LEVEL_AMX] = {{1.2e-07, 3.1e-06, 8.7e-06, 6.3e-06, 0, 0.0055}, {5e-05, 0.025, 0.003, 0.00068, 0.15, 0.033}},
     };
     return table[test_level()][quant != TYPE_F32];
 }
@@ -790,11 +792,8 @@ static void reference_case(const char *name, int quant) {
     snprintf(text, sizeof text, "gate/up kept in bf16: the same loss, gradients %.2g from the reference (peer %.2g)",
              err_grads16, peer_grads);
     label(label_, sizeof label_, &fx, text);
-    // the rounding alone moves them by at most 0.0037 (F32 weights, measured 2026-12-07): allowed 1.5x that
-    // on top of the float path's error, times 1.5
-    double tol16 = 1.5 * (err_grads + 0.004);
-    check(loss16 == loss && err_grads16 >= 0 && err_grads16 <= tol16 && err_grads16 <= peer_grads, label_,
-          "loss %.9g vs %.9g, tolerance %.2g", loss16, loss, tol16);
+    check(loss16 == loss && err_grads16 >= 0 && err_grads16 <= tol.grads16 && err_grads16 <= peer_grads, label_,
+          "loss %.9g vs %.9g, tolerance %.2g at level %s", loss16, loss, tol.grads16, LEVEL_NAMES[test_level()]);
     if (getenv("SFT_TEST_ERRORS"))
         printf("ERRORS %s %s %s loss %.3g base %.3g grads %.3g prompt %.3g step %.3g grads16 %.3g\n",
                LEVEL_NAMES[test_level()], fx.name, type_info(quant)->name, err_loss, err_base, err_grads, err_prompt,
