@@ -78,6 +78,13 @@ typedef struct {
 // types of a GGUF file (and means q4_0 for safetensors); otherwise matrices are converted to it.
 int model_load(Model *m, const char *path, int quant, Err *e);
 void model_free(Model *m);
+// Moves the matrices that point into a GGUF file into a copy of it in 2 MB pages (Linux's
+// transparent huge pages; elsewhere, or when refused, nothing changes) and closes the file. For
+// generation (sft generate, sft chat), which streams every weight once per token: from the
+// file's 4 KB pages it ran 8-20% slower on Qwen2.5-0.5B (Q4_0, Q4_K_M, Q8_0; 2026-12-07). The
+// file's pages leave the process as they are copied (peak memory unchanged); the copy took no
+// time in the median of 10 loads, and ~0.3 s in one of them (the kernel compacting memory).
+void model_hugepages(Model *m);
 
 // Loads only the tokenizer of a tokenizer.json, a model directory or a GGUF file (sft tokenize,
 // sft init --tokenizer). Validates it as model_load does.

@@ -9,6 +9,7 @@
 //   model_init_random streams random rows of a config's shapes into a GGUF file.
 // Leaves out: architectures other than qwen2, and writing safetensors models.
 // Read gguf.h and safetensors.h for the containers, model.h for what the weights feed.
+#define _DEFAULT_SOURCE  // mmap's MAP_ANONYMOUS and madvise's MADV_HUGEPAGE (Linux)
 #include "model.h"
 #include "modelfile.h"
 
@@ -16,6 +17,9 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
 
 #include "gguf.h"
 #include "json.h"
@@ -665,6 +669,8 @@ struct ModelStorage {
     void **bufs;       // [n_bufs] converted matrices and F32 vectors
     int n_bufs, cap_bufs;
     int noted;         // the fallback note was printed
+    void *huge;        // [huge_bytes] the GGUF file's copy in 2 MB pages (model_hugepages), or NULL
+    size_t huge_bytes;
 };
 
 static void *storage_alloc(ModelStorage *s, size_t n) {
@@ -757,6 +763,74 @@ int model_load(Model *m, const char *path, int quant, Err *e) {
     return 0;
 }
 
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+typedef struct {
+    unsigned char *dst;
+    unsigned char *src;
+    size_t n;
+    int release;  // src is a file mapping: drop its pages once copied (the page cache keeps them)
+} CopyJob;
+
+static void copy_pages(void *ctx, int start, int end) {  // 2 MB pages [start, end)
+    const CopyJob *j = ctx;
+    for (int page = start; page < end; page++) {
+        size_t a = (size_t)page << 21, b = a + ((size_t)1 << 21) < j->n ? a + ((size_t)1 << 21) : j->n;
+        memcpy(j->dst + a, j->src + a, b - a);
+        if (j->release) madvise(j->src + a, b - a, MADV_DONTNEED);
+    }
+}
+#endif
+
+// A copy of the file's n bytes in fresh anonymous memory that Linux backs with 2 MB pages (its
+// transparent huge pages, asked for with madvise), read-only, *bytes the length to munmap; NULL
+// where that is not possible (other systems, or mmap refuses). The file's pages leave the process
+// as they are copied, so that the two are never resident at once.
+static void *hugepage_copy(const FileMap *file, size_t *bytes) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+    size_t n = file->size;
+    size_t huge = (size_t)1 << 21, len = (n + huge - 1) / huge * huge;
+    unsigned char *p = mmap(NULL, len + huge, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (p == MAP_FAILED) return NULL;
+    size_t head = (huge - (uintptr_t)p % huge) % huge;  // the pages must start on a 2 MB boundary
+    if (head) munmap(p, head);
+    if (huge - head) munmap(p + head + len, huge - head);
+    p += head;
+    madvise(p, len, MADV_HUGEPAGE);
+    CopyJob j = {p, (unsigned char *)file->data, n, file->mapped};
+    parallel_for(copy_pages, &j, (int)(len / huge), 1);
+    mprotect(p, len, PROT_READ);
+    *bytes = len;
+    return p;
+#else
+    (void)file, (void)bytes;
+    return NULL;
+#endif
+}
+
+// W's data, when it lies in file[n], now at the same offset in copy.
+static void repoint(QMatrix *W, const unsigned char *file, size_t n, const unsigned char *copy) {
+    const unsigned char *d = W->data;
+    if (d >= file && d < file + n) W->data = copy + (d - file);
+}
+
+void model_hugepages(Model *m) {
+    ModelStorage *s = m->storage;
+    if (!s || !s->src_open || !s->src.gguf) return;
+    const unsigned char *file = s->src.g.map.data;
+    size_t n = s->src.g.map.size;
+    s->huge = hugepage_copy(&s->src.g.map, &s->huge_bytes);
+    if (!s->huge) return;
+    repoint(&m->w.embed, file, n, s->huge);
+    repoint(&m->w.lm_head, file, n, s->huge);
+    for (int l = 0; l < m->config.L; l++) {
+        LayerWeights *lw = &m->w.layers[l];
+        QMatrix *ws[] = {&lw->wq, &lw->wk, &lw->wv, &lw->wo, &lw->wgate, &lw->wup, &lw->wdown};
+        for (int i = 0; i < 7; i++) repoint(ws[i], file, n, s->huge);
+    }
+    source_close(&s->src);  // nothing points into the file any more
+    s->src_open = 0;
+}
+
 void model_free(Model *m) {
     ModelStorage *s = m->storage;
     if (s) {
@@ -764,6 +838,9 @@ void model_free(Model *m) {
         for (int i = 0; i < s->n_bufs; i++) free(s->bufs[i]);
         free(s->bufs);
         if (s->src_open) source_close(&s->src);
+#if defined(__linux__)
+        if (s->huge) munmap(s->huge, s->huge_bytes);
+#endif
         free(s);
     }
     free(m->w.layers);

@@ -692,6 +692,7 @@ static void gen_load(Model *m, Lora *lora, const GenOptions *o) {
     Err e;
     threads_init(o->threads);
     if (model_load(m, o->model, o->quant, &e) != 0) die("%s", e.msg);
+    model_hugepages(m);
     if (o->lora && lora_load(lora, o->lora, &m->config, &e) != 0) die("%s", e.msg);
 }
 

@@ -164,6 +164,8 @@ int main(int argc, char **argv) {
         fprintf(stderr, "bench: %s\n", e.msg);
         return 1;
     }
+    // as sft generate and sft chat load it (training and evaluation keep the file's mapping)
+    if (strcmp(what, "prefill") == 0 || strcmp(what, "generate") == 0) model_hugepages(&m);
     double sec;
     int tokens = T;
     if (strcmp(what, "forward") == 0) sec = bench_forward(&m, T, 2);

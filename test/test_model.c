@@ -868,6 +868,37 @@ static void qwen_layouts(void) {
     activations_free(a128);
 }
 
+// model_hugepages: the matrices of a GGUF file move into a copy in 2 MB pages (on Linux) and
+// generation's logits stay the same bits.
+static void hugepages_checks(void) {
+    Model m;
+    Err e;
+    if (model_load(&m, FIXTURES "/k256/model_q4_k.gguf", -1, &e) != 0) {
+        check(0, "model_hugepages: fixture loads", "%s", e.msg);
+        return;
+    }
+    int tokens[5] = {1, 7, 42, 3, 99}, V = m.config.V;
+    float *before = xmalloc((size_t)V * sizeof(float)), *after = xmalloc((size_t)V * sizeof(float));
+    KVCache *kv = kvcache_new(&m.config, 8);
+    int ok = model_infer(&m, NULL, kv, tokens, 5, before) == 0;
+    const void *embed = m.w.embed.data, *gate = m.w.layers[0].wgate.data;
+    model_hugepages(&m);
+    kvcache_reset(kv);
+    ok = ok && model_infer(&m, NULL, kv, tokens, 5, after) == 0;
+#if defined(__linux__)
+    int moved = m.w.embed.data != embed && m.w.layers[0].wgate.data != gate && m.w.lm_head.data == m.w.embed.data &&
+                (uintptr_t)m.w.embed.data >> 21 != (uintptr_t)embed >> 21;
+#else
+    int moved = 1;
+#endif
+    check(ok && moved && memcmp(before, after, (size_t)V * sizeof(float)) == 0,
+          "model_hugepages: the file's matrices move to a copy in 2 MB pages, logits the same bits", "moved %d", moved);
+    kvcache_free(kv);
+    free(before);
+    free(after);
+    model_free(&m);
+}
+
 static void invariance_checks(void) {
     Fixture fx;
     if (fixture_open(&fx, "tied", TYPE_F32) != 0) return;
@@ -1000,5 +1031,6 @@ void test_model(void) {
     for (int q = 0; q < 4; q++) reference_case("k256", k256[q]);
     invariance_checks();
     qwen_layouts();
+    hugepages_checks();
     eval_cli();
 }
