@@ -234,9 +234,14 @@ void swiglu_backward(float *dgate, float *dup, const float *dh, const float *gat
 // gate and up kept in bf16 (halving the largest activations of training, as PyTorch's autocast
 // keeps them) and restored to floats for the backward pass.
 typedef struct {
-    float *gate, *up;
+    const float *gate, *up;
     uint16_t *gate16, *up16;
-} Bf16Args;
+} Bf16Keep;
+
+typedef struct {
+    float *gate, *up;
+    const uint16_t *gate16, *up16;
+} Bf16Restore;
 
 static inline void bf16_lanes(uint16_t *restrict out, const float *restrict x) {
     for (int k = 0; k < LANES; k++) out[k] = fp32_to_bf16(x[k]);
@@ -248,14 +253,14 @@ static inline void fp32_lanes(float *restrict out, const uint16_t *restrict x) {
 
 // gate16[i], up16[i] = for i in [start, end), LANES at a time (vectorized) but for a short end
 static void bf16_keep_range(void *ctx, int start, int end) {
-    const Bf16Args *a = ctx;
+    const Bf16Keep *a = ctx;
     int i = start;
     for (; i + LANES <= end; i += LANES) bf16_lanes(a->gate16 + i, a->gate + i), bf16_lanes(a->up16 + i, a->up + i);
     for (; i < end; i++) a->gate16[i] = fp32_to_bf16(a->gate[i]), a->up16[i] = fp32_to_bf16(a->up[i]);
 }
 
 static void bf16_restore_range(void *ctx, int start, int end) {
-    const Bf16Args *a = ctx;
+    const Bf16Restore *a = ctx;
     int i = start;
     for (; i + LANES <= end; i += LANES) fp32_lanes(a->gate + i, a->gate16 + i), fp32_lanes(a->up + i, a->up16 + i);
     for (; i < end; i++) a->gate[i] = bf16_to_fp32(a->gate16[i]), a->up[i] = bf16_to_fp32(a->up16[i]);
@@ -263,13 +268,13 @@ static void bf16_restore_range(void *ctx, int start, int end) {
 
 // gate16[n], up16[n] = gate, up rounded to bf16 (nearest even)
 static void bf16_keep(uint16_t *gate16, uint16_t *up16, const float *gate, const float *up, int n) {
-    Bf16Args a = {(float *)gate, (float *)up, gate16, up16};
+    Bf16Keep a = {gate, up, gate16, up16};
     parallel_for(bf16_keep_range, &a, n, LANES);
 }
 
 // gate[n], up[n] = gate16, up16
 static void bf16_restore(float *gate, float *up, const uint16_t *gate16, const uint16_t *up16, int n) {
-    Bf16Args a = {gate, up, (uint16_t *)gate16, (uint16_t *)up16};
+    Bf16Restore a = {gate, up, gate16, up16};
     parallel_for(bf16_restore_range, &a, n, LANES);
 }
 

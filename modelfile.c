@@ -783,8 +783,8 @@ static void copy_pages(void *ctx, int start, int end) {  // 2 MB pages [start, e
 
 // A copy of the file's n bytes in fresh anonymous memory that Linux backs with 2 MB pages (its
 // transparent huge pages, asked for with madvise), read-only, *bytes the length to munmap; NULL
-// where that is not possible (other systems, or mmap refuses). The file's pages leave the process
-// as they are copied, so that the two are never resident at once.
+// where that is not possible (other systems, or mmap or madvise refuses). The file's pages leave
+// the process as they are copied, so that the two are never resident at once.
 static void *hugepage_copy(const FileMap *file, size_t *bytes) {
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
     size_t n = file->size;
@@ -795,7 +795,10 @@ static void *hugepage_copy(const FileMap *file, size_t *bytes) {
     if (head) munmap(p, head);
     if (huge - head) munmap(p + head + len, huge - head);
     p += head;
-    madvise(p, len, MADV_HUGEPAGE);
+    if (madvise(p, len, MADV_HUGEPAGE) != 0) {  // a kernel without transparent huge pages
+        munmap(p, len);
+        return NULL;
+    }
     CopyJob j = {p, (unsigned char *)file->data, n, file->mapped};
     parallel_for(copy_pages, &j, (int)(len / huge), 1);
     mprotect(p, len, PROT_READ);
