@@ -66,6 +66,7 @@ typedef struct ModelStorage ModelStorage;  // mappings and buffers behind the we
 typedef struct {
     char *path;           // as given on the command line
     char *arch;           // "qwen2"
+    char *hf_id;          // the Hugging Face id the model names for itself (modelfile.h: model_peek), or NULL
     Config config;
     Weights w;
     Tokenizer tok;

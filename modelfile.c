@@ -729,6 +729,62 @@ static int load_layer(LayerWeights *lw, ModelStorage *s, int l, int quant, Err *
     return 0;
 }
 
+// ---------------------------------------------------------------------------------------------
+// What a model names itself, for an adapter's base_model_name_or_path.
+
+// 1 when s is a Hugging Face id "org/name" (letters, digits, '.', '_', '-'; not starting with
+// '.' or '-' so that a path like ./x or ../x is not taken for one).
+static int is_hf_id(const char *s, size_t n) {
+    const char *slash = memchr(s, '/', n);
+    if (!slash || slash == s || slash == s + n - 1 || memchr(slash + 1, '/', n - (size_t)(slash + 1 - s))) return 0;
+    if (s[0] == '.' || s[0] == '-' || slash[1] == '.' || slash[1] == '-') return 0;
+    for (size_t i = 0; i < n; i++)
+        if (!(s[i] == '/' || s[i] == '.' || s[i] == '_' || s[i] == '-' || (s[i] >= '0' && s[i] <= '9') ||
+              ((s[i] | 0x20) >= 'a' && (s[i] | 0x20) <= 'z')))
+            return 0;
+    return 1;
+}
+
+// "org/name" from "org/name" or "https://huggingface.co/org/name[/]", or NULL.
+static char *hf_id_of(const char *v) {
+    const char *prefix = "https://huggingface.co/";
+    if (strncmp(v, prefix, strlen(prefix)) == 0) v += strlen(prefix);
+    size_t n = strlen(v);
+    if (n > 0 && v[n - 1] == '/') n--;
+    if (!is_hf_id(v, n)) return NULL;
+    char *id = xmalloc(n + 1);
+    memcpy(id, v, n);
+    id[n] = 0;
+    return id;
+}
+
+// The id a GGUF model's metadata gives for the model itself (not for the model it was tuned from:
+// general.base_model.* are ignored), or NULL.
+static char *gguf_hf_id(const GgufFile *g) {
+    const char *keys[] = {"general.source.huggingface.repository", "general.source.repo_url", "general.repo_url",
+                          "general.source.url", "general.url"};
+    for (int i = 0; i < 5; i++) {
+        const char *v;
+        char *id = gguf_get_str(g, keys[i], &v, 1, NULL) == 0 ? hf_id_of(v) : NULL;
+        if (id) return id;
+    }
+    return NULL;
+}
+
+// config.json's _name_or_path when it is an id, or NULL.
+static char *dir_hf_id(const char *dir) {
+    char *path = path_join(dir, "config.json");
+    Json j;
+    char *id = NULL;
+    if (read_json(&j, path, NULL) == 0) {
+        const Json *v = json_get(&j, "_name_or_path");
+        if (v && v->type == JSON_STRING && v->len == strlen(v->str)) id = hf_id_of(v->str);
+        json_free(&j);
+    }
+    free(path);
+    return id;
+}
+
 int model_load(Model *m, const char *path, int quant, Err *e) {
     memset(m, 0, sizeof *m);
     if (quant >= 0 && (!type_info(quant) || !can_quantize(quant)))
@@ -742,6 +798,7 @@ int model_load(Model *m, const char *path, int quant, Err *e) {
     s->src_open = 1;
     m->path = xstrdup(path);
     m->arch = xstrdup("qwen2");
+    m->hf_id = s->src.gguf ? gguf_hf_id(&s->src.g) : dir_hf_id(s->src.path);
     m->config = s->src.c;
     m->gen = s->src.gen;
     m->tok = s->src.tok;
@@ -848,6 +905,7 @@ void model_free(Model *m) {
     }
     free(m->w.layers);
     free(m->path);
+    free(m->hf_id);
     free(m->arch);
     memset(m, 0, sizeof *m);
 }
@@ -1174,62 +1232,6 @@ int model_info(FILE *out, const char *path, Err *e) {
     print_tensors(out, &s);
     source_close(&s);
     return 0;
-}
-
-// ---------------------------------------------------------------------------------------------
-// What a model names itself, for an adapter's base_model_name_or_path.
-
-// 1 when s is a Hugging Face id "org/name" (letters, digits, '.', '_', '-'; not starting with
-// '.' or '-' so that a path like ./x or ../x is not taken for one).
-static int is_hf_id(const char *s, size_t n) {
-    const char *slash = memchr(s, '/', n);
-    if (!slash || slash == s || slash == s + n - 1 || memchr(slash + 1, '/', n - (size_t)(slash + 1 - s))) return 0;
-    if (s[0] == '.' || s[0] == '-' || slash[1] == '.' || slash[1] == '-') return 0;
-    for (size_t i = 0; i < n; i++)
-        if (!(s[i] == '/' || s[i] == '.' || s[i] == '_' || s[i] == '-' || (s[i] >= '0' && s[i] <= '9') ||
-              ((s[i] | 0x20) >= 'a' && (s[i] | 0x20) <= 'z')))
-            return 0;
-    return 1;
-}
-
-// "org/name" from "org/name" or "https://huggingface.co/org/name[/]", or NULL.
-static char *hf_id_of(const char *v) {
-    const char *prefix = "https://huggingface.co/";
-    if (strncmp(v, prefix, strlen(prefix)) == 0) v += strlen(prefix);
-    size_t n = strlen(v);
-    if (n > 0 && v[n - 1] == '/') n--;
-    if (!is_hf_id(v, n)) return NULL;
-    char *id = xmalloc(n + 1);
-    memcpy(id, v, n);
-    id[n] = 0;
-    return id;
-}
-
-// The id a GGUF model's metadata gives for the model itself (not for the model it was tuned from:
-// general.base_model.* are ignored), or NULL.
-static char *gguf_hf_id(const GgufFile *g) {
-    const char *keys[] = {"general.source.huggingface.repository", "general.source.repo_url", "general.repo_url",
-                          "general.source.url", "general.url"};
-    for (int i = 0; i < 5; i++) {
-        const char *v;
-        char *id = gguf_get_str(g, keys[i], &v, 1, NULL) == 0 ? hf_id_of(v) : NULL;
-        if (id) return id;
-    }
-    return NULL;
-}
-
-// config.json's _name_or_path when it is an id, or NULL.
-static char *dir_hf_id(const char *dir) {
-    char *path = path_join(dir, "config.json");
-    Json j;
-    char *id = NULL;
-    if (read_json(&j, path, NULL) == 0) {
-        const Json *v = json_get(&j, "_name_or_path");
-        if (v && v->type == JSON_STRING && v->len == strlen(v->str)) id = hf_id_of(v->str);
-        json_free(&j);
-    }
-    free(path);
-    return id;
 }
 
 int model_peek(const char *path, Config *c, char **hf_id, Err *e) {

@@ -1055,16 +1055,6 @@ static int load_data(Dataset *d, const char *path, const Trainer *tr, Err *e) {
     return data_load(d, path, &tr->model.tok, tr->o.loss_on, tr->o.max_len, e);
 }
 
-// base_model_name_or_path for an adapter of the model at path: the Hugging Face id the model
-// names for itself (modelfile.h: model_peek), else the path as given.
-static char *base_model_name(const char *path) {
-    Config c;
-    char *id = NULL;
-    Err e;
-    if (model_peek(path, &c, &id, &e) != 0 || !id) return xstrdup(path);
-    return id;
-}
-
 // The adapter: from --init-lora (its rank, alpha and targets; dropout from --dropout) or fresh.
 static int make_adapter(Trainer *tr, Err *e) {
     const TrainOptions *o = &tr->o;
@@ -1078,7 +1068,8 @@ static int make_adapter(Trainer *tr, Err *e) {
         lora_init(&tr->lora, &tr->model.config, o->rank, (float)o->alpha, (float)o->dropout, targets, o->seed);
     }
     free(tr->lora.base_model);
-    tr->lora.base_model = base_model_name(o->model);
+    // base_model_name_or_path: the Hugging Face id the model names for itself, else the path as given
+    tr->lora.base_model = xstrdup(tr->model.hf_id ? tr->model.hf_id : o->model);
     return 0;
 }
 
