@@ -621,11 +621,16 @@ Activations *activations_new(const Config *c, const struct Lora *lora, int max_T
     return activations_new_budget(c, lora, max_T, ACT_BUDGET);
 }
 
+// Values in each of gate16, up16 with ff_bf16: a slot [max_T, FF] per layer that keeps them, and
+// one for the layers that recompute them.
+static size_t bf16_values(const Config *c, int max_T, int ff_layers) {
+    return ((size_t)ff_layers + (ff_layers < c->L ? 1 : 0)) * (size_t)max_T * c->FF;
+}
+
 // Bytes of Activations when ff_layers layers keep their gate/up (in bf16 with ff_bf16).
 static size_t bytes_needed(const Config *c, int R, int dropout, int max_T, int ff_layers, int ff_bf16) {
     Activations probe = {.ff_bf16 = ff_bf16};  // no memory: activation_floats only counts
-    size_t slots = (size_t)ff_layers + (ff_layers < c->L ? 1 : 0);
-    size_t halves = ff_bf16 ? 2 * slots * max_T * c->FF : 0;
+    size_t halves = ff_bf16 ? 2 * bf16_values(c, max_T, ff_layers) : 0;
     return activation_floats(c, R, dropout, max_T, ff_layers, &probe) * sizeof(float) + halves * sizeof(uint16_t);
 }
 
@@ -649,7 +654,7 @@ Activations *activations_new_layout(const Config *c, const struct Lora *lora, in
     a->mem = xmalloc(activation_floats(c, R, dropout, max_T, a->L_ff, a) * sizeof(float));
     activation_floats(c, R, dropout, max_T, a->L_ff, a);
     if (a->ff_bf16) {
-        size_t n = (size_t)(a->L_ff + (a->L_ff < c->L ? 1 : 0)) * max_T * c->FF;
+        size_t n = bf16_values(c, max_T, a->L_ff);
         a->gate16 = xmalloc(n * sizeof(uint16_t));
         a->up16 = xmalloc(n * sizeof(uint16_t));
     }
@@ -888,7 +893,9 @@ double model_forward_backward_batch(Model *m, struct Lora *lora, Activations *a,
         // Without a backward pass nothing needs keeping: every layer runs in layer 0's arrays (the
         // others stay untouched and cost no memory), the residual stream alternating x[0], x[1].
         LayerBufs b = layer_bufs(a, c, lora, backward ? l : 0);
-        if (!backward) b.x = xL, b.xout = a->x + (size_t)((l + 1) % 2) * a->max_T * c->C, b.gate16 = b.up16 = NULL;
+        if (!backward) b.x = xL, b.xout = a->x + (size_t)((l + 1) % 2) * a->max_T * c->C;
+        if (!backward || l >= a->L_ff) b.gate16 = b.up16 = NULL;  // nothing to keep: no backward pass, or
+                                                                   // the backward pass recomputes them
         block_forward(&ps, l, &b, T, 0);
         xL = b.xout;
     }
