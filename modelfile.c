@@ -763,7 +763,7 @@ static char *hf_id_of(const char *v) {
 static char *gguf_hf_id(const GgufFile *g) {
     const char *keys[] = {"general.source.huggingface.repository", "general.source.repo_url", "general.repo_url",
                           "general.source.url", "general.url"};
-    for (int i = 0; i < 5; i++) {
+    for (size_t i = 0; i < sizeof keys / sizeof keys[0]; i++) {
         const char *v;
         char *id = gguf_get_str(g, keys[i], &v, 1, NULL) == 0 ? hf_id_of(v) : NULL;
         if (id) return id;
@@ -885,7 +885,7 @@ void model_hugepages(Model *m) {
     for (int l = 0; l < m->config.L; l++) {
         LayerWeights *lw = &m->w.layers[l];
         QMatrix *ws[] = {&lw->wq, &lw->wk, &lw->wv, &lw->wo, &lw->wgate, &lw->wup, &lw->wdown};
-        for (int i = 0; i < 7; i++) repoint(ws[i], file, n, s->huge);
+        for (size_t i = 0; i < sizeof ws / sizeof ws[0]; i++) repoint(ws[i], file, n, s->huge);
     }
     source_close(&s->src);  // nothing points into the file any more
     s->src_open = 0;
