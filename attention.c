@@ -57,14 +57,14 @@ void attention_forward_ref(float *out, float *lse, float *work, const float *q, 
     }
 }
 
-// dq[T, NH*HS], dk, dv [T, NKV*HS] +=, dsum[NH, T] <- dout, out [T, NH*HS], q, k, v, lse[NH, T]
-// (pos0 = 0; work is not needed). For head h, row i and each key j <= i, with the probability
-// p_ij recomputed from lse_i and D_i = dout_i . out_i (kept in dsum):
+// dq[T, NH*HS] +=, dk, dv [pos0+T, NKV*HS] +=, dsum[NH, T] <- dout, out [T, NH*HS], q at positions
+// pos0.., k, v [pos0+T, NKV*HS], lse[NH, T] (work is not needed). For head h, row i and each key
+// j <= pos0 + i, with the probability p_ij recomputed from lse_i and D_i = dout_i . out_i (in dsum):
 //   dv_j += p_ij dout_i,  ds_ij = p_ij (dout_i . v_j - D_i) / sqrt(HS),
 //   dq_i += ds_ij k_j,    dk_j += ds_ij q_i
 void attention_backward_ref(float *dq, float *dk, float *dv, float *dsum, float *work, const float *dout,
                             const float *out, const float *q, const float *k, const float *v, const float *lse, int T,
-                            int NH, int NKV, int HS) {
+                            int pos0, int NH, int NKV, int HS) {
     (void)work;
     int QD = NH * HS, KD = NKV * HS;
     float scale = 1.0f / sqrtf((float)HS);
@@ -75,7 +75,7 @@ void attention_backward_ref(float *dq, float *dk, float *dv, float *dsum, float 
             float D = 0;
             for (int d = 0; d < HS; d++) D += dout[qi + d] * out[qi + d];
             dsum[(size_t)h * T + i] = D;
-            for (int j = 0; j <= i; j++) {
+            for (int j = 0; j <= pos0 + i; j++) {
                 size_t kj = (size_t)j * KD + (size_t)g * HS;
                 float s = 0, dp = 0;
                 for (int d = 0; d < HS; d++) s += q[qi + d] * k[kj + d], dp += dout[qi + d] * v[kj + d];
@@ -106,16 +106,16 @@ void attention_forward(float *out, float *lse, float *work, const float *q, cons
 }
 
 void attention_backward(float *dq, float *dk, float *dv, float *dsum, float *work, const float *dout, const float *out,
-                        const float *q, const float *k, const float *v, const float *lse, int T, int NH, int NKV,
-                        int HS) {
+                        const float *q, const float *k, const float *v, const float *lse, int T, int pos0, int NH,
+                        int NKV, int HS) {
     double t0 = trace_start();
 #if defined(SFT_REF)
-    attention_backward_ref(dq, dk, dv, dsum, work, dout, out, q, k, v, lse, T, NH, NKV, HS);
+    attention_backward_ref(dq, dk, dv, dsum, work, dout, out, q, k, v, lse, T, pos0, NH, NKV, HS);
 #else
-    attention_backward_tiled(dq, dk, dv, dsum, work, dout, out, q, k, v, lse, T, NH, NKV, HS);
+    attention_backward_tiled(dq, dk, dv, dsum, work, dout, out, q, k, v, lse, T, pos0, NH, NKV, HS);
 #endif
     trace_op(t0, "attention_backward", "dq[%d, %d*%d], dk, dv[%d, %d*%d] += <- dout[%d, %d*%d]",
-             T, NH, HS, T, NKV, HS, T, NH, HS);
+             T, NH, HS, pos0 + T, NKV, HS, T, NH, HS);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -369,17 +369,17 @@ typedef struct {
     float *dkt, *dvt;             // [NKV, HS, ld] dk, dv transposed
     const float *dout, *out, *q, *k, *lse;
     const float *kt, *vt;         // [NKV, HS, ld] k, v transposed
-    int T, NH, NKV, HS, ld;
+    int T, pos0, NH, NKV, HS, ld; // query rows at positions pos0..; pos0 + T keys
 } AttentionBackArgs;
 
 // p[r * LANES + k] = P_ij and ds[r * LANES + k] = scale dS_ij for the rows i = i0 + r of head h
-// and the keys j = j0 + k (0 where j > i or i >= T), from the scores s and dp (= dy_i.v_j):
+// and the keys j = j0 + k (0 where j > pos0 + i or i >= T), from the scores s and dp (= dy_i.v_j):
 // P_ij = exp(scale s_ij - lse_i), dS_ij = P_ij (dp_ij - D_i), D_i = dy_i.y_i (dsum).
 static void tile_probs(float *restrict p, float *restrict ds, const float *restrict s, const float *restrict dp,
                        const AttentionBackArgs *a, int h, int i0, int j0) {
     float scale = 1.0f / sqrtf((float)a->HS);
     for (int r = 0; r < ATT_QB; r++) {
-        int i = min_int(i0 + r, a->T - 1), seen = i0 + r < a->T ? i + 1 - j0 : 0;  // keys j0.. row i sees
+        int i = min_int(i0 + r, a->T - 1), seen = i0 + r < a->T ? a->pos0 + i + 1 - j0 : 0;  // keys j0.. row i sees
         float lse = a->lse[(size_t)h * a->T + i], D = a->dsum[(size_t)h * a->T + i];
         for (int k = 0; k < LANES; k++) {
             float e = exp_f(s[r * LANES + k] * scale - lse);  // computed either way: no branch
@@ -408,22 +408,22 @@ static void attention_backward_q_blocks(void *ctx, int start, int end) {
             dq[r] = a->dq + qi;
             a->dsum[(size_t)h * T + i0 + r] = dot(a->dout + qi, a->out + qi, HS);
         }
-        for (int j0 = 0; j0 < i0 + nr; j0 += LANES) {
+        for (int j0 = 0; j0 < a->pos0 + i0 + nr; j0 += LANES) {
             tile_scores(s, LANES, q, kt, a->ld, j0, HS);
             tile_scores(dp, LANES, dy, vt, a->ld, j0, HS);
             tile_probs(p, ds, s, dp, a, h, i0, j0);
             tile_rows_update(dq, nr, ds, LANES, a->k + (size_t)j0 * KD + (size_t)g * HS, (size_t)KD,
-                             min_int(LANES, i0 + nr - j0), HS);
+                             min_int(LANES, a->pos0 + i0 + nr - j0), HS);
         }
     }
 }
 
 // dk, dv for one kv head g and the LANES key rows j0.., summed over the query heads of its group
-// and the query rows i >= j (ATT_QB rows at a time), into the transposed dkt, dvt (this item's
+// and the query rows i >= j - pos0 (ATT_QB rows at a time), into the transposed dkt, dvt (this item's
 // columns only): dv_j += sum_i P_ij dy_i, dk_j += scale sum_i dS_ij q_i
 static void attention_backward_kv_blocks(void *ctx, int start, int end) {
     const AttentionBackArgs *a = ctx;
-    int HS = a->HS, T = a->T, group = a->NH / a->NKV, ntiles = padded(T) / LANES;
+    int HS = a->HS, T = a->T, group = a->NH / a->NKV, ntiles = a->ld / LANES;
     float s[ATT_QB * LANES], dp[ATT_QB * LANES], p[ATT_QB * LANES], ds[ATT_QB * LANES];
     const float *q[ATT_QB], *dy[ATT_QB];
     for (int item = start; item < end; item++) {
@@ -432,7 +432,7 @@ static void attention_backward_kv_blocks(void *ctx, int start, int end) {
         int j0 = (ntiles - 1 - tile) * LANES;  // short tiles (few rows below them) first
         const float *kt = a->kt + (size_t)g * HS * a->ld, *vt = a->vt + (size_t)g * HS * a->ld;
         for (int h = g * group; h < (g + 1) * group; h++) {
-            for (int i0 = j0 / ATT_QB * ATT_QB; i0 < T; i0 += ATT_QB) {
+            for (int i0 = (j0 > a->pos0 ? j0 - a->pos0 : 0) / ATT_QB * ATT_QB; i0 < T; i0 += ATT_QB) {
                 tile_rows(q, a->q, i0, T, a->NH, h, HS);
                 tile_rows(dy, a->dout, i0, T, a->NH, h, HS);
                 tile_scores(s, LANES, q, kt, a->ld, j0, HS);
@@ -460,8 +460,8 @@ static void attention_backward_q_rows(void *ctx, int start, int end) {
         const float *vt = a->vt + (size_t)g * HS * a->ld;
         float lse = a->lse[(size_t)h * T + i], D = dot(dy, a->out + qi, HS);
         a->dsum[(size_t)h * T + i] = D;
-        for (int j0 = 0; j0 <= i; j0 += ATT_BLOCK) {
-            int nb = min_int(ATT_BLOCK, i + 1 - j0);
+        for (int j0 = 0; j0 <= a->pos0 + i; j0 += ATT_BLOCK) {
+            int nb = min_int(ATT_BLOCK, a->pos0 + i + 1 - j0);
             scores_block(s, q, kt, a->ld, j0, nb, HS);
             scores_block(dp, dy, vt, a->ld, j0, nb, HS);
             for (int j = 0; j < nb; j++) {
@@ -475,14 +475,14 @@ static void attention_backward_q_rows(void *ctx, int start, int end) {
 // dk, dv of one kv head g and one key row j (sequences shorter than ATT_QB), into dkt, dvt
 static void attention_backward_kv_rows(void *ctx, int start, int end) {
     const AttentionBackArgs *a = ctx;
-    int QD = a->NH * a->HS, HS = a->HS, T = a->T, group = a->NH / a->NKV;
+    int QD = a->NH * a->HS, HS = a->HS, T = a->T, group = a->NH / a->NKV, keys = a->pos0 + T;
     float scale = 1.0f / sqrtf((float)HS);
     for (int item = start; item < end; item++) {
-        int g = item / T, j = item % T;
+        int g = item / keys, j = item % keys;
         float *dkt = a->dkt + (size_t)g * HS * a->ld + j, *dvt = a->dvt + (size_t)g * HS * a->ld + j;
         const float *kt = a->kt + (size_t)g * HS * a->ld + j, *vt = a->vt + (size_t)g * HS * a->ld + j;
         for (int h = g * group; h < (g + 1) * group; h++)
-            for (int i = j; i < T; i++) {
+            for (int i = j > a->pos0 ? j - a->pos0 : 0; i < T; i++) {
                 const float *q = a->q + (size_t)i * QD + (size_t)h * HS, *dy = a->dout + (size_t)i * QD + (size_t)h * HS;
                 float s = 0, dp = 0;
                 for (int d = 0; d < HS; d++) s += q[d] * kt[(size_t)d * a->ld], dp += dy[d] * vt[(size_t)d * a->ld];
@@ -492,27 +492,28 @@ static void attention_backward_kv_rows(void *ctx, int start, int end) {
     }
 }
 
-// dq[T, NH*HS], dk, dv [T, NKV*HS] +=, dsum[NH, T] <- dout, out [T, NH*HS], q, k, v, lse[NH, T];
-// work[4*NKV*HS*padded(T)]. The softmax is recomputed from q, k and lse; every output is summed by
-// one thread in a fixed order: dq by (head, block of rows), dk and dv by (kv head, tile of keys).
+// dq[T, NH*HS] +=, dk, dv [pos0+T, NKV*HS] +=, dsum[NH, T] <- dout, out [T, NH*HS], q at positions
+// pos0.., k, v [pos0+T, NKV*HS], lse[NH, T]; work[4*NKV*HS*padded(pos0+T)]. The softmax is
+// recomputed from q, k and lse; every output is summed by one thread in a fixed order: dq by
+// (head, block of rows), dk and dv by (kv head, tile of keys).
 void attention_backward_tiled(float *dq, float *dk, float *dv, float *dsum, float *work, const float *dout,
                               const float *out, const float *q, const float *k, const float *v, const float *lse,
-                              int T, int NH, int NKV, int HS) {
-    int ld = padded(T);
+                              int T, int pos0, int NH, int NKV, int HS) {
+    int keys = pos0 + T, ld = padded(keys);
     size_t KN = (size_t)NKV * HS * ld;
     float *kt = work, *vt = work + KN, *dkt = work + 2 * KN, *dvt = work + 3 * KN;
-    transpose_heads(kt, k, T, ld, NKV, HS);
-    transpose_heads(vt, v, T, ld, NKV, HS);
+    transpose_heads(kt, k, keys, ld, NKV, HS);
+    transpose_heads(vt, v, keys, ld, NKV, HS);
     memset(dkt, 0, 2 * KN * sizeof(float));
-    AttentionBackArgs a = {dq, dsum, dkt, dvt, dout, out, q, k, lse, kt, vt, T, NH, NKV, HS, ld};
+    AttentionBackArgs a = {dq, dsum, dkt, dvt, dout, out, q, k, lse, kt, vt, T, pos0, NH, NKV, HS, ld};
     if (T >= ATT_QB) {
         parallel_for(attention_backward_q_blocks, &a, NH * ((T + ATT_QB - 1) / ATT_QB), 1);
         parallel_for(attention_backward_kv_blocks, &a, NKV * (ld / LANES), 1);
     } else {
         parallel_for(attention_backward_q_rows, &a, NH * T, 1);
-        parallel_for(attention_backward_kv_rows, &a, NKV * T, 1);
+        parallel_for(attention_backward_kv_rows, &a, NKV * keys, 1);
     }
-    for (int t = 0; t < T; t++)  // dk, dv += the transposed sums
+    for (int t = 0; t < keys; t++)  // dk, dv += the transposed sums
         for (int g = 0; g < NKV; g++)
             for (int d = 0; d < HS; d++) {
                 size_t row = (size_t)t * NKV * HS + (size_t)g * HS + d, col = ((size_t)g * HS + d) * ld + t;
@@ -520,4 +521,3 @@ void attention_backward_tiled(float *dq, float *dk, float *dv, float *dsum, floa
                 dv[row] += dvt[col];
             }
 }
-

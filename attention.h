@@ -11,22 +11,22 @@
 // work[NKV*HS*P(pos0+T)] is scratch
 void attention_forward(float *out, float *lse, float *work, const float *q, const float *k, const float *v, int T,
                        int pos0, int NH, int NKV, int HS);
-// dq[T, NH*HS], dk, dv [T, NKV*HS] +=, dsum[NH, T] <- dout, out, q, k, v, lse (pos0 = 0);
-// work[4*P(T)*NKV*HS] is scratch
+// dq[T, NH*HS] +=, dk, dv [pos0+T, NKV*HS] +=, dsum[NH, T] <- dout, out, q (at positions pos0..),
+// k, v [pos0+T, NKV*HS], lse; work[4*P(pos0+T)*NKV*HS] is scratch
 void attention_backward(float *dq, float *dk, float *dv, float *dsum, float *work, const float *dout, const float *out,
-                        const float *q, const float *k, const float *v, const float *lse, int T, int NH, int NKV,
-                        int HS);
+                        const float *q, const float *k, const float *v, const float *lse, int T, int pos0, int NH,
+                        int NKV, int HS);
 
 // The two versions behind them, same arguments.
 void attention_forward_ref(float *out, float *lse, float *work, const float *q, const float *k, const float *v, int T,
                            int pos0, int NH, int NKV, int HS);
 void attention_backward_ref(float *dq, float *dk, float *dv, float *dsum, float *work, const float *dout,
                             const float *out, const float *q, const float *k, const float *v, const float *lse, int T,
-                            int NH, int NKV, int HS);
+                            int pos0, int NH, int NKV, int HS);
 void attention_forward_tiled(float *out, float *lse, float *work, const float *q, const float *k, const float *v,
                              int T, int pos0, int NH, int NKV, int HS);
 void attention_backward_tiled(float *dq, float *dk, float *dv, float *dsum, float *work, const float *dout,
                               const float *out, const float *q, const float *k, const float *v, const float *lse,
-                              int T, int NH, int NKV, int HS);
+                              int T, int pos0, int NH, int NKV, int HS);
 
 #endif

@@ -1,8 +1,9 @@
 // model.c: the Qwen2 forward and backward passes with LoRA adapters, and inference with a KV cache.
 //
 // Training runs a batch of sequences at a time (model_forward_backward_batch), their rows stacked
-// into one [T, ...] array for every matrix product, each attending only to itself: the forward pass
-// saves what the backward pass needs in one Activations struct; logits and the loss are computed
+// into one [T, ...] array for every matrix product, each attending only to itself and to the prefix
+// that they all share (a chat template's system prompt: it runs once): the forward pass saves
+// what the backward pass needs in one Activations struct; logits and the loss are computed
 // only at positions whose next token is a target, a few positions at a time; the backward pass
 // runs back to the LoRA matrices only (frozen weights get neither gradient nor storage).
 // Generation (model_infer) runs the same block_forward against a KVCache.
@@ -138,12 +139,12 @@ void rope_forward(float *x, const float *cos_t, const float *sin_t, int T, int p
     trace_op(t0, "rope_forward", "x[%d, %d*%d] rotated at positions %d..%d", T, H, HS, pos0, pos0 + T - 1);
 }
 
-// dx[T, H*HS] in place: the transposed rotation (positions 0..T-1)
-void rope_backward(float *dx, const float *cos_t, const float *sin_t, int T, int H, int HS) {
+// dx[T, H*HS] in place: the transposed rotation (positions pos0..pos0+T-1)
+void rope_backward(float *dx, const float *cos_t, const float *sin_t, int T, int pos0, int H, int HS) {
     double t0 = trace_start();
     int h2 = HS / 2;
     for (int t = 0; t < T; t++) {
-        const float *cs = cos_t + (size_t)t * h2, *sn = sin_t + (size_t)t * h2;
+        const float *cs = cos_t + (size_t)(pos0 + t) * h2, *sn = sin_t + (size_t)(pos0 + t) * h2;
         for (int h = 0; h < H; h++) {
             float *d = dx + ((size_t)t * H + h) * HS;
             for (int j = 0; j < h2; j++) {
@@ -335,25 +336,39 @@ typedef struct {
     float *lora_du;            // [T, R] scratch of the backward pass
     float *lora_bt;            // [R, max(C, FF, NH*HS)] scratch: B^T, then dB^T
     float *att_work;           // [4 * padded(T) * NKV*HS] attention scratch (transposed heads)
+    float *att_cat;            // [4 * T * NKV*HS] with a shared prefix: one sequence's keys and values
+                               // after the prefix's, and their gradients
     const float *cos, *sin;    // [max_T, HS/2]
+    int shared;                // rows 0 .. shared-1: a prefix that every sequence of the pass starts with
     const int *seg;            // [B + 1] the sequences of the pass: rows seg[b] .. seg[b+1]-1 of every
-    int B;                     // [T, ...] array; each attends only to itself, its positions start at 0
+    int B;                     // [T, ...] array; each attends to the shared prefix and to itself, its
+                               // own rows at positions shared..
     int infer;                 // inference (model_infer): no loss, no gradient; 0 in training and eval
 } Pass;
 
-// RoPE and attention see one sequence at a time: the rows of sequence b, at its own positions
-// (pos0.. for the one sequence of generation, 0.. in training). lse and dsum [NH, T_b] of each
-// sequence lie one after the other.
+// RoPE and attention see one sequence at a time: the shared prefix at positions 0.., then the
+// rows of each sequence b at its own positions (pos0.. for the one sequence of generation, shared..
+// in training). lse and dsum [NH, T_b] of the prefix and of each sequence lie one after the other.
 static void rope_forward_seqs(const Pass *ps, float *x, int H, int pos0) {
     size_t D = (size_t)H * ps->c->HS;
+    rope_forward(x, ps->cos, ps->sin, ps->shared, 0, H, ps->c->HS);
     for (int b = 0; b < ps->B; b++)
-        rope_forward(x + ps->seg[b] * D, ps->cos, ps->sin, ps->seg[b + 1] - ps->seg[b], pos0, H, ps->c->HS);
+        rope_forward(x + ps->seg[b] * D, ps->cos, ps->sin, ps->seg[b + 1] - ps->seg[b], pos0 + ps->shared, H, ps->c->HS);
 }
 
 static void rope_backward_seqs(const Pass *ps, float *dx, int H) {
     size_t D = (size_t)H * ps->c->HS;
+    rope_backward(dx, ps->cos, ps->sin, ps->shared, 0, H, ps->c->HS);
     for (int b = 0; b < ps->B; b++)
-        rope_backward(dx + ps->seg[b] * D, ps->cos, ps->sin, ps->seg[b + 1] - ps->seg[b], H, ps->c->HS);
+        rope_backward(dx + ps->seg[b] * D, ps->cos, ps->sin, ps->seg[b + 1] - ps->seg[b], ps->shared, H, ps->c->HS);
+}
+
+// dst[shared + n, D] = the prefix's rows of src, then the n rows of sequence b
+static const float *after_prefix(float *dst, const Pass *ps, const float *src, int b, size_t D) {
+    size_t n = (size_t)(ps->seg[b + 1] - ps->seg[b]);
+    memcpy(dst, src, (size_t)ps->shared * D * sizeof(float));
+    memcpy(dst + (size_t)ps->shared * D, src + (size_t)ps->seg[b] * D, n * D * sizeof(float));
+    return dst;
 }
 
 // out, lse <- q, k, v of layer buffers (k, v hold pos0 earlier positions first, generation only)
@@ -361,10 +376,14 @@ static void attention_forward_seqs(const Pass *ps, float *out, float *lse, const
                                    const float *v, int pos0) {
     const Config *c = ps->c;
     size_t QD = (size_t)c->NH * c->HS, KD = (size_t)c->NKV * c->HS;
+    if (ps->shared) attention_forward(out, lse, ps->att_work, q, k, v, ps->shared, 0, c->NH, c->NKV, c->HS);
     for (int b = 0; b < ps->B; b++) {
-        size_t o = (size_t)ps->seg[b];
-        attention_forward(out + o * QD, lse ? lse + o * c->NH : NULL, ps->att_work, q + o * QD, k + o * KD, v + o * KD,
-                          ps->seg[b + 1] - ps->seg[b], pos0, c->NH, c->NKV, c->HS);
+        size_t o = (size_t)ps->seg[b], n = (size_t)(ps->seg[b + 1] - ps->seg[b]), keys = ps->shared + n;
+        if (n == 0) continue;
+        const float *kb = k + o * KD, *vb = v + o * KD;  // the sequence's keys, after the prefix's
+        if (ps->shared) kb = after_prefix(ps->att_cat, ps, k, b, KD), vb = after_prefix(ps->att_cat + keys * KD, ps, v, b, KD);
+        attention_forward(out + o * QD, lse ? lse + o * c->NH : NULL, ps->att_work, q + o * QD, kb, vb, (int)n,
+                          pos0 + ps->shared, c->NH, c->NKV, c->HS);
     }
 }
 
@@ -459,15 +478,33 @@ static void grads_zero(const GradBufs *g, const Config *c, int T) {
     for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++) memset(bufs[i], 0, sizes[i] * sizeof(float));
 }
 
-// dq, dk, dv, dsum of g +=  <- datt of g and the layer's saved q, k, v, att, lse: one sequence at a time
+// dq, dk, dv, dsum of g +=  <- datt of g and the layer's saved q, k, v, att, lse: the shared
+// prefix, then one sequence at a time (its keys after the prefix's: the prefix's dk, dv gather
+// what every sequence adds to them, in the order of the sequences)
 static void attention_backward_seqs(const Pass *ps, const GradBufs *g, const LayerBufs *b) {
     const Config *c = ps->c;
-    size_t QD = (size_t)c->NH * c->HS, KD = (size_t)c->NKV * c->HS;
+    size_t QD = (size_t)c->NH * c->HS, KD = (size_t)c->NKV * c->HS, P = (size_t)ps->shared;
+    if (P)
+        attention_backward(g->dq, g->dk, g->dv, g->dsum, ps->att_work, g->datt, b->att, b->q, b->k, b->v, b->lse,
+                           ps->shared, 0, c->NH, c->NKV, c->HS);
     for (int s = 0; s < ps->B; s++) {
-        size_t o = (size_t)ps->seg[s];
-        attention_backward(g->dq + o * QD, g->dk + o * KD, g->dv + o * KD, g->dsum + o * c->NH, ps->att_work,
-                           g->datt + o * QD, b->att + o * QD, b->q + o * QD, b->k + o * KD, b->v + o * KD,
-                           b->lse + o * c->NH, ps->seg[s + 1] - ps->seg[s], c->NH, c->NKV, c->HS);
+        size_t o = (size_t)ps->seg[s], n = (size_t)(ps->seg[s + 1] - ps->seg[s]), keys = P + n;
+        if (n == 0) continue;
+        float *dk = g->dk + o * KD, *dv = g->dv + o * KD;
+        const float *k = b->k + o * KD, *v = b->v + o * KD;
+        if (P) {  // dk, dv [keys, KD] of the sequence's keys after the prefix's, added back below
+            float *cat = ps->att_cat;
+            k = after_prefix(cat, ps, b->k, s, KD), v = after_prefix(cat + keys * KD, ps, b->v, s, KD);
+            dk = cat + 2 * keys * KD, dv = cat + 3 * keys * KD;
+            memset(dk, 0, 2 * keys * KD * sizeof(float));
+        }
+        attention_backward(g->dq + o * QD, dk, dv, g->dsum + o * c->NH, ps->att_work, g->datt + o * QD,
+                           b->att + o * QD, b->q + o * QD, k, v, b->lse + o * c->NH, (int)n, (int)P, c->NH, c->NKV,
+                           c->HS);
+        if (P) {  // y += 1 * x: exact sums
+            axpy(g->dk, 1.0f, dk, (int)(P * KD)), axpy(g->dv, 1.0f, dv, (int)(P * KD));
+            axpy(g->dk + o * KD, 1.0f, dk + P * KD, (int)(n * KD)), axpy(g->dv + o * KD, 1.0f, dv + P * KD, (int)(n * KD));
+        }
     }
 }
 
@@ -547,10 +584,12 @@ struct Activations {
     float *lora_du;   // [max_T, R]
     float *lora_bt;   // [R, max(C, FF, NH*HS)]
     float *att_work;  // [4 * padded(max_T) * NKV*HS] attention scratch
+    float *att_cat;   // [4 * max_T * NKV*HS] a sequence's keys and values after the shared prefix's
     float *dh, *dgate, *dup, *dln2, *datt, *dq, *dk, *dv, *dsum, *dln1;  // GradBufs, for max_T
     // the loss at target positions, LOSS_CHUNK at a time
-    int *tokens;      // [max_T] the tokens of the sequences of a pass, one after the other
-    int *seg;         // [max_T + 1] where each sequence starts in them (and where the last ends)
+    int *tokens;      // [max_T] the tokens of a pass: the prefix its sequences share, then the rest of each
+    int shared;       // tokens of that prefix (0: none)
+    int *seg;         // [max_T + 1] where the rest of each sequence starts in them (and where the last ends)
     int *pos;         // [max_T] positions t - 1 of the targets t
     float *head_x;    // [LOSS_CHUNK, C] residual rows at those positions
     float *head_rstd; // [LOSS_CHUNK] final RMSNorm
@@ -602,10 +641,10 @@ static size_t activation_floats(const Config *c, int R, int dropout, int max_T, 
     };
     size_t layer_sizes[] = {
         T * C, T * FF, scratch * T * FF, scratch * T * FF, dropout ? T * MO : 0, T * R, MO * R, 4 * (size_t)padded(max_T) * KD,
-        T * FF, T * FF, T * FF, T * C, T * QD, T * QD, T * KD, T * KD, c->NH * T, T * C,
+        4 * T * KD, T * FF, T * FF, T * FF, T * C, T * QD, T * QD, T * KD, T * KD, c->NH * T, T * C,
     };
     float **layer[] = {
-        &a->ln, &a->h, &a->ff_gate, &a->ff_up, &a->xdrop, &a->lora_du, &a->lora_bt, &a->att_work,
+        &a->ln, &a->h, &a->ff_gate, &a->ff_up, &a->xdrop, &a->lora_du, &a->lora_bt, &a->att_work, &a->att_cat,
         &a->dh, &a->dgate, &a->dup, &a->dln2, &a->datt, &a->dq, &a->dk, &a->dv, &a->dsum, &a->dln1,
     };
     size_t head_sizes[] = {LOSS_CHUNK * C, LOSS_CHUNK, LOSS_CHUNK * C, LOSS_CHUNK * C, LOSS_CHUNK * (size_t)c->V};
@@ -668,6 +707,7 @@ Activations *activations_new_layout(const Config *c, const struct Lora *lora, in
 }
 
 int activations_max_T(const Activations *a) { return a->max_T; }
+int activations_shared(const Activations *a) { return a->shared; }
 
 ActivationsMemory activations_memory(const Activations *a) {
     ActivationsMemory m = {a->bytes, a->L_ff, a->ff_bf16};
@@ -810,7 +850,7 @@ static double head_loss_chunk(Model *m, Activations *a, float *dres, const float
         matmul_backward_input(a->dhead, a->logits, &m->w.lm_head, n);
         memset(a->head_ln, 0, (size_t)n * C * sizeof(float));  // head_ln is done with: it takes d head_x
         rmsnorm_backward(a->head_ln, a->dhead, a->head_x, a->head_rstd, m->w.out_norm, n, c->C);
-        for (int r = 0; r < n; r++) {  // positions are distinct: each row lands in its own row of dres
+        for (int r = 0; r < n; r++) {  // a row of the shared prefix may be here more than once: each adds
             float *d = dres + (size_t)pos[r] * C;
             for (size_t i = 0; i < C; i++) d[i] += a->head_ln[r * C + i];
         }
@@ -833,30 +873,54 @@ static int positions_needed(const Config *c, const int *tokens, const unsigned c
     return last;
 }
 
-// Lays the sequences out one after the other: seg[B + 1] row offsets (each cut after its last
-// target), their tokens in a->tokens; returns the rows in all, or -1 on bad input or past max_T.
-static int stack_sequences(Activations *a, const Config *c, const Sequence *seqs, int B) {
-    if (B < 0 || B > a->max_T) return -1;
-    a->seg[0] = 0;
+// Rows that the sequences of a pass can run once for all: the longest prefix common to those with
+// a target (two or more), at most the rows each needs. Its rows, and so their dropout masks, are
+// the same for every sequence; the gradients that reach them are summed. 0 when
+// SFT_NO_SHARED_PREFIX is set (each sequence then runs every row of its own), -1 on bad input.
+static int shared_prefix(const Activations *a, const Config *c, const Sequence *seqs, int B) {
+    const char *no = getenv("SFT_NO_SHARED_PREFIX");
+    const Sequence *first = NULL;
+    int shared = 0, with_targets = 0;
     for (int b = 0; b < B; b++) {
         int n = positions_needed(c, seqs[b].tokens, seqs[b].mask, seqs[b].T);
-        if (n < 0 || seqs[b].T > a->max_T || n > a->max_T - a->seg[b]) return -1;
-        memcpy(a->tokens + a->seg[b], seqs[b].tokens, (size_t)n * sizeof(int));
-        a->seg[b + 1] = a->seg[b] + n;
+        if (n < 0 || seqs[b].T > a->max_T) return -1;
+        if (n == 0) continue;
+        if (with_targets++ == 0) first = &seqs[b], shared = n;
+        int k = 0;
+        while (k < shared && k < n && seqs[b].tokens[k] == first->tokens[k]) k++;
+        shared = k;
+    }
+    return with_targets < 2 || (no && *no && strcmp(no, "0") != 0) ? 0 : shared;
+}
+
+// Lays the sequences out: the prefix they share (shared_prefix), then the rest of each one after
+// the other, each cut after its last target: seg[B + 1] row offsets, the tokens in a->tokens;
+// returns the rows in all, or -1 on bad input or past max_T. A sequence's targets in the prefix
+// read their rows there (head_loss).
+static int stack_sequences(Activations *a, const Config *c, const Sequence *seqs, int B) {
+    if (B < 0 || B > a->max_T) return -1;
+    int shared = shared_prefix(a, c, seqs, B);
+    if (shared < 0) return -1;
+    a->shared = shared, a->seg[0] = shared;
+    for (int b = 0, copied = 0; b < B; b++) {
+        int n = positions_needed(c, seqs[b].tokens, seqs[b].mask, seqs[b].T), rest = n > shared ? n - shared : 0;
+        if (rest > a->max_T - a->seg[b]) return -1;
+        if (n > 0 && !copied++) memcpy(a->tokens, seqs[b].tokens, (size_t)shared * sizeof(int));  // the prefix, once
+        memcpy(a->tokens + a->seg[b], seqs[b].tokens + shared, (size_t)rest * sizeof(int));
+        a->seg[b + 1] = a->seg[b] + rest;
     }
     return a->seg[B];
 }
 
 // Sum of the NLLs of every target of the sequences, after the last layer (x[T, C], rows as in
-// a->seg); with backward, their gradient lands in a->dres.
+// a->seg, after the shared prefix's); with backward, their gradient lands in a->dres.
 static double head_loss(Model *m, Activations *a, const float *x, const Sequence *seqs, int B, float grad_scale,
                         int backward) {
-    int n = 0, targets[LOSS_CHUNK];
+    int n = 0, targets[LOSS_CHUNK], P = a->shared;
     double loss = 0;
     for (int b = 0; b < B; b++) {
-        int T = a->seg[b + 1] - a->seg[b];
-        for (int t = 1; t <= T; t++) {
-            if (seqs[b].mask[t]) a->pos[n] = a->seg[b] + t - 1, targets[n++] = seqs[b].tokens[t];
+        for (int t = 1; t < seqs[b].T; t++) {
+            if (seqs[b].mask[t]) a->pos[n] = t - 1 < P ? t - 1 : a->seg[b] + t - 1 - P, targets[n++] = seqs[b].tokens[t];
             if (n < LOSS_CHUNK) continue;
             if (stop_asked(a)) return NAN;
             loss += head_loss_chunk(m, a, a->dres, x, a->pos, targets, n, grad_scale, backward), n = 0;
@@ -880,11 +944,13 @@ double model_forward_backward_batch(Model *m, struct Lora *lora, Activations *a,
     if (T < 0 || (lora && (lora->R != a->R || lora->L != c->L))) return NAN;
     if (lora && dropout_seed != 0 && lora->dropout > 0 && !a->keep) return NAN;
     if (T == 0) return 0;
-    Pass ps = {c, &m->w, lora, 0, dropout_seed, a->xdrop, a->keep, a->lora_du, a->lora_bt, a->att_work, a->cos, a->sin,
-               a->seg, B, 0};
+    Pass ps = {.c = c, .w = &m->w, .lora = lora, .seed = dropout_seed, .xdrop = a->xdrop, .keep = a->keep,
+               .lora_du = a->lora_du, .lora_bt = a->lora_bt, .att_work = a->att_work, .att_cat = a->att_cat,
+               .cos = a->cos, .sin = a->sin, .shared = a->shared, .seg = a->seg, .B = B};
     if (lora && dropout_seed != 0 && lora->dropout > 0) ps.p = lora->dropout;
     backward = backward && lora;
-    trace_frame("model_forward_backward_batch", "%d sequences, %d tokens%s", B, T, backward ? ", backward" : "");
+    trace_frame("model_forward_backward_batch", "%d sequences, %d tokens (%d shared)%s", B, T, a->shared,
+                backward ? ", backward" : "");
 
     embed_forward(a->x, a->tokens, &m->w.embed, T);
     float *xL = a->x;
@@ -976,7 +1042,8 @@ static void infer_chunk(Model *m, const Lora *lora, KVCache *kv, const int *toke
     const Config *c = &m->config;
     size_t KD = (size_t)c->NKV * c->HS;
     int seg[2] = {0, n};
-    Pass ps = {c, &m->w, lora, 0, 0, NULL, NULL, NULL, kv->lora_bt, kv->att_work, kv->cos, kv->sin, seg, 1, !kv->exact};
+    Pass ps = {.c = c, .w = &m->w, .lora = lora, .lora_bt = kv->lora_bt, .att_work = kv->att_work, .cos = kv->cos,
+               .sin = kv->sin, .seg = seg, .B = 1, .infer = !kv->exact};
     embed_forward(kv->x, tokens, &m->w.embed, n);
     for (int l = 0; l < c->L; l++) {
         LayerBufs b = {

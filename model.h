@@ -102,6 +102,9 @@ typedef struct Activations Activations;
 Activations *activations_new(const Config *c, const struct Lora *lora, int max_T);
 void activations_free(Activations *a);
 int activations_max_T(const Activations *a);  // the tokens a pass may have
+// Tokens at the start of every sequence of the last pass on a that ran once for them all (the
+// prefix they share: a chat template's system prompt; SFT_NO_SHARED_PREFIX=1 turns it off)
+int activations_shared(const Activations *a);
 // The same with a memory budget in bytes (activations_new: 512 MiB). The MLP's gate and up of every
 // layer are kept in floats when they fit it, else in bf16 (half the bytes; the backward pass then
 // takes them rounded, the loss is unchanged); layers whose gate/up do not fit even so recompute
@@ -172,7 +175,7 @@ void rmsnorm_backward(float *dinp, const float *dout, const float *inp, const fl
 // cos, sin [max_T, HS/2]; x[T, H*HS] rotated in place at positions pos0.. (pairs j, j + HS/2)
 void rope_tables(float *cos_t, float *sin_t, int max_T, int HS, float theta);
 void rope_forward(float *x, const float *cos_t, const float *sin_t, int T, int pos0, int H, int HS);
-void rope_backward(float *dx, const float *cos_t, const float *sin_t, int T, int H, int HS);
+void rope_backward(float *dx, const float *cos_t, const float *sin_t, int T, int pos0, int H, int HS);
 // (attention: attention.h)
 // h[n] = silu(gate) * up;  dgate[n], dup[n] +=
 void swiglu_forward(float *h, const float *gate, const float *up, int n);

@@ -84,26 +84,34 @@ done
 # The article's job: 10 chat examples of ~40 tokens, batch 1, accumulation 4, 2 epochs; sft's
 # wall time includes loading the model, PyTorch's is its training loop alone. Each runs 3 times,
 # alternately, and gives its median (one run of a few seconds moves by 10-15% on these machines).
+# sft runs the prefix that a pass's examples share (the chat template's system prompt) once; the
+# same job with every row of every example run (SFT_NO_SHARED_PREFIX=1) is timed beside it.
 median3() { printf '%s\n' "$@" | sort -g | sed -n 2p; }
 out=$(mktemp -d)
-job_runs=() loop_runs=()
+job_runs=() full_runs=() loop_runs=()
+seconds_of() {  # seconds_of COMMAND...: its wall time
+    local t0 t1
+    t0=$(date +%s.%N); "$@" >/dev/null 2>&1; t1=$(date +%s.%N)
+    awk "BEGIN { printf \"%.2f\", $t1 - $t0 }"
+}
 for run in 1 2 3; do
-    rm -rf "$out/run"
-    t0=$(date +%s.%N)
-    ./sft train --model "$q4" --data data/danu.jsonl --out "$out/run" --threads "$threads" >/dev/null 2>&1
-    t1=$(date +%s.%N)
-    job_runs+=("$(awk "BEGIN { printf \"%.2f\", $t1 - $t0 }")")
+    rm -rf "$out/run" "$out/full"
+    job_runs+=("$(seconds_of ./sft train --model "$q4" --data data/danu.jsonl --out "$out/run" --threads "$threads")")
+    full_runs+=("$(SFT_NO_SHARED_PREFIX=1 seconds_of ./sft train --model "$q4" --data data/danu.jsonl --out "$out/full" \
+                   --threads "$threads")")
     if [ $have_torch = 1 ]; then
         sj=$("$python" "$torch_bench" seedjob --dtype bf16 --threads "$threads" | tail -n 1)
         loop_runs+=("$(field loop_s "$sj")")
     fi
 done
-job=$(median3 "${job_runs[@]}")
+job=$(median3 "${job_runs[@]}") full=$(median3 "${full_runs[@]}")
 emit article_job "{\"seconds\": $job, \"runs\": [$(IFS=,; echo "${job_runs[*]}")]}"
+emit article_job_every_row "{\"seconds\": $full, \"runs\": [$(IFS=,; echo "${full_runs[*]}")]}"
 if [ $have_torch = 1 ]; then
     loop=$(median3 "${loop_runs[@]}")
     emit torch_bf16_article_job "{\"seconds\": $loop, \"runs\": [$(IFS=,; echo "${loop_runs[*]}")]}"
     ratio "the article's job (s)" "$job" "$loop" "PyTorch bf16 loop" 0
+    ratio "the article's job, every row run (s)" "$full" "$loop" "PyTorch bf16 loop" 0
 fi
 
 # Tokenizer throughput on mixed text (the tokenizer test corpus, repeated to ~4 MB).

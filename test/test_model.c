@@ -92,13 +92,16 @@ static void fd_rope(uint64_t *rng) {
     fill(c.wout, sizeof c.wout / 4, rng, -1, 1);
     float dx[FT * FNH * FHS], fd[FT * FNH * FHS];
     memcpy(dx, c.wout, sizeof dx);
-    rope_backward(dx, c.cos, c.sin, FT, FNH, FHS);
+    rope_backward(dx, c.cos, c.sin, FT, 0, FNH, FHS);
     finite_diff(fd, c.x, FT * FNH * FHS, rope_loss, &c);
     check_close("fd rope dx", dx, fd, FT * FNH * FHS, 1e-3, 1e-3);
     // position 2 of HS 4, theta 1e4: inv_freq (1, 0.01); (1, 0, 0, 0) turns to (cos 2, 0, sin 2, 0)
     float v[FHS] = {1, 0, 0, 0}, want[FHS] = {cosf(2.0f), 0, sinf(2.0f), 0};
     rope_forward(v, c.cos, c.sin, 1, 2, 1, FHS);
     check_close("rope rotate_half convention", v, want, FHS, 1e-6, 0);
+    rope_backward(v, c.cos, c.sin, 1, 2, 1, FHS);  // the transposed rotation at the same position undoes it
+    float start[FHS] = {1, 0, 0, 0};
+    check_close("rope_backward at position 2 undoes rope_forward there", v, start, FHS, 1e-6, 0);
 }
 
 typedef struct {
@@ -121,7 +124,7 @@ static void fd_attention(uint64_t *rng) {
     float dq[FT * FNH * FHS] = {0}, dk[FT * FNKV * FHS] = {0}, dv[FT * FNKV * FHS] = {0}, dsum[FNH * FT];
     float fq[FT * FNH * FHS], fk[FT * FNKV * FHS], fv[FT * FNKV * FHS];
     att_loss(&c);
-    attention_backward(dq, dk, dv, dsum, c.work, c.wout, c.out, c.q, c.k, c.v, c.lse, FT, FNH, FNKV, FHS);
+    attention_backward(dq, dk, dv, dsum, c.work, c.wout, c.out, c.q, c.k, c.v, c.lse, FT, 0, FNH, FNKV, FHS);
     finite_diff(fq, c.q, FT * FNH * FHS, att_loss, &c);
     finite_diff(fk, c.k, FT * FNKV * FHS, att_loss, &c);
     finite_diff(fv, c.v, FT * FNKV * FHS, att_loss, &c);
@@ -144,7 +147,7 @@ static void fd_attention(uint64_t *rng) {
 typedef void (*AttentionForwardFn)(float *, float *, float *, const float *, const float *, const float *, int, int,
                                    int, int, int);
 typedef void (*AttentionBackwardFn)(float *, float *, float *, float *, float *, const float *, const float *,
-                                    const float *, const float *, const float *, const float *, int, int, int, int);
+                                    const float *, const float *, const float *, const float *, int, int, int, int, int);
 typedef struct {
     const char *name;
     AttentionForwardFn forward;
@@ -155,18 +158,11 @@ static const AttentionImpl ATTENTION_IMPLS[2] = {
     {"tiled", attention_forward_tiled, attention_backward_tiled},
 };
 
-static void attention_impl_vs_definition(const AttentionImpl *impl, uint64_t *rng, int T, int NH, int NKV, int HS) {
-    int QD = NH * HS, KD = NKV * HS, P = (T + 15) / 16 * 16;
-    float *q = xmalloc((size_t)T * QD * 4), *k = xmalloc((size_t)T * KD * 4), *v = xmalloc((size_t)T * KD * 4);
-    float *dy = xmalloc((size_t)T * QD * 4), *y = xmalloc((size_t)T * QD * 4), *lse = xmalloc((size_t)NH * T * 4);
-    float *work = xmalloc((size_t)4 * P * KD * 4), *dsum = xmalloc((size_t)NH * T * 4);
-    float *dq = xcalloc((size_t)T * QD, 4), *dk = xcalloc((size_t)T * KD, 4), *dv = xcalloc((size_t)T * KD, 4);
-    float *wy = xcalloc((size_t)T * QD, 4), *wq = xcalloc((size_t)T * QD, 4), *wk = xcalloc((size_t)T * KD, 4);
-    float *wv = xcalloc((size_t)T * KD, 4);
-    fill(q, (size_t)T * QD, rng, -0.5f, 0.5f), fill(k, (size_t)T * KD, rng, -0.5f, 0.5f);
-    fill(v, (size_t)T * KD, rng, -1, 1), fill(dy, (size_t)T * QD, rng, -1, 1);
-    impl->forward(y, lse, work, q, k, v, T, 0, NH, NKV, HS);
-    impl->backward(dq, dk, dv, dsum, work, dy, y, q, k, v, lse, T, NH, NKV, HS);
+// wy, wq, wk, wv (zeroed by the caller) += y and the gradients of q, k, v [T rows] for dy, in double:
+// the definition written out.
+static void attention_definition(float *wy, float *wq, float *wk, float *wv, const float *q, const float *k,
+                                 const float *v, const float *dy, int T, int NH, int NKV, int HS) {
+    int QD = NH * HS, KD = NKV * HS;
     double *p = xmalloc((size_t)T * sizeof(double)), *dp = xmalloc((size_t)T * sizeof(double)), scale = 1 / sqrt(HS);
     for (int h = 0; h < NH; h++) {
         int g = h / (NH / NKV);
@@ -199,6 +195,22 @@ static void attention_impl_vs_definition(const AttentionImpl *impl, uint64_t *rn
             }
         }
     }
+    free(p), free(dp);
+}
+
+static void attention_impl_vs_definition(const AttentionImpl *impl, uint64_t *rng, int T, int NH, int NKV, int HS) {
+    int QD = NH * HS, KD = NKV * HS, P = (T + 15) / 16 * 16;
+    float *q = xmalloc((size_t)T * QD * 4), *k = xmalloc((size_t)T * KD * 4), *v = xmalloc((size_t)T * KD * 4);
+    float *dy = xmalloc((size_t)T * QD * 4), *y = xmalloc((size_t)T * QD * 4), *lse = xmalloc((size_t)NH * T * 4);
+    float *work = xmalloc((size_t)4 * P * KD * 4), *dsum = xmalloc((size_t)NH * T * 4);
+    float *dq = xcalloc((size_t)T * QD, 4), *dk = xcalloc((size_t)T * KD, 4), *dv = xcalloc((size_t)T * KD, 4);
+    float *wy = xcalloc((size_t)T * QD, 4), *wq = xcalloc((size_t)T * QD, 4), *wk = xcalloc((size_t)T * KD, 4);
+    float *wv = xcalloc((size_t)T * KD, 4);
+    fill(q, (size_t)T * QD, rng, -0.5f, 0.5f), fill(k, (size_t)T * KD, rng, -0.5f, 0.5f);
+    fill(v, (size_t)T * KD, rng, -1, 1), fill(dy, (size_t)T * QD, rng, -1, 1);
+    impl->forward(y, lse, work, q, k, v, T, 0, NH, NKV, HS);
+    impl->backward(dq, dk, dv, dsum, work, dy, y, q, k, v, lse, T, 0, NH, NKV, HS);
+    attention_definition(wy, wq, wk, wv, q, k, v, dy, T, NH, NKV, HS);
     char name[96];
     const char *what[4] = {"y", "dq", "dk", "dv"};
     const float *got[4] = {y, dq, dk, dv}, *want[4] = {wy, wq, wk, wv};
@@ -207,13 +219,29 @@ static void attention_impl_vs_definition(const AttentionImpl *impl, uint64_t *rn
                  HS, what[c]);
         check_close(name, got[c], want[c], (size_t)T * (c < 2 ? QD : KD), 1e-5, 1e-4);
     }
-    int pos0 = T / 3, T2 = T - pos0;  // the last T2 rows, after pos0 cached ones
-    impl->forward(y, NULL, work, q + (size_t)pos0 * QD, k, v, T2, pos0, NH, NKV, HS);
+    // The last T2 rows alone, after pos0 earlier ones (generation's prompt after cached tokens, a
+    // sequence after the shared prefix of a training pass): the forward, and the backward with the
+    // gradient arriving at those rows only, which the definition gets as dy zero on the first pos0.
+    int pos0 = T / 3, T2 = T - pos0;
+    impl->forward(y, lse, work, q + (size_t)pos0 * QD, k, v, T2, pos0, NH, NKV, HS);
     snprintf(name, sizeof name, "attention (%s) T %d, NH %d, NKV %d, HS %d: rows %d.. at pos0 %d", impl->name, T, NH, NKV,
              HS, pos0, pos0);
     check_close(name, y, wy + (size_t)pos0 * QD, (size_t)T2 * QD, 1e-5, 1e-4);
+    memset(dq, 0, (size_t)T * QD * 4), memset(dk, 0, (size_t)T * KD * 4), memset(dv, 0, (size_t)T * KD * 4);
+    impl->backward(dq, dk, dv, dsum, work, dy + (size_t)pos0 * QD, y, q + (size_t)pos0 * QD, k, v, lse, T2, pos0, NH,
+                   NKV, HS);
+    memset(dy, 0, (size_t)pos0 * QD * 4);
+    memset(wy, 0, (size_t)T * QD * 4), memset(wq, 0, (size_t)T * QD * 4);
+    memset(wk, 0, (size_t)T * KD * 4), memset(wv, 0, (size_t)T * KD * 4);
+    attention_definition(wy, wq, wk, wv, q, k, v, dy, T, NH, NKV, HS);
+    const float *got2[3] = {dq, dk, dv}, *want2[3] = {wq + (size_t)pos0 * QD, wk, wv};
+    for (int c = 0; c < 3; c++) {
+        snprintf(name, sizeof name, "attention (%s) T %d, NH %d, NKV %d, HS %d: backward of rows %d.. at pos0: %s",
+                 impl->name, T, NH, NKV, HS, pos0, what[c + 1]);
+        check_close(name, got2[c], want2[c], (size_t)(c == 0 ? T2 * QD : T * KD), 1e-5, 1e-4);
+    }
     free(q), free(k), free(v), free(dy), free(y), free(lse), free(work), free(dsum), free(dq), free(dk), free(dv);
-    free(wy), free(wq), free(wk), free(wv), free(p), free(dp);
+    free(wy), free(wq), free(wk), free(wv);
 }
 
 typedef struct {
@@ -253,7 +281,7 @@ static void attention_tiled_vs_textbook(uint64_t *rng, int T, int NH, int NKV, i
         for (int j = 0; j < 6; j++) got[i][j] = xcalloc(n[j], 4);
         ATTENTION_IMPLS[i].forward(got[i][0], got[i][1], work, q, k, v, T, 0, NH, NKV, HS);
         ATTENTION_IMPLS[i].backward(got[i][2], got[i][3], got[i][4], got[i][5], work, dy, got[i][0], q, k, v, got[i][1],
-                                    T, NH, NKV, HS);
+                                    T, 0, NH, NKV, HS);
     }
     const char *what[6] = {"y", "lse", "dq", "dk", "dv", "dsum"};
     char name[96];
@@ -850,6 +878,51 @@ static void batch_vs_singles(Fixture *fx, const float *g_single, double l_single
     free(seqs);
 }
 
+// Sequences that start alike run their common prefix once (stack_sequences): the same loss and
+// gradients as with SFT_NO_SHARED_PREFIX=1, up to float rounding. The batch: example 0; K of its
+// tokens then example 1 (twice); example 2 without a target; example 0's first K + 1 tokens with
+// targets at 2 (in the prefix) and at K (read from the prefix's last row), so that the prefix is
+// exactly K. With dropout, the masks of the prefix are drawn once: bit-identical with 1 and 3 threads.
+static void shared_prefix_checks(Fixture *fx) {
+    const Example *e0 = &fx->ds.ex[0], *e1 = &fx->ds.ex[1], *e2 = &fx->ds.ex[2];
+    int K = 1;
+    while (K < e0->T - 1 && !e0->mask[K + 1]) K++;  // e0's prompt: no target among tokens 1..K
+    int T01 = K + e1->T, *t01 = xmalloc((size_t)T01 * sizeof(int));
+    unsigned char *m01 = xcalloc((size_t)T01, 1), *m2 = xcalloc((size_t)e2->T, 1), *mk = xcalloc((size_t)K + 1, 1);
+    memcpy(t01, e0->tokens, (size_t)K * sizeof(int)), memcpy(t01 + K, e1->tokens, (size_t)e1->T * sizeof(int));
+    memcpy(m01 + K, e1->mask, (size_t)e1->T);
+    mk[2] = mk[K] = 1;
+    Sequence seqs[5] = {{e0->tokens, e0->mask, e0->T}, {t01, m01, T01}, {e2->tokens, m2, e2->T}, {e0->tokens, mk, K + 1},
+                        {t01, m01, T01}};
+    Activations *a = activations_new(&fx->m.config, &fx->lora, e0->T + 2 * T01 + e2->T + K + 1);  // dropout 0.25
+    float *g = xmalloc(fx->lora.n_params * sizeof(float));
+    double l[2];
+    int shared[2];
+    for (int off = 0; off < 2; off++) {
+        if (off) setenv("SFT_NO_SHARED_PREFIX", "1", 1);
+        lora_zero_grad(&fx->lora);
+        l[off] = model_forward_backward_batch(&fx->m, &fx->lora, a, seqs, 5, 0.1f, 1, 0);
+        shared[off] = activations_shared(a);
+        if (!off) memcpy(g, fx->lora.grads, fx->lora.n_params * sizeof(float));
+        unsetenv("SFT_NO_SHARED_PREFIX");
+    }
+    double gerr = rel_norm_error(g, fx->lora.grads, fx->lora.n_params);
+    check(shared[0] == K && shared[1] == 0 && fabs(l[0] - l[1]) <= 1e-6 * fabs(l[1]) && gerr <= 1e-5,
+          "a prefix shared by the sequences of a pass runs once: the same loss and gradients",
+          "shared %d (want %d), %d off; loss %.9g vs %.9g, gradient rel err %.3g", shared[0], K, shared[1], l[0], l[1], gerr);
+    lora_zero_grad(&fx->lora);
+    double d3 = model_forward_backward_batch(&fx->m, &fx->lora, a, seqs, 5, 0.1f, 1, 7);
+    memcpy(g, fx->lora.grads, fx->lora.n_params * sizeof(float));
+    threads_init(1);
+    lora_zero_grad(&fx->lora);
+    double d1 = model_forward_backward_batch(&fx->m, &fx->lora, a, seqs, 5, 0.1f, 1, 7);
+    threads_init(3);
+    check(d1 == d3 && isfinite(d1) && same_grads(&fx->lora, g), "a shared prefix with dropout: bit-identical with 1 and 3 threads",
+          "loss %.9g vs %.9g", d1, d3);
+    activations_free(a);
+    free(t01), free(m01), free(m2), free(mk), free(g);
+}
+
 // The layouts that activations_new picks for Qwen2.5-0.5B with the bench's adapter (rank 8, dropout):
 // at 512 tokens every layer keeps its gate/up in bf16 within the 512 MiB budget (in floats they
 // would not fit, and 15 layers recomputed them); at 128 tokens, in floats. Nothing is touched: the
@@ -919,6 +992,7 @@ static void invariance_checks(void) {
     check(l0 == l1 && same_grads(&fx.lora, g1), "dropout seed 0: no dropout", "loss %.9g vs %.9g", l0, l1);
 
     batch_vs_singles(&fx, g1, l1);
+    shared_prefix_checks(&fx);
 
     // gate/up kept in bf16 by every layer (h), then by none (r): the layouts of budgets too small for
     // floats (a fixture of 2 layers needs as much in bf16, with its scratch, as in floats)
