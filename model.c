@@ -353,7 +353,8 @@ static void rope_forward_seqs(const Pass *ps, float *x, int H, int pos0) {
     size_t D = (size_t)H * ps->c->HS;
     rope_forward(x, ps->cos, ps->sin, ps->shared, 0, H, ps->c->HS);
     for (int b = 0; b < ps->B; b++)
-        rope_forward(x + ps->seg[b] * D, ps->cos, ps->sin, ps->seg[b + 1] - ps->seg[b], pos0 + ps->shared, H, ps->c->HS);
+        rope_forward(x + ps->seg[b] * D, ps->cos, ps->sin, ps->seg[b + 1] - ps->seg[b], pos0 + ps->shared, H,
+                     ps->c->HS);
 }
 
 static void rope_backward_seqs(const Pass *ps, float *dx, int H) {
@@ -381,7 +382,10 @@ static void attention_forward_seqs(const Pass *ps, float *out, float *lse, const
         size_t o = (size_t)ps->seg[b], n = (size_t)(ps->seg[b + 1] - ps->seg[b]), keys = ps->shared + n;
         if (n == 0) continue;
         const float *kb = k + o * KD, *vb = v + o * KD;  // the sequence's keys, after the prefix's
-        if (ps->shared) kb = after_prefix(ps->att_cat, ps, k, b, KD), vb = after_prefix(ps->att_cat + keys * KD, ps, v, b, KD);
+        if (ps->shared) {
+            kb = after_prefix(ps->att_cat, ps, k, b, KD);
+            vb = after_prefix(ps->att_cat + keys * KD, ps, v, b, KD);
+        }
         attention_forward(out + o * QD, lse ? lse + o * c->NH : NULL, ps->att_work, q + o * QD, kb, vb, (int)n,
                           pos0 + ps->shared, c->NH, c->NKV, c->HS);
     }
@@ -501,9 +505,10 @@ static void attention_backward_seqs(const Pass *ps, const GradBufs *g, const Lay
         attention_backward(g->dq + o * QD, dk, dv, g->dsum + o * c->NH, ps->att_work, g->datt + o * QD,
                            b->att + o * QD, b->q + o * QD, k, v, b->lse + o * c->NH, (int)n, (int)P, c->NH, c->NKV,
                            c->HS);
-        if (P) {  // y += 1 * x: exact sums
+        if (P) {  // the prefix's rows, then the sequence's own (y += 1 x: exact sums)
             axpy(g->dk, 1.0f, dk, (int)(P * KD)), axpy(g->dv, 1.0f, dv, (int)(P * KD));
-            axpy(g->dk + o * KD, 1.0f, dk + P * KD, (int)(n * KD)), axpy(g->dv + o * KD, 1.0f, dv + P * KD, (int)(n * KD));
+            axpy(g->dk + o * KD, 1.0f, dk + P * KD, (int)(n * KD));
+            axpy(g->dv + o * KD, 1.0f, dv + P * KD, (int)(n * KD));
         }
     }
 }
@@ -920,7 +925,10 @@ static double head_loss(Model *m, Activations *a, const float *x, const Sequence
     double loss = 0;
     for (int b = 0; b < B; b++) {
         for (int t = 1; t < seqs[b].T; t++) {
-            if (seqs[b].mask[t]) a->pos[n] = t - 1 < P ? t - 1 : a->seg[b] + t - 1 - P, targets[n++] = seqs[b].tokens[t];
+            if (seqs[b].mask[t]) {  // row t - 1 predicts token t: in the prefix, or in the rest of b
+                a->pos[n] = t - 1 < P ? t - 1 : a->seg[b] + t - 1 - P;
+                targets[n++] = seqs[b].tokens[t];
+            }
             if (n < LOSS_CHUNK) continue;
             if (stop_asked(a)) return NAN;
             loss += head_loss_chunk(m, a, a->dres, x, a->pos, targets, n, grad_scale, backward), n = 0;

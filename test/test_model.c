@@ -892,8 +892,9 @@ static void shared_prefix_checks(Fixture *fx) {
     memcpy(t01, e0->tokens, (size_t)K * sizeof(int)), memcpy(t01 + K, e1->tokens, (size_t)e1->T * sizeof(int));
     memcpy(m01 + K, e1->mask, (size_t)e1->T);
     mk[2] = mk[K] = 1;
-    Sequence seqs[5] = {{e0->tokens, e0->mask, e0->T}, {t01, m01, T01}, {e2->tokens, m2, e2->T}, {e0->tokens, mk, K + 1},
-                        {t01, m01, T01}};
+    Sequence seqs[5] = {
+        {e0->tokens, e0->mask, e0->T}, {t01, m01, T01}, {e2->tokens, m2, e2->T}, {e0->tokens, mk, K + 1}, {t01, m01, T01},
+    };
     Activations *a = activations_new(&fx->m.config, &fx->lora, e0->T + 2 * T01 + e2->T + K + 1);  // dropout 0.25
     float *g = xmalloc(fx->lora.n_params * sizeof(float));
     double l[2];
@@ -909,7 +910,8 @@ static void shared_prefix_checks(Fixture *fx) {
     double gerr = rel_norm_error(g, fx->lora.grads, fx->lora.n_params);
     check(shared[0] == K && shared[1] == 0 && fabs(l[0] - l[1]) <= 1e-6 * fabs(l[1]) && gerr <= 1e-5,
           "a prefix shared by the sequences of a pass runs once: the same loss and gradients",
-          "shared %d (want %d), %d off; loss %.9g vs %.9g, gradient rel err %.3g", shared[0], K, shared[1], l[0], l[1], gerr);
+          "shared %d (want %d), %d off; loss %.9g vs %.9g, gradient rel err %.3g", shared[0], K, shared[1], l[0], l[1],
+          gerr);
     lora_zero_grad(&fx->lora);
     double d3 = model_forward_backward_batch(&fx->m, &fx->lora, a, seqs, 5, 0.1f, 1, 7);
     memcpy(g, fx->lora.grads, fx->lora.n_params * sizeof(float));
@@ -917,8 +919,8 @@ static void shared_prefix_checks(Fixture *fx) {
     lora_zero_grad(&fx->lora);
     double d1 = model_forward_backward_batch(&fx->m, &fx->lora, a, seqs, 5, 0.1f, 1, 7);
     threads_init(3);
-    check(d1 == d3 && isfinite(d1) && same_grads(&fx->lora, g), "a shared prefix with dropout: bit-identical with 1 and 3 threads",
-          "loss %.9g vs %.9g", d1, d3);
+    check(d1 == d3 && isfinite(d1) && same_grads(&fx->lora, g),
+          "a shared prefix with dropout: bit-identical with 1 and 3 threads", "loss %.9g vs %.9g", d1, d3);
     activations_free(a);
     free(t01), free(m01), free(m2), free(mk), free(g);
 }
