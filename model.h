@@ -140,8 +140,9 @@ double model_forward_backward(Model *m, struct Lora *lora, Activations *a, const
 
 // The same for B sequences at once, the sum over all of them: their tokens (each cut after its last
 // target) stacked into one pass of sum T tokens <= max_T, every matrix product over all rows, each
-// sequence attending only to itself (positions from 0). Results equal the sum of B single calls up
-// to float rounding; the dropout masks are those of one sequence of the stacked tokens.
+// sequence attending only to itself (positions from 0). The prefix that they all start with runs
+// once (activations_shared). Results equal the sum of B single calls up to float rounding; the
+// dropout masks are those of one sequence of the stacked tokens, the prefix's drawn once for all.
 typedef struct {
     const int *tokens;           // [T]
     const unsigned char *mask;   // [T] mask[t] = 1: token t is a target (mask[0] ignored)

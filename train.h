@@ -1,8 +1,9 @@
 // train.h: LoRA training (sft train) and the loss of a whole data set (sft eval, sft grads).
 //
 // One optimizer step = batch x grad-accum examples, run forward and backward as stacked
-// sequences (no padding, each example attends only to itself), gradients summed with
-// grad_scale = 1 / target tokens of the step; then global-norm clipping and AdamW (optim.h).
+// sequences (no padding, each example attends only to itself, the prefix they share run once),
+// gradients summed with grad_scale = 1 / target tokens of the step; then global-norm clipping and
+// AdamW (optim.h).
 // The data order of epoch E and the dropout masks of step S are functions of (seed, E, S), so a
 // resumed run sees exactly what an uninterrupted one sees.
 //
