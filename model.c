@@ -879,20 +879,18 @@ static int positions_needed(const Config *c, const int *tokens, const unsigned c
 }
 
 // Rows that the sequences of a pass can run once for all: the longest prefix common to those with
-// a target (two or more), at most the rows each needs. Its rows, and so their dropout masks, are
-// the same for every sequence; the gradients that reach them are summed. 0 when
-// SFT_NO_SHARED_PREFIX is set (each sequence then runs every row of its own), -1 on bad input.
-static int shared_prefix(const Activations *a, const Config *c, const Sequence *seqs, int B) {
+// a target (two or more; needed[b] > 0: the rows sequence b needs), at most the rows each needs;
+// *tokens = its tokens. Its rows, and so their dropout masks, are the same for every sequence; the
+// gradients that reach them are summed. 0 when SFT_NO_SHARED_PREFIX is set (each sequence then
+// runs every row of its own).
+static int shared_prefix(const int **tokens, const Sequence *seqs, const int *needed, int B) {
     const char *no = getenv("SFT_NO_SHARED_PREFIX");
-    const Sequence *first = NULL;
     int shared = 0, with_targets = 0;
     for (int b = 0; b < B; b++) {
-        int n = positions_needed(c, seqs[b].tokens, seqs[b].mask, seqs[b].T);
-        if (n < 0 || seqs[b].T > a->max_T) return -1;
-        if (n == 0) continue;
-        if (with_targets++ == 0) first = &seqs[b], shared = n;
+        if (needed[b] == 0) continue;
+        if (with_targets++ == 0) *tokens = seqs[b].tokens, shared = needed[b];
         int k = 0;
-        while (k < shared && k < n && seqs[b].tokens[k] == first->tokens[k]) k++;
+        while (k < shared && k < needed[b] && seqs[b].tokens[k] == (*tokens)[k]) k++;
         shared = k;
     }
     return with_targets < 2 || (no && *no && strcmp(no, "0") != 0) ? 0 : shared;
@@ -904,13 +902,17 @@ static int shared_prefix(const Activations *a, const Config *c, const Sequence *
 // read their rows there (head_loss).
 static int stack_sequences(Activations *a, const Config *c, const Sequence *seqs, int B) {
     if (B < 0 || B > a->max_T) return -1;
-    int shared = shared_prefix(a, c, seqs, B);
-    if (shared < 0) return -1;
+    for (int b = 0; b < B; b++) {  // the rows each sequence needs, in seg[b + 1] until the layout below
+        a->seg[b + 1] = positions_needed(c, seqs[b].tokens, seqs[b].mask, seqs[b].T);
+        if (a->seg[b + 1] < 0 || seqs[b].T > a->max_T) return -1;
+    }
+    const int *prefix = NULL;
+    int shared = shared_prefix(&prefix, seqs, a->seg + 1, B);
+    if (shared > 0) memcpy(a->tokens, prefix, (size_t)shared * sizeof(int));
     a->shared = shared, a->seg[0] = shared;
-    for (int b = 0, copied = 0; b < B; b++) {
-        int n = positions_needed(c, seqs[b].tokens, seqs[b].mask, seqs[b].T), rest = n > shared ? n - shared : 0;
+    for (int b = 0; b < B; b++) {
+        int n = a->seg[b + 1], rest = n > shared ? n - shared : 0;
         if (rest > a->max_T - a->seg[b]) return -1;
-        if (n > 0 && !copied++) memcpy(a->tokens, seqs[b].tokens, (size_t)shared * sizeof(int));  // the prefix, once
         memcpy(a->tokens + a->seg[b], seqs[b].tokens + shared, (size_t)rest * sizeof(int));
         a->seg[b + 1] = a->seg[b] + rest;
     }

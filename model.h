@@ -66,7 +66,10 @@ typedef struct ModelStorage ModelStorage;  // mappings and buffers behind the we
 typedef struct {
     char *path;           // as given on the command line
     char *arch;           // "qwen2"
-    char *hf_id;          // the Hugging Face id the model names for itself (modelfile.h: model_peek), or NULL
+    char *hf_id;          // the Hugging Face id the model names for itself, or NULL: config.json's
+                          // "_name_or_path", or a GGUF's general.source.huggingface.repository,
+                          // general.source.repo_url, general.repo_url, general.source.url or general.url,
+                          // when it is "org/name" or https://huggingface.co/org/name
     Config config;
     Weights w;
     Tokenizer tok;

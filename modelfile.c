@@ -1234,11 +1234,10 @@ int model_info(FILE *out, const char *path, Err *e) {
     return 0;
 }
 
-int model_peek(const char *path, Config *c, char **hf_id, Err *e) {
+int model_peek(const char *path, Config *c, Err *e) {
     Source s;
     if (source_open(&s, path, e) != 0) return -1;
     *c = s.c;
-    if (hf_id) *hf_id = s.gguf ? gguf_hf_id(&s.g) : dir_hf_id(s.path);
     source_close(&s);
     return 0;
 }

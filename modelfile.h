@@ -31,12 +31,8 @@ typedef struct {
 } InitOptions;
 int model_init_random(const InitOptions *o, Err *e);
 
-// Validates the model at path as model_load does, converting nothing, and gives its config and
-// the Hugging Face id it names for itself (hf_id may be NULL): config.json's "_name_or_path", or a
-// GGUF's general.source.huggingface.repository / general.source.repo_url / general.repo_url /
-// general.source.url / general.url, when it is "org/name" or https://huggingface.co/org/name.
-// *hf_id is malloc'ed, NULL when the model names none.
-int model_peek(const char *path, Config *c, char **hf_id, Err *e);
+// Validates the model at path as model_load does, converting nothing, and gives its config.
+int model_peek(const char *path, Config *c, Err *e);
 
 // sft merge: the model at path with the adapter at lora_path (a PEFT directory or a GGUF adapter)
 // merged into its weights, W' = W + scale B A, in float32 from the base as stored (dequantized,

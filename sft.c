@@ -199,7 +199,7 @@ static int cmd_export(int argc, char **argv) {
     Config c;
     Lora lora;
     Err e;
-    if (model_peek(model, &c, NULL, &e) != 0 || lora_load(&lora, lora_path, &c, &e) != 0) die("%s", e.msg);
+    if (model_peek(model, &c, &e) != 0 || lora_load(&lora, lora_path, &c, &e) != 0) die("%s", e.msg);
     char name[256];  // general.name: the adapter's file or directory name, as the converter names it
     snprintf(name, sizeof name, "%s", lora_path);
     for (size_t n = strlen(name); n > 1 && name[n - 1] == '/'; n--) name[n - 1] = 0;

@@ -399,7 +399,7 @@ static void write_adapter_gguf(const char *path, const char *type, const char *a
 static void bad_gguf(void) {
     Config c;
     Err e;
-    if (model_peek(PEFT "/model", &c, NULL, &e) != 0) return check(0, "model_peek", "%s", e.msg);
+    if (model_peek(PEFT "/model", &c, &e) != 0) return check(0, "model_peek", "%s", e.msg);
     const GT good[2] = {{"blk.1.attn_v.weight.lora_a", 64, 4}, {"blk.1.attn_v.weight.lora_b", 4, 32}};
     struct {
         const char *what, *type, *arch, *want;
