@@ -13,7 +13,7 @@ int LLVMFuzzerInitialize(int *argc, char ***argv) {
     (void)argc, (void)argv;
     fuzz_init("adapter");
     Err e;
-    if (model_peek("test/fixtures/tied/model", &config, NULL, &e) != 0) {
+    if (model_peek("test/fixtures/tied/model", &config, &e) != 0) {
         fprintf(stderr, "%s (run from the repository root)\n", e.msg);
         exit(1);
     }
