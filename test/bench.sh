@@ -70,13 +70,27 @@ for type in q4_0 q4_k_m q8_0; do
 done
 emit forward_512_q4_0 "$(./test/bench "$q4" forward 512 "$threads")"
 
-# Training: LoRA r=8 on all seven projections, loss on every token, AdamW.
+# Training: LoRA r=8 on all seven projections, loss on every token, AdamW. sft and PyTorch each
+# run 3 times, alternately, and each gives the median of its runs: a process keeps the speed it
+# starts with (sft's 2-thread runs fall into one of two modes ~20% apart on these machines, and
+# PyTorch's runs vary as much), so one run of each would let two modes decide the ratio.
+median3() { printf '%s\n' "$@" | sort -g | sed -n 2p; }
 for T in 128 512; do
-    tr=$(./test/bench "$q4" train "$T" "$threads"); emit "train_${T}_q4_0" "$tr"
+    sft_runs=() torch_runs=()
+    for run in 1 2 3; do
+        tr=$(./test/bench "$q4" train "$T" "$threads")
+        sft_runs+=("$(field tokens_per_s "$tr")")
+        if [ $have_torch = 1 ]; then
+            pt=$("$python" "$torch_bench" train --dtype bf16 --seq "$T" --warmup 1 --steps 3 --threads "$threads" | tail -n 1)
+            torch_runs+=("$(field tok_s_median "$pt")")
+        fi
+    done
+    tok_s=$(median3 "${sft_runs[@]}")
+    emit "train_${T}_q4_0" "{\"tokens_per_s\": $tok_s, \"peak_rss_mb\": $(field peak_rss_mb "$tr"), \"runs\": [$(IFS=,; echo "${sft_runs[*]}")]}"
     if [ $have_torch = 1 ]; then
-        pt=$("$python" "$torch_bench" train --dtype bf16 --seq "$T" --warmup 1 --steps 3 --threads "$threads" | tail -n 1)
-        emit "torch_bf16_train_$T" "{\"tokens_per_s\": $(field tok_s_median "$pt"), \"peak_rss_mb\": $(field maxrss_mib "$pt")}"
-        ratio "training $T tokens (tok/s)" "$(field tokens_per_s "$tr")" "$(field tok_s_median "$pt")" "PyTorch bf16" 1
+        torch_tok_s=$(median3 "${torch_runs[@]}")
+        emit "torch_bf16_train_$T" "{\"tokens_per_s\": $torch_tok_s, \"peak_rss_mb\": $(field maxrss_mib "$pt"), \"runs\": [$(IFS=,; echo "${torch_runs[*]}")]}"
+        ratio "training $T tokens (tok/s)" "$tok_s" "$torch_tok_s" "PyTorch bf16" 1
         ratio "training $T tokens, peak memory (MB)" "$(field peak_rss_mb "$tr")" "$(field maxrss_mib "$pt")" "PyTorch bf16" 0
     fi
 done
@@ -86,7 +100,6 @@ done
 # alternately, and gives its median (one run of a few seconds moves by 10-15% on these machines).
 # sft runs the prefix that a pass's examples share (the chat template's system prompt) once; the
 # same job with every row of every example run (SFT_NO_SHARED_PREFIX=1) is timed beside it.
-median3() { printf '%s\n' "$@" | sort -g | sed -n 2p; }
 out=$(mktemp -d)
 job_runs=() full_runs=() loop_runs=()
 seconds_of() {  # seconds_of COMMAND...: its wall time
